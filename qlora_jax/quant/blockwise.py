@@ -197,3 +197,28 @@ def _dequantize_one(q: QTensor, dtype: Any) -> jax.Array:
     absmax = dequantize_absmax(q)
     values = table[codes.astype(jnp.int32)] * absmax[:, None]
     return values.reshape(-1)[:n].astype(dtype).reshape(q.logical_shape)
+
+
+def quantize_like(x: jax.Array, like: QTensor) -> QTensor:
+    """Quantizes ``x`` (shape ``like.shape``, stacked axes included) with ``like``'s settings.
+
+    Used to requantize a merged weight with the same data type, block size and
+    nesting (PEFT's merge into a 4-bit base), and keeps the original dtype.
+    """
+    if tuple(x.shape) != tuple(like.shape):
+        raise ValueError(f"quantize_like: shape {tuple(x.shape)} differs from {like.shape}")
+    settings = dict(qtype=like.qtype, block_size=like.block_size,
+                    nested_block_size=like.nested_block_size)
+    stack = like.stack_shape
+    flat = jnp.reshape(x, (int(np.prod(stack)) if stack else 1, -1))
+    packed, absmax, nested_absmax, offset = jax.vmap(
+        lambda row: _quantize_flat(row, **settings))(flat)
+
+    def unstack(a):
+        if a is None:
+            return None
+        return a.reshape(stack + a.shape[1:]) if stack else a[0]
+
+    return QTensor(unstack(packed), unstack(absmax), unstack(nested_absmax), unstack(offset),
+                   logical_shape=like.logical_shape, dtype=like.dtype, qtype=like.qtype,
+                   block_size=like.block_size, nested_block_size=like.nested_block_size)

@@ -1,0 +1,115 @@
+"""LoraDense: a Flax ``nn.Dense`` whose frozen kernel is a float array or a QTensor, plus adapters.
+
+Parameters (names kept from ``nn.Dense`` so a base checkpoint loads unchanged):
+
+- ``kernel``: float ``[in, out]`` (Flax layout), or a QTensor ``[out, in]``
+  (PyTorch/bitsandbytes layout, so its bytes equal a bitsandbytes checkpoint's);
+- ``bias``: ``[out]`` when ``use_bias``;
+- ``lora_a`` ``[in, R]`` and ``lora_b`` ``[R, out]`` when the model's LoraPlan
+  targets this module's path.
+
+``y = x W (+ b) + scaling * dropout(x) A B``. A zero B leaves ``y`` unchanged to the bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qlora_jax.lora.config import LoraSpec
+from qlora_jax.lora.plan import LoraPlan
+from qlora_jax.quant import ops as qops
+from qlora_jax.quant.blockwise import quantize
+from qlora_jax.quant.config import QuantConfig
+from qlora_jax.quant.qtensor import QTensor
+
+Initializer = Callable[..., jax.Array]
+
+
+def lora_a_init(spec: LoraSpec) -> Initializer:
+    """A's initializer: PEFT's Kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in)), or N(0, 1/r)."""
+    def init(key: jax.Array, shape: tuple[int, int], dtype: Any = jnp.float32) -> jax.Array:
+        fan_in = shape[0]
+        if spec.init == "gaussian":
+            return (jax.random.normal(key, shape, jnp.float32) / spec.r).astype(dtype)
+        bound = 1.0 / math.sqrt(fan_in)
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+    return init
+
+
+def lora_b_init(spec: LoraSpec) -> Initializer:
+    """B's initializer: zeros, except for ``init="random"`` (a non-identity start)."""
+    def init(key: jax.Array, shape: tuple[int, int], dtype: Any = jnp.float32) -> jax.Array:
+        if spec.init == "random":
+            bound = 1.0 / math.sqrt(shape[0])
+            return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+        return jnp.zeros(shape, dtype)
+    return init
+
+
+class LoraDense(nn.Module):
+    """A linear layer with an optional 4-bit frozen kernel and optional LoRA adapters.
+
+    Attributes:
+      features: output features (``out``).
+      use_bias: add a bias.
+      dtype: compute dtype (None: promote inputs and parameters).
+      param_dtype: dtype of float kernel/bias created at init.
+      kernel_init / bias_init: initializers of the frozen weight (init only).
+      lora: the model's LoraPlan; this module has adapters iff the plan has a
+        spec for its scope path.
+      quant: quantize the kernel at init (loading code builds QTensors directly).
+      impl: implementation of the 4-bit matmul: ``"auto"``, ``"xla"``, ``"pallas"``.
+      lora_dtype: dtype of the adapter parameters.
+    """
+
+    features: int
+    use_bias: bool = False
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros_init()
+    lora: Optional[LoraPlan] = None
+    quant: Optional[QuantConfig] = None
+    impl: str = "auto"
+    lora_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        """x ``[..., in]`` -> ``[..., out]``; dropout on the adapter input unless deterministic."""
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", self._init_kernel, (in_features, self.features))
+        if isinstance(kernel, QTensor):
+            if kernel.shape != (self.features, in_features):
+                raise ValueError(f"{'.'.join(self.scope.path)}: 4-bit kernel is {kernel.shape}, "
+                                 f"expected [out, in] = {(self.features, in_features)}")
+            compute = self.dtype or x.dtype
+            y = qops.linear(x.astype(compute), kernel, impl=self.impl)
+        else:
+            x_c, k_c = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+            y = jnp.dot(x_c, k_c)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(y.dtype)
+        spec = self.lora.spec_at(self.scope.path) if self.lora is not None else None
+        if spec is None:
+            return y
+        a = self.param("lora_a", lora_a_init(spec), (in_features, spec.r), self.lora_dtype)
+        b = self.param("lora_b", lora_b_init(spec), (spec.r, self.features), self.lora_dtype)
+        h = x
+        if spec.dropout > 0.0:
+            h = nn.Dropout(rate=spec.dropout)(h, deterministic=deterministic)
+        h, a, b = nn.dtypes.promote_dtype(h, a, b, dtype=self.dtype)
+        delta = jnp.dot(jnp.dot(h, a), b) * jnp.asarray(spec.scaling, h.dtype)
+        return y + delta.astype(y.dtype)
+
+    def _init_kernel(self, key: jax.Array, shape: tuple[int, int]) -> Any:
+        w = self.kernel_init(key, shape, self.param_dtype)
+        if self.quant is None:
+            return w
+        return quantize(w.T, self.quant.qtype, self.quant.block_size, self.quant.double_quant,
+                        self.quant.nested_block_size)

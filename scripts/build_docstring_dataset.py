@@ -280,7 +280,7 @@ used.
 
 ## Counts
 
-| id | label | modules | train | validation | test |
+| id | label | what it covers | train | validation | test |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 """

@@ -1,0 +1,244 @@
+"""Instruction data for causal LMs: prompt templates, tokenisation, response-only loss.
+
+Each record becomes a sequence of token ids and a per-token flag "this token is learned":
+
+    [start] prompt-tokens  response-tokens [end]
+       0       0 ... 0        1 ... 1        1
+
+where start is the tokenizer's bos (or [CLS]) and end its eos (or [SEP]). Loss is taken only on
+response tokens and the closing end token, as in the QLoRA recipe (source tokens carry label
+-100 there). Prompt and response pieces are tokenised separately (add_special_tokens=False) and
+concatenated, so the boundary is exact; at inference, encode the prompt the same way.
+
+Templates:
+
+- ``alpaca``: `ALPACA_PROMPT` (or `ALPACA_PROMPT_NO_INPUT` when ``input`` is empty or absent),
+  the Stanford Alpaca prompt, followed by ``output``.
+- ``prompt_response``: ``prompt`` verbatim, then ``response`` verbatim (put any separator you
+  want in the prompt).
+- ``chat``: each message is rendered as ``"<|{role}|>\\n{content}\\n"``, except that an
+  assistant message is ``"<|assistant|>\\n{content}"`` followed by the end token; loss is on
+  the content and end token of every assistant message. `chat_prompt` renders the prompt for
+  generation. (A checkpoint's Jinja ``chat_template`` is not rendered: no `transformers` or
+  `jinja2` at runtime.)
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from qlora_jax.data.errors import DataError
+from qlora_jax.data.tokenizer import Tokenizer
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+_END = object()  # marks the position of the end token in a list of segments
+
+
+def segments(record: dict[str, Any], fmt: str) -> list[tuple[Any, bool]]:
+    """Splits a record into (text or end marker, learned) pieces in order.
+
+    Args:
+        record: one validated record (see qlora_jax.data.jsonl).
+        fmt: "alpaca", "prompt_response" or "chat".
+
+    Returns:
+        [(text, learned)], where text is a str or the end-token marker.
+    """
+    if fmt == "alpaca":
+        extra = record.get("input") or ""
+        template = ALPACA_PROMPT if extra.strip() else ALPACA_PROMPT_NO_INPUT
+        prompt = template.format(instruction=record["instruction"], input=extra)
+        return [(prompt, False), (record["output"], True), (_END, True)]
+    if fmt == "prompt_response":
+        return [(record["prompt"], False), (record["response"], True), (_END, True)]
+    if fmt == "chat":
+        out: list[tuple[Any, bool]] = []
+        for message in record["messages"]:
+            role, content = message["role"], message["content"]
+            if role == "assistant":
+                out += [("<|assistant|>\n", False), (content, True), (_END, True)]
+            else:
+                out.append((f"<|{role}|>\n{content}\n", False))
+        return out
+    raise DataError(f"{fmt!r} is not an instruction format; use alpaca, prompt_response or chat")
+
+
+def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
+    """The chat template's text for `messages`, ending with the assistant header (for generation).
+
+    Assistant messages in `messages` are rendered without their end token; encode the result with
+    add_special_tokens=False and prepend the start token to match training.
+    """
+    parts = []
+    for m in messages:
+        if m["role"] == "assistant":
+            parts.append(f"<|assistant|>\n{m['content']}")
+        else:
+            parts.append(f"<|{m['role']}|>\n{m['content']}\n")
+    return "".join(parts) + "<|assistant|>\n"
+
+
+def tokenize_records(records: Sequence[dict[str, Any]], fmt: str, tokenizer: Tokenizer,
+                     seq_len: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Tokenises instruction records into ids and learned-token flags, truncated to seq_len.
+
+    Args:
+        records: validated records of one format.
+        fmt: their format.
+        tokenizer: the checkpoint's tokenizer.
+        seq_len: maximum tokens an example keeps (the right end is cut).
+
+    Returns:
+        (ids, learned, dropped): int32 [n_i] ids and bool [n_i] flags per kept example, and the
+        number of examples dropped because no learned token survived truncation.
+
+    Raises:
+        DataError: the tokenizer has no end token.
+    """
+    end = tokenizer.end_id
+    if end is None:
+        raise DataError("the tokenizer names no eos (or [SEP]) token, so responses cannot be "
+                        "terminated; pass eos_token=... to load_tokenizer")
+    start = tokenizer.start_id
+    pieces = [segments(r, fmt) for r in records]
+    texts = [text for segs in pieces for text, _ in segs if text is not _END]
+    encoded = iter(tokenizer.encode_batch(texts, add_special_tokens=False))
+    all_ids, all_learned, dropped = [], [], 0
+    for segs in pieces:
+        ids: list[int] = [] if start is None else [start]
+        learned: list[bool] = [] if start is None else [False]
+        for text, is_learned in segs:
+            chunk = [end] if text is _END else next(encoded)
+            ids += chunk
+            learned += [is_learned] * len(chunk)
+        ids, learned = ids[:seq_len], learned[:seq_len]
+        # Token 0 is never predicted, so at least one learned token after it must remain.
+        if not any(learned[1:]):
+            dropped += 1
+            continue
+        all_ids.append(np.asarray(ids, np.int32))
+        all_learned.append(np.asarray(learned, np.bool_))
+    if dropped:
+        warnings.warn(f"{dropped} of {len(records)} examples have no response token within "
+                      f"seq_len={seq_len} and were dropped; raise seq_len to keep them",
+                      stacklevel=2)
+    return all_ids, all_learned, dropped
+
+
+class InstructDataset:
+    """Tokenised instruction examples, collated into causal-LM batches.
+
+    Rows hold one example each (padding), or several consecutive examples (``packing=True``),
+    greedily filled up to seq_len in the given order. A batch has, all of shape [B, T]:
+
+    - ``input_ids`` int32 (pad_id after the tokens),
+    - ``targets`` int32: the next token, ``targets[t] = input_ids[t + 1]`` within an example,
+    - ``loss_mask`` float32: 1 where ``targets[t]`` is a learned (response or end) token of the
+      same example; 0 on prompt tokens, on the last token of each example (its next token belongs
+      to another example) and on padding, so no loss crosses an example boundary,
+    - ``segment_ids`` int32: 1, 2, ... for the examples of a row, 0 on padding,
+    - ``positions`` int32: position within its example (restarts at 0 for each example),
+    - ``attention_mask`` int32: 1 on tokens, 0 on padding,
+
+    and ``weights`` float32 [B]: 1 for a real row, 0 for a padding row. With packing the model must
+    attend only within a segment (mask from ``segment_ids``) and use ``positions``; without it
+    ``attention_mask`` suffices.
+
+    Attributes:
+        ids: int32 token ids per example.
+        learned: bool flags per example (True = the token carries loss when predicted).
+        seq_len: row length T.
+        packing: whether rows hold several examples.
+        pad_id: id written on padding.
+        format: the record format.
+        dropped: examples dropped at truncation.
+    """
+
+    kind = "causal_lm"
+
+    def __init__(self, ids: list[np.ndarray], learned: list[np.ndarray], seq_len: int,
+                 pad_id: int, packing: bool = False, fmt: str = "", dropped: int = 0):
+        if not ids:
+            raise DataError("no usable examples (all were empty or dropped at truncation)")
+        self.ids, self.learned = ids, learned
+        self.seq_len, self.pad_id, self.packing = seq_len, pad_id, packing
+        self.format, self.dropped = fmt, dropped
+        self._lengths = np.array([len(x) for x in ids], np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per example, int64 [N]."""
+        return self._lengths
+
+    def make_rows(self, order: np.ndarray) -> list[tuple[int, ...]]:
+        """Groups example indices, in `order`, into rows of at most seq_len tokens."""
+        if not self.packing:
+            return [(int(i),) for i in order]
+        rows, current, used = [], [], 0
+        for i in order:
+            n = int(self._lengths[i])
+            if current and used + n > self.seq_len:
+                rows.append(tuple(current))
+                current, used = [], 0
+            current.append(int(i))
+            used += n
+        if current:
+            rows.append(tuple(current))
+        return rows
+
+    def row_length(self, row: Sequence[int]) -> int:
+        """Tokens in a row."""
+        return int(sum(self._lengths[i] for i in row))
+
+    def collate(self, rows: Sequence[Sequence[int]], batch_size: int,
+                seq_len: int | None = None) -> dict[str, np.ndarray]:
+        """Batch of `batch_size` rows (missing rows are padding with weight 0), T = seq_len."""
+        t = self.seq_len if seq_len is None else seq_len
+        shape = (batch_size, t)
+        batch = {
+            "input_ids": np.full(shape, self.pad_id, np.int32),
+            "targets": np.zeros(shape, np.int32),
+            "loss_mask": np.zeros(shape, np.float32),
+            "segment_ids": np.zeros(shape, np.int32),
+            "positions": np.zeros(shape, np.int32),
+            "attention_mask": np.zeros(shape, np.int32),
+            "weights": np.zeros((batch_size,), np.float32),
+        }
+        for b, row in enumerate(rows):
+            batch["weights"][b] = 1.0
+            start = 0
+            for segment, i in enumerate(row, start=1):
+                ids, learned = self.ids[i], self.learned[i]
+                n = len(ids)
+                end = start + n
+                if end > t:
+                    raise DataError(f"row of {self.row_length(row)} tokens does not fit T={t}")
+                batch["input_ids"][b, start:end] = ids
+                batch["targets"][b, start:end - 1] = ids[1:]
+                batch["loss_mask"][b, start:end - 1] = learned[1:]
+                batch["segment_ids"][b, start:end] = segment
+                batch["positions"][b, start:end] = np.arange(n, dtype=np.int32)
+                batch["attention_mask"][b, start:end] = 1
+                start = end
+        return batch
+
+    def fingerprint(self) -> str:
+        """Short string that changes when the examples or row layout change (checked on resume)."""
+        crc = zlib.crc32(np.concatenate(self.ids).tobytes())
+        crc = zlib.crc32(np.concatenate(self.learned).tobytes(), crc)
+        return f"{self.kind}:{len(self)}:{crc:08x}:{self.seq_len}:{int(self.packing)}"

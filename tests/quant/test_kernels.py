@@ -1,0 +1,215 @@
+"""Tests of the Pallas 4-bit kernels (interpret mode on CPU; compiled on a GPU).
+
+Every test draws fresh random inputs; the seed is in each failure message.
+References: ``dequantize_xla`` (bit-exact with bitsandbytes) and float64
+matmuls on the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import qlora_jax as qj
+from qlora_jax.quant.blockwise import dequantize_xla
+from qlora_jax.quant.kernels import gpu
+
+# Norm-relative tolerances of a float32-accumulated matmul rounded to the output dtype.
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+
+
+def _rng():
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    return np.random.default_rng(seed), seed
+
+
+def _weight(rng, shape, scale=None):
+    scale = rng.uniform(0.01, 3.0) if scale is None else scale
+    w = rng.standard_normal(shape).astype(np.float32) * scale
+    w[..., ::7] *= 10.0  # uneven blocks
+    return w
+
+
+def _bits(a):
+    a = jnp.asarray(a)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[a.dtype.itemsize]
+    return np.asarray(jax.lax.bitcast_convert_type(a, width))
+
+
+def _rel(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@pytest.mark.parametrize("shape,qtype,block_size,double_quant,dtype", [
+    ((37, 129), "nf4", 64, True, jnp.bfloat16),     # odd element count, partial last block
+    ((72, 320), "fp4", 64, False, jnp.float16),
+    ((5, 1000), "nf4", 128, True, jnp.float32),
+    ((3, 7, 90), "int4", 32, True, jnp.bfloat16),   # 3-D
+    ((300, 1024), "nf4", 64, True, jnp.bfloat16),   # > 256 blocks: several nested blocks
+    ((1, 333), "fp4", 256, True, jnp.float32),      # one partial block
+])
+def test_dequantize_bit_exact(shape, qtype, block_size, double_quant, dtype):
+    rng, seed = _rng()
+    q = qj.quant.quantize(_weight(rng, shape), qtype, block_size, double_quant)
+    out = qj.quant.dequantize(q, dtype, impl="pallas")
+    ref = dequantize_xla(q, dtype)
+    assert out.shape == shape and out.dtype == dtype
+    np.testing.assert_array_equal(_bits(out), _bits(ref), err_msg=f"seed={seed}")
+
+
+def test_dequantize_stacked():
+    rng, seed = _rng()
+    qs = [qj.quant.quantize(_weight(rng, (24, 64)), "nf4") for _ in range(3)]
+    q = jax.tree.map(lambda *a: jnp.stack(a), *qs)
+    out = qj.quant.dequantize(q, jnp.bfloat16, impl="pallas")
+    assert out.shape == (3, 24, 64)
+    np.testing.assert_array_equal(_bits(out), _bits(dequantize_xla(q, jnp.bfloat16)),
+                                  err_msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("elements", [128, 512])
+def test_dequantize_overwrites_poisoned_output(elements):
+    rng, seed = _rng()
+    q = qj.quant.quantize(_weight(rng, (33, 97)), "nf4", 64, True)  # 50 blocks, tiles don't divide
+    poison = jnp.full((q.num_elements,), jnp.nan, jnp.float32)
+    out = gpu.dequantize_flat(q, jnp.float32, gpu.DequantConfig(elements=elements), out=poison)
+    assert not np.isnan(np.asarray(out)).any(), f"unwritten elements, seed={seed}"
+    np.testing.assert_array_equal(_bits(out), _bits(dequantize_xla(q, jnp.float32).reshape(-1)))
+
+
+# (tokens, qtype, dtype, double_quant, [out, in], block_size): every token count of the issue,
+# each qtype, activation dtype and double-quant setting, shapes that no tile divides.
+LINEAR_CASES = [
+    (1, "nf4", jnp.bfloat16, True, (72, 320), 64),
+    (1, "fp4", jnp.float32, False, (40, 192), 64),
+    (7, "fp4", jnp.float16, True, (72, 320), 64),
+    (7, "nf4", jnp.float32, False, (24, 256), 128),   # bk < block_size
+    (16, "nf4", jnp.bfloat16, False, (100, 160), 32),  # several blocks a K tile
+    (16, "fp4", jnp.bfloat16, True, (72, 320), 64),
+    (40, "nf4", jnp.float16, True, (72, 320), 64),
+    (40, "fp4", jnp.float32, True, (33, 128), 64),
+    (300, "nf4", jnp.bfloat16, True, (72, 320), 64),
+    (300, "fp4", jnp.float16, False, (40, 192), 64),
+]
+
+
+@pytest.mark.parametrize("tokens,qtype,dtype,double_quant,shape,block_size", LINEAR_CASES)
+def test_linear_forward_and_input_gradient(tokens, qtype, dtype, double_quant, shape,
+                                           block_size):
+    rng, seed = _rng()
+    q = qj.quant.quantize(_weight(rng, shape), qtype, block_size, double_quant)
+    x = jnp.asarray(rng.standard_normal((tokens, shape[1])), dtype)
+    dy = jnp.asarray(rng.standard_normal((tokens, shape[0])), dtype)
+    y, vjp = jax.vjp(lambda v: qj.quant.linear(v, q, impl="pallas"), x)
+    (dx,) = vjp(dy)
+    w = np.asarray(dequantize_xla(q, dtype), np.float64)
+    xf, dyf = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    assert y.dtype == dtype and y.shape == (tokens, shape[0])
+    assert dx.dtype == dtype and dx.shape == x.shape
+    msg = f"seed={seed}"
+    assert np.isfinite(np.asarray(y, np.float32)).all(), msg
+    assert _rel(y, xf @ w.T) < TOL[dtype], (_rel(y, xf @ w.T), msg)
+    assert _rel(dx, dyf @ w) < TOL[dtype], (_rel(dx, dyf @ w), msg)
+
+
+@pytest.mark.parametrize("shape,block_size", [((20, 100), 64), ((9, 33), 32)])
+def test_linear_unaligned_weight_falls_back(shape, block_size):
+    """in % block_size != 0 (rows not aligned to blocks): Pallas dequantize + XLA matmul."""
+    rng, seed = _rng()
+    q = qj.quant.quantize(_weight(rng, shape), "nf4", block_size, True)
+    assert not gpu.aligned(q)
+    x = jnp.asarray(rng.standard_normal((3, shape[1])), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((3, shape[0])), jnp.float32)
+    y, vjp = jax.vjp(lambda v: qj.quant.linear(v, q, impl="pallas"), x)
+    w = np.asarray(dequantize_xla(q, jnp.float32), np.float64)
+    assert _rel(y, np.asarray(x, np.float64) @ w.T) < 1e-5, f"seed={seed}"
+    assert _rel(vjp(dy)[0], np.asarray(dy, np.float64) @ w) < 1e-5, f"seed={seed}"
+
+
+# Explicit tiles: several tiles along every axis, reductions split over programs.
+POISON_CASES = [
+    (1, gpu.MatmulConfig(bm=None, bn=16, bk=64, split=1)),
+    (1, gpu.MatmulConfig(bm=None, bn=16, bk=64, split=3)),
+    (1, gpu.MatmulConfig(bm=None, bn=32, bk=128, split=2, lut="select")),
+    (21, gpu.MatmulConfig(bm=16, bn=16, bk=64, split=1)),
+    (21, gpu.MatmulConfig(bm=16, bn=32, bk=32, split=2, lut="select")),
+]
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("tokens,config", POISON_CASES)
+def test_matmul_overwrites_poisoned_output(tokens, config, transpose):
+    rng, seed = _rng()
+    n_out, n_in = 40, 320
+    q = qj.quant.quantize(_weight(rng, (n_out, n_in)), "nf4", 64, True)
+    a = jnp.asarray(rng.standard_normal((tokens, n_out if transpose else n_in)), jnp.float32)
+    width = n_in if transpose else n_out
+    red = n_out if transpose else n_in
+    red_tile = config.bn if transpose else config.bk
+    out_tile = config.bk if transpose else config.bn
+    tiles = -(-red // red_tile)
+    if config.bm is None:
+        n_progs = -(-width // out_tile)
+    else:
+        n_progs = -(-tokens // config.bm) * -(-width // out_tile)
+    split = gpu._split(config, n_progs, tiles, interpret=True)
+    split = -(-tiles // -(-tiles // split))
+    if config.bm is None:
+        shape = (split, width)
+    else:
+        shape = (tokens, width) if split == 1 else (split, tokens, width)
+    dtype = jnp.float32
+    poison = jnp.full(shape, jnp.nan, dtype)
+    raw = _raw_call(a, q, transpose, config, poison)
+    assert raw.shape == shape
+    assert not np.isnan(np.asarray(raw)).any(), f"unwritten outputs, seed={seed}"
+    w = np.asarray(dequantize_xla(q, jnp.float32), np.float64)
+    ref = np.asarray(a, np.float64) @ (w if transpose else w.T)
+    got = raw.sum(axis=0)[None] if config.bm is None else (raw if split == 1 else raw.sum(0))
+    assert _rel(got, ref) < 1e-5, f"seed={seed}"
+
+
+def _raw_call(a, q, transpose, config, poison):
+    """The kernel's own output buffer (before XLA adds split partial sums)."""
+    captured = {}
+    original = gpu.pl.pallas_call
+
+    def spy(*args, **kwargs):
+        fn = original(*args, **kwargs)
+
+        def run(*inputs):
+            captured["out"] = fn(*inputs)
+            return captured["out"]
+        return run
+
+    gpu.pl.pallas_call = spy
+    try:
+        gpu.matmul_4bit(a, q, transpose=transpose, config=config, out=poison)
+    finally:
+        gpu.pl.pallas_call = original
+    return captured["out"]
+
+
+def test_linear_inside_jit_and_grad_has_no_weight_sized_residual():
+    rng, seed = _rng()
+    q = qj.quant.quantize(_weight(rng, (64, 256)), "nf4", 64, True)
+    x = jnp.asarray(rng.standard_normal((5, 256)), jnp.bfloat16)
+
+    def loss(v):
+        return jnp.sum(qj.quant.linear(v, q, impl="pallas").astype(jnp.float32) ** 2)
+
+    g = jax.jit(jax.grad(loss))(x)
+    g_ref = jax.grad(lambda v: jnp.sum(qj.quant.linear(v, q, impl="xla")
+                                       .astype(jnp.float32) ** 2))(x)
+    assert _rel(g, g_ref) < 2e-2, f"seed={seed}"
+    # The residuals saved for the backward pass: only the QTensor's own 4-bit arrays.
+    _, vjp = jax.vjp(lambda v: qj.quant.linear(v, q, impl="pallas"), x)
+    leaves = [l for l in jax.tree.leaves(vjp) if hasattr(l, "dtype")]
+    assert leaves, "expected the vjp closure to carry residual arrays" 
+    biggest = max((l.size * l.dtype.itemsize for l in leaves), default=0)
+    assert biggest <= q.packed.size, (biggest, q.packed.size)

@@ -49,7 +49,8 @@ from qlora_jax.data.builtin import BUILTINS, builtin_labels, builtin_path
 from qlora_jax.data.classification import ClassificationDataset, resolve_labels
 from qlora_jax.data.errors import DataError
 from qlora_jax.data.instruct import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, InstructDataset,
-                                     encode_prompt, tokenize_records)
+                                     encode_prompt, to_hf_labels,
+                                     tokenize_records)
 from qlora_jax.data.jsonl import FORMATS, load_records
 from qlora_jax.data.loader import EvalLoader, TrainLoader
 from qlora_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -146,4 +147,5 @@ __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "BUILTINS", "ClassificationDataset", "DataError",
     "Dataset", "EvalLoader", "FORMATS", "InstructDataset", "Tokenizer", "TrainLoader",
     "build_dataset", "encode_prompt", "datasets_from_config", "default_config", "load_tokenizer",
+    "to_hf_labels",
 ]

@@ -112,6 +112,8 @@ class ClassificationDataset:
                 seq_len: int | None = None) -> dict[str, np.ndarray]:
         """Batch of `batch_size` rows (missing rows are padding with weight 0), T = seq_len."""
         t = self.seq_len if seq_len is None else seq_len
+        if len(rows) > batch_size:
+            raise DataError(f"{len(rows)} rows do not fit a batch of {batch_size}")
         batch = {
             "input_ids": np.full((batch_size, t), self.pad_id, np.int32),
             "attention_mask": np.zeros((batch_size, t), np.int32),

@@ -221,6 +221,8 @@ class InstructDataset:
                 seq_len: int | None = None) -> dict[str, np.ndarray]:
         """Batch of `batch_size` rows (missing rows are padding with weight 0), T = seq_len."""
         t = self.seq_len if seq_len is None else seq_len
+        if len(rows) > batch_size:
+            raise DataError(f"{len(rows)} rows do not fit a batch of {batch_size}")
         shape = (batch_size, t)
         batch = {
             "input_ids": np.full(shape, self.pad_id, np.int32),
@@ -254,3 +256,27 @@ class InstructDataset:
         crc = zlib.crc32(np.concatenate(self.ids).tobytes())
         crc = zlib.crc32(np.concatenate(self.learned).tobytes(), crc)
         return f"{self.kind}:{len(self)}:{crc:08x}:{self.seq_len}:{int(self.packing)}"
+
+
+def to_hf_labels(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Hugging Face style labels of an unpacked causal-LM batch (to compare with transformers).
+
+    ``labels[t] = input_ids[t]`` where that token carries loss (``loss_mask[t - 1] == 1``), else
+    -100; a transformers causal LM shifts these internally, so its loss equals ours.
+
+    Args:
+        batch: a batch of an `InstructDataset` built with ``packing=False``.
+
+    Returns:
+        int32 [B, T] labels.
+
+    Raises:
+        DataError: the batch holds packed rows (HF labels cannot stop loss at boundaries).
+    """
+    if (batch["segment_ids"] > 1).any():
+        raise DataError("packed rows have no Hugging Face label equivalent; build with "
+                        "packing=False")
+    labels = np.full(batch["input_ids"].shape, -100, np.int32)
+    learned = batch["loss_mask"][:, :-1] == 1
+    labels[:, 1:][learned] = batch["input_ids"][:, 1:][learned]
+    return labels

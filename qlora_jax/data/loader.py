@@ -138,7 +138,8 @@ class TrainLoader(Iterator[dict[str, np.ndarray]]):
                             "'index'") from e
         for key, mine in (("seed", self.seed), ("batch_size", self.batch_size),
                           ("fingerprint", self._fingerprint)):
-            if key in state and state[key] != mine:
+            # Values may come back from a checkpoint as numpy scalars; compare their text.
+            if key in state and str(np.asarray(state[key]).item()) != str(mine):
                 raise DataError(f"data loader state was saved with {key}={state[key]!r}, but this"
                                 f" run has {key}={mine!r}: resume with the same data settings")
         if epoch < 0 or not 0 <= index <= len(self._batches(epoch)):

@@ -152,3 +152,18 @@ def test_instruct_with_tokenizer_without_end_token(write_jsonl, tmp_path, rng):
     assert tok.end_id is None
     with pytest.raises(data.DataError, match="no eos"):
         data.build_dataset(write_jsonl([{"prompt": "the", "response": "hot"}]), tok, 16)
+
+
+def test_hf_labels_match_shifted_targets(write_jsonl, llama_tok, rng):
+    ds = _random_dataset(write_jsonl, llama_tok, rng, 12, 40, packing=False)
+    batch = ds.collate(ds.make_rows(np.arange(len(ds))), len(ds))
+    labels = data.to_hf_labels(batch)
+    # transformers: loss over (logits[:, :-1], labels[:, 1:]) where labels != -100.
+    shifted = labels[:, 1:]
+    mask = batch["loss_mask"][:, :-1] == 1
+    assert ((shifted != -100) == mask).all()
+    assert (shifted[mask] == batch["targets"][:, :-1][mask]).all()
+    assert (labels[:, 0] == -100).all()
+    packed = data.InstructDataset(ds.ids, ds.learned, 120, llama_tok.pad_id, packing=True)
+    with pytest.raises(data.DataError, match="packing=False"):
+        data.to_hf_labels(packed.collate(packed.make_rows(np.arange(len(ds)))[:2], 2))

@@ -22,6 +22,9 @@ from qlora_jax.quant.qtensor import (ALLOWED_BLOCK_SIZES, ALLOWED_NESTED_BLOCK_S
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # bitsandbytes clamps the partial last block's absmax to this (it stores the clamped value).
 _TINY = np.float32(1e-38)
+# 1e-38 is subnormal and XLA on CPU treats subnormals as zero in comparisons, so
+# compare against the smallest normal float32 instead (nothing lies in between).
+_MIN_NORMAL = np.float32(np.finfo(np.float32).tiny)
 
 
 def _sorted_table(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +99,12 @@ def _quantize_flat(flat: jax.Array, *, qtype: str, block_size: int,
         # The partial last block: x / absmax, and its absmax stored clamped to 1e-38.
         tail = flat[full:]
         am = jnp.max(jnp.abs(tail))
-        am = jnp.where(am < _TINY, _TINY, am)
-        s = jnp.where(am <= _TINY, 0.0, jnp.clip(tail / am, -1.0, 1.0))
+        tiny = am < _MIN_NORMAL
+        s = jnp.where(tiny, 0.0, jnp.clip(tail / am, -1.0, 1.0))
+        # Select the bits (a float select may become a max, which flushes 1e-38 to 0).
+        am = jax.lax.bitcast_convert_type(
+            jnp.where(tiny, _TINY.view(np.uint32), jax.lax.bitcast_convert_type(am, jnp.uint32)),
+            jnp.float32)
         parts_s.append(s)
         parts_absmax.append(am[None])
     s = jnp.concatenate(parts_s) if len(parts_s) > 1 else parts_s[0]

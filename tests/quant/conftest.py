@@ -22,6 +22,8 @@ def bits(a: Any) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype == jnp.bfloat16:
         return a.view(np.uint16)
+    if not np.issubdtype(a.dtype, np.floating):
+        return a
     return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
 
 

@@ -18,8 +18,8 @@ Templates:
   want in the prompt).
 - ``chat``: each message is rendered as ``"<|{role}|>\\n{content}\\n"``, except that an
   assistant message is ``"<|assistant|>\\n{content}"`` followed by the end token; loss is on
-  the content and end token of every assistant message. (A checkpoint's Jinja ``chat_template`` is not rendered: no `transformers` or
-  `jinja2` at runtime.)
+  the content and end token of every assistant message. A checkpoint's Jinja
+  ``chat_template`` is not rendered (no `transformers` or `jinja2` at runtime).
 
 `encode_prompt` gives the ids of a prompt for generation, exactly as training saw them.
 """

@@ -81,6 +81,8 @@ class TrainLoader(Iterator[dict[str, np.ndarray]]):
                  length_buckets: Sequence[int] | None = None,
                  shard_index: int = 0, shard_count: int = 1):
         _check_sharding(batch_size, shard_index, shard_count)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise DataError(f"seed must be a non-negative int, got {seed!r}")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, int(seed)
         self.buckets = _check_buckets(length_buckets, dataset.seq_len)
         self.shard_index, self.shard_count = shard_index, shard_count

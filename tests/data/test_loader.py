@@ -138,6 +138,8 @@ def test_bad_loader_input(rng):
         data.TrainLoader(Indexed(10), 4, 0, shard_count=3)
     with pytest.raises(data.DataError, match="batch_size must be positive"):
         data.EvalLoader(Indexed(10), 0)
+    with pytest.raises(data.DataError, match="seed must be a non-negative int"):
+        data.TrainLoader(Indexed(10), 2, -1)
     with pytest.raises(data.DataError, match="length_buckets"):
         data.TrainLoader(Indexed(10), 2, 0, length_buckets=(8,))
     state = data.TrainLoader(Indexed(10), 2, 0).state

@@ -1,0 +1,146 @@
+"""The train step and the eval step: pure functions, jit-compiled by their makers.
+
+``train_step(state, batch) -> (state, metrics)``: gradients of the summed loss with respect to
+``state.trainable`` only (frozen weights, possibly QTensors, enter as non-differentiated inputs);
+micro-batches (gradient accumulation) run in a ``lax.scan`` inside the step; the loss and the
+gradients are normalised by the loss weight of the whole batch, so accumulation changes nothing
+but memory. The state is donated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qlora_jax.lora import params as lora_params
+from qlora_jax.train import optim as train_optim
+from qlora_jax.train.state import TrainState
+from qlora_jax.train.task import Batch, Task, batch_tokens
+
+Metrics = dict[str, jax.Array]
+
+
+def split_micro(batch: Batch, accum_steps: int) -> Batch:
+    """[B, ...] -> [A, B / A, ...] for every array of the batch."""
+    def split(x):
+        if x.shape[0] % accum_steps:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into "
+                             f"{accum_steps} micro-batches")
+        return x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:])
+    return {k: split(v) for k, v in batch.items()}
+
+
+def train_step_fn(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                  accum_steps: int = 1, offload_state: bool = False, dropout: bool = True,
+                  nan_at_step: int = -1) -> Callable[[TrainState, Batch],
+                                                      tuple[TrainState, Metrics]]:
+    """The pure (not yet jitted) train step.
+
+    Args:
+      task: model + loss.
+      tx: optimizer over the trainable subtree (clipping included).
+      schedule: the learning-rate schedule (reported in the metrics).
+      accum_steps: micro-batches per step (A); the batch's row count must divide by it.
+      offload_state: the optimizer state arrives and leaves in pinned host memory; it is moved
+        to the device for the update only.
+      dropout: run the model in train mode (dropout key ``fold_in(fold_in(rng, step), micro)``).
+      nan_at_step: fault injection for tests: the loss of this step becomes NaN (-1: never).
+    """
+
+    def grads_of(trainable, frozen, micro, key):
+        def total(t):
+            return_sums = task.sums(lora_params.combine(t, frozen), micro, key)
+            return return_sums[0], return_sums
+        grads, sums = jax.grad(total, has_aux=True)(trainable)
+        return grads, sums
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        base_key = jax.random.fold_in(state.rng, state.step)
+        key = lambda i: jax.random.fold_in(base_key, i) if dropout else None  # noqa: E731
+        if accum_steps == 1:
+            grads, (loss_sum, weight, correct) = grads_of(state.trainable, state.frozen, batch,
+                                                          key(0))
+        else:
+            micro = split_micro(batch, accum_steps)
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
+
+            def body(carry, xs):
+                i, mb = xs
+                g, s = grads_of(state.trainable, state.frozen, mb, key(i))
+                acc_g, acc_s = carry
+                acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
+                return (acc_g, tuple(a + b for a, b in zip(acc_s, s))), None
+
+            zero = jnp.zeros((), jnp.float32)
+            (grads, (loss_sum, weight, correct)), _ = jax.lax.scan(
+                body, (zeros, (zero, zero, zero)), (jnp.arange(accum_steps), micro))
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        if nan_at_step >= 0:
+            loss = jnp.where(state.step == nan_at_step, jnp.nan, loss)
+        opt_state = state.opt_state
+        if offload_state:
+            opt_state = train_optim.to_memory(opt_state, train_optim.DEVICE)
+        updates, opt_state = tx.update(grads, opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        if offload_state:
+            opt_state = train_optim.to_memory(opt_state, train_optim.HOST)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+            "accuracy": correct / denom,
+            "loss_weight": weight,
+            "tokens": batch_tokens(batch),
+        }
+        new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+        return new, metrics
+
+    return step
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    **kwargs: Any) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """`train_step_fn` jit-compiled with the state donated (argument 0)."""
+    return jax.jit(train_step_fn(task, tx, schedule, **kwargs), donate_argnums=0)
+
+
+def make_eval_step(task: Task) -> Callable[[Any, Any, Batch], Metrics]:
+    """Jitted ``(trainable, frozen, batch) -> sums`` (loss, weight, correct) in eval mode."""
+    def sums(trainable, frozen, batch):
+        loss_sum, weight, correct = task.sums(lora_params.combine(trainable, frozen), batch)
+        return {"loss_sum": loss_sum, "weight": weight, "correct": correct}
+    return jax.jit(sums)
+
+
+def evaluate(eval_step: Callable[[Any, Any, Batch], Metrics], state: TrainState,
+             batches: Any, kind: str, max_batches: Optional[int] = None) -> dict[str, float]:
+    """Runs ``eval_step`` over ``batches`` and returns loss, accuracy (and perplexity for LMs).
+
+    Sums are added in float64 on the host; the loss is the weighted mean over every token
+    (causal LM) or example (classification).
+    """
+    total = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0}
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        out = jax.device_get(eval_step(state.trainable, state.frozen, batch))
+        for k in total:
+            total[k] += float(out[k])
+    if total["weight"] == 0:
+        raise ValueError("evaluation saw no loss tokens or examples")
+    loss = total["loss_sum"] / total["weight"]
+    result = {"eval_loss": loss, "eval_accuracy": total["correct"] / total["weight"],
+              "eval_count": total["weight"]}
+    if kind == "causal_lm":
+        result["eval_perplexity"] = float(jnp.exp(jnp.minimum(loss, 80.0)))
+    return result
+
+
+def host_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics fetched to the host as Python floats."""
+    return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}

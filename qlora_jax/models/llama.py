@@ -1,0 +1,435 @@
+"""The Llama family (Llama 1/2/3, Mistral, Qwen2) as a causal LM built from LoraDense layers.
+
+    model = LlamaForCausalLM(LlamaConfig.from_hf(config_json), lora=..., quant=..., dtype=jnp.bfloat16)
+    logits = model.apply({"params": params}, input_ids, attention_mask)          # [B, T, V]
+    logits, cache = model.apply({"params": params}, ids, mask, cache=cache)      # decoding
+
+Parameters mirror the Hugging Face module names; the L decoder layers are
+stacked with ``nn.scan`` (one leading axis L on every layer parameter), so
+compile time does not grow with depth::
+
+    model/embed_tokens/embedding                       [V, D]
+    model/layers/self_attn/{q,k,v,o}_proj/kernel       [L, in, out] (or a QTensor [L, out, in])
+    model/layers/self_attn/{q,k,v}_proj/bias           [L, out]  (Qwen2, attention_bias)
+    model/layers/mlp/{gate,up,down}_proj/kernel        [L, in, out]
+    model/layers/{input,post_attention}_layernorm/scale [L, D]
+    model/norm/scale                                   [D]
+    lm_head/kernel                                     [D, V]  (absent with tie_word_embeddings)
+
+Adapters appear as ``lora_a`` ``[L, in, R]`` / ``lora_b`` ``[L, R, out]`` beside
+the kernels the model's LoraConfig targets.
+
+Model API (stable; the training and generation code relies on it):
+
+- ``__call__(input_ids [B, T] int, attention_mask [B, T] 0/1 or None, deterministic=True,
+  position_ids=None, cache=None)``: logits ``[B, T, V]`` (compute dtype, float32 with
+  ``float32_logits``); with a ``KVCache`` it returns ``(logits, new_cache)``.
+- ``init_cache(batch, max_len)``: an empty KVCache for ``generate``.
+- ``hidden_states(...)`` (method): the final normed hidden state ``[B, T, D]``.
+- ``module_sites()``, ``lora_plan()``, ``hf_params()`` (checkpoint layout).
+- ``remat``: ``"none"``, ``"full"``, ``"dots_saveable"`` or ``"offload"`` (decoder layers
+  rematerialised in the backward pass with that ``jax.checkpoint`` policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qlora_jax.lora.config import LoraConfig
+from qlora_jax.lora.dense import LoraDense
+from qlora_jax.lora.plan import LoraPlan, ModuleSite
+from qlora_jax.models.base import LoraModelMixin
+from qlora_jax.models.common import (HFParam, KVCache, RMSNorm, Rope, apply_rope, causal_mask,
+                                     make_rope, maybe_remat, positions_from_mask, quantized_paths,
+                                     rope_cos_sin)
+from qlora_jax.quant.config import QuantConfig
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+_ACTS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+         "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The fields of a Llama/Mistral/Qwen2 ``config.json`` that the model uses.
+
+    ``raw_json`` keeps the whole original config.json so that ``save_pretrained``
+    writes back every field transformers knows about.
+    """
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: Optional[int] = None
+    hidden_act: str = "silu"
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = None
+    pad_token_id: Optional[int] = None
+    raw_json: str = "{}"
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+        """Parses a config.json dict (transformers 4 or 5 style rope fields)."""
+        mt = d.get("model_type", "llama")
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"LlamaConfig: model_type {mt!r} is not one of {MODEL_TYPES}")
+        heads = int(d["num_attention_heads"])
+        hidden = int(d["hidden_size"])
+        head_dim = d.get("head_dim") or hidden // heads
+        rp = d.get("rope_parameters")
+        if isinstance(rp, Mapping) and rp:
+            theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
+            scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+        else:
+            theta = float(d.get("rope_theta", 10000.0))
+            scaling = dict(d.get("rope_scaling") or {})
+        act = d.get("hidden_act", "silu")
+        if act not in _ACTS:
+            raise ValueError(f"hidden_act {act!r} is not supported; supported: {sorted(_ACTS)}")
+        window = None
+        if mt == "mistral":
+            window = d.get("sliding_window")
+        elif mt == "qwen2" and d.get("use_sliding_window"):
+            raise ValueError("Qwen2 with use_sliding_window=true is not supported (per-layer "
+                             "sliding windows); set use_sliding_window=false")
+        qkv_bias = bool(d.get("attention_bias", False)) or mt == "qwen2"
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = tuple(eos)
+        cfg = cls(
+            model_type=mt, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]), num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads), head_dim=int(head_dim),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+            rope_scaling=tuple(sorted((k, _hashable(v)) for k, v in scaling.items())),
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias, o_bias=bool(d.get("attention_bias", False)) and mt != "qwen2",
+            mlp_bias=bool(d.get("mlp_bias", False)), sliding_window=window, hidden_act=act,
+            bos_token_id=d.get("bos_token_id"), eos_token_id=eos,
+            pad_token_id=d.get("pad_token_id"), raw_json=json.dumps(dict(d), sort_keys=True))
+        cfg.rope()  # validates rope_type early
+        return cfg
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict (the original fields, with this config's values)."""
+        d = json.loads(self.raw_json)
+        d.update(model_type=self.model_type, vocab_size=self.vocab_size,
+                 hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_hidden_layers,
+                 num_attention_heads=self.num_attention_heads,
+                 num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                 rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
+                 max_position_embeddings=self.max_position_embeddings)
+        if self.model_type == "qwen2":
+            d.pop("head_dim", None)
+        d.setdefault("architectures", [_ARCH[self.model_type]])
+        if "rope_parameters" not in d and "rope_theta" not in d:
+            d["rope_parameters"] = dict(rope_theta=self.rope_theta, **dict(self.rope_scaling)) \
+                if self.rope_scaling else {"rope_theta": self.rope_theta, "rope_type": "default"}
+        return d
+
+    def rope(self) -> Rope:
+        return make_rope(self.head_dim, self.rope_theta, dict(self.rope_scaling),
+                         self.max_position_embeddings)
+
+
+_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+         "qwen2": "Qwen2ForCausalLM"}
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(v)
+    if isinstance(v, dict):
+        return tuple(sorted(v.items()))
+    return v
+
+
+class _Attention(nn.Module):
+    config: LlamaConfig
+    plan: Optional[LoraPlan]
+    quant: Optional[QuantConfig]
+    quant_paths: tuple
+    dtype: Any
+    param_dtype: Any
+    impl: str
+    deterministic: bool
+
+    def _dense(self, features: int, name: str, bias: bool) -> LoraDense:
+        path = tuple(self.scope.path) + (name,)
+        return LoraDense(features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                         lora=self.plan, quant=self.quant if path in self.quant_paths else None,
+                         impl=self.impl, name=name)
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_kv, index):
+        c = self.config
+        b, t, _ = x.shape
+        h, g, k = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        det = self.deterministic
+        q = self._dense(h * k, "q_proj", c.qkv_bias)(x, det).reshape(b, t, h, k)
+        kk = self._dense(g * k, "k_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
+        v = self._dense(g * k, "v_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
+        q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+        new_cache = None
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            ck = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            new_cache = (ck, cv)
+            kk, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        if mask is None:
+            out = jax.nn.dot_product_attention(q, kk, v, is_causal=True, scale=k ** -0.5)
+        else:
+            out = jax.nn.dot_product_attention(q, kk, v, mask=mask, scale=k ** -0.5)
+        out = out.reshape(b, t, h * k)
+        return self._dense(c.hidden_size, "o_proj", c.o_bias)(out, det), new_cache
+
+
+class _MLP(nn.Module):
+    config: LlamaConfig
+    plan: Optional[LoraPlan]
+    quant: Optional[QuantConfig]
+    quant_paths: tuple
+    dtype: Any
+    param_dtype: Any
+    impl: str
+    deterministic: bool
+
+    _dense = _Attention._dense
+
+    @nn.compact
+    def __call__(self, x):
+        c, det = self.config, self.deterministic
+        gate = self._dense(c.intermediate_size, "gate_proj", c.mlp_bias)(x, det)
+        up = self._dense(c.intermediate_size, "up_proj", c.mlp_bias)(x, det)
+        act = _ACTS[c.hidden_act](gate) * up
+        return self._dense(c.hidden_size, "down_proj", c.mlp_bias)(act, det)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """One pre-norm decoder layer; a scan body: ``(h, (cache_kv, inputs)) -> (h, new_cache_kv)``."""
+
+    config: LlamaConfig
+    plan: Optional[LoraPlan]
+    quant: Optional[QuantConfig]
+    quant_paths: tuple
+    dtype: Any
+    param_dtype: Any
+    impl: str
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, h, cache_kv, shared):
+        cos, sin, mask, index = shared
+        c = self.config
+        kw = dict(config=c, plan=self.plan, quant=self.quant, quant_paths=self.quant_paths,
+                  dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
+                  deterministic=self.deterministic)
+        norm = dict(epsilon=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        a, new_cache = _Attention(**kw, name="self_attn")(
+            RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index)
+        h = h + a
+        h = h + _MLP(**kw, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h))
+        return h, new_cache
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, the scanned decoder layers and the final norm (HF ``model.*``)."""
+
+    config: LlamaConfig
+    plan: Optional[LoraPlan]
+    quant: Optional[QuantConfig]
+    quant_paths: tuple
+    dtype: Any
+    param_dtype: Any
+    impl: str
+    remat: str
+    deterministic: bool
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
+                                     param_dtype=self.param_dtype,
+                                     embedding_init=nn.initializers.normal(0.02))
+        layer = maybe_remat(LlamaDecoderLayer, self.remat)
+        scanned = nn.scan(layer, variable_axes={"params": 0},
+                          split_rngs={"params": True, "dropout": True},
+                          in_axes=(0, nn.broadcast), length=c.num_hidden_layers)
+        self.layers = scanned(c, self.plan, self.quant, self.quant_paths, self.dtype,
+                              self.param_dtype, self.impl, self.deterministic)
+        self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache):
+        c = self.config
+        b, t = input_ids.shape
+        h = self.embed_tokens(input_ids)
+        if cache is None:
+            if attention_mask is None:
+                valid = jnp.ones((b, t), bool)
+            else:
+                valid = attention_mask.astype(bool)
+            index = jnp.zeros((), jnp.int32)
+            simple = attention_mask is None and position_ids is None and c.sliding_window is None
+            mask = None if simple else causal_mask(jnp.arange(t), valid, c.sliding_window)
+            full_valid = valid
+            slots = jnp.arange(t)
+        else:
+            index = cache.index
+            new = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+            if attention_mask is not None and attention_mask.shape[1] == cache.valid.shape[1]:
+                raise ValueError("with a cache, attention_mask covers the new tokens only [B, T]")
+            full_valid = jax.lax.dynamic_update_slice(cache.valid, new, (0, index))
+            slots = index + jnp.arange(t)
+            mask = causal_mask(slots, full_valid, c.sliding_window)
+        if position_ids is None:
+            all_pos = positions_from_mask(full_valid)
+            position_ids = jnp.take_along_axis(all_pos, jnp.broadcast_to(slots, (b, t)), axis=1)
+        cos, sin = rope_cos_sin(c.rope(), position_ids, h.dtype)
+        caches = None if cache is None else (cache.k, cache.v)
+        h, new_kv = self.layers(h, caches, (cos, sin, mask, index))
+        h = self.norm(h)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(new_kv[0], new_kv[1], full_valid, index + t)
+        return h, new_cache
+
+    def attend(self, h):
+        return self.embed_tokens.attend(h)
+
+
+class LlamaForCausalLM(LoraModelMixin, nn.Module):
+    """A Llama-family causal LM (see the module docstring for the API and params tree).
+
+    Attributes:
+      config: the LlamaConfig.
+      lora: LoraConfig or None (adapters beside the targeted kernels).
+      quant: QuantConfig or None: kernels are QTensors (init quantizes; loading builds them).
+      dtype: compute dtype.
+      param_dtype: dtype of float parameters created by ``init``.
+      impl: 4-bit matmul implementation (``"auto"``, ``"xla"``, ``"pallas"``).
+      remat: ``"none"``, ``"full"``, ``"dots_saveable"`` or ``"offload"``.
+      float32_logits: return float32 logits.
+    """
+
+    config: LlamaConfig
+    lora: Optional[LoraConfig] = None
+    quant: Optional[QuantConfig] = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    impl: str = "auto"
+    remat: str = "none"
+    float32_logits: bool = False
+
+    default_lora_targets = ("q_proj", "v_proj")
+    family = "llama"
+    task = "CAUSAL_LM"
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
+                 deterministic: bool = True, position_ids: Optional[jax.Array] = None,
+                 cache: Optional[KVCache] = None, return_hidden: bool = False) -> Any:
+        """Logits ``[B, T, V]``; ``(logits, new_cache)`` when a cache is given.
+
+        With ``return_hidden`` the final normed hidden state ``[B, T, D]`` replaces the logits.
+        """
+        backbone = self._backbone(deterministic)
+        h, new_cache = backbone(input_ids, attention_mask, position_ids, cache)
+        out = h if return_hidden else self._head(backbone, h, deterministic)
+        return out if cache is None else (out, new_cache)
+
+    def _backbone(self, deterministic: bool) -> LlamaModel:
+        plan = self.lora_plan()
+        qp = self.quantized_paths()
+        return LlamaModel(self.config, plan, self.quant, qp, self.dtype, self.param_dtype,
+                          self.impl, self.remat, deterministic, name="model")
+
+    def _head(self, backbone, h, deterministic):
+        c = self.config
+        if c.tie_word_embeddings:
+            logits = backbone.attend(h)
+        else:
+            quant = self.quant if ("lm_head",) in self.quantized_paths() else None
+            logits = LoraDense(c.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                               lora=self.lora_plan(), quant=quant, impl=self.impl,
+                               name="lm_head")(h, deterministic)
+        return logits.astype(jnp.float32) if self.float32_logits else logits
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
+                      deterministic: bool = True) -> jax.Array:
+        """The final normed hidden state ``[B, T, D]``."""
+        return self(input_ids, attention_mask, deterministic, return_hidden=True)
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+        """An empty cache of ``max_len`` slots for ``batch`` sequences."""
+        c = self.config
+        return KVCache.create(c.num_hidden_layers, batch, max_len, c.num_key_value_heads,
+                              c.head_dim, dtype or self.dtype)
+
+    # -- LoRA / checkpoint layout ----------------------------------------------------------------
+    def module_sites(self) -> list[ModuleSite]:
+        c = self.config
+        layers = range(c.num_hidden_layers)
+        sites = [ModuleSite(("model", "embed_tokens"), ("model.embed_tokens",), "other")]
+        for group, names in (("self_attn", ATTN_PROJ), ("mlp", MLP_PROJ)):
+            for n in names:
+                sites.append(ModuleSite(("model", "layers", group, n),
+                                        tuple(f"model.layers.{i}.{group}.{n}" for i in layers)))
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            sites.append(ModuleSite(("model", "layers", n),
+                                    tuple(f"model.layers.{i}.{n}" for i in layers), "other"))
+        sites.append(ModuleSite(("model", "norm"), ("model.norm",), "other"))
+        if not c.tie_word_embeddings:
+            sites.append(ModuleSite(("lm_head",), ("lm_head",), "head"))
+        return sites
+
+    def hf_params(self) -> list[HFParam]:
+        """Every parameter of the base model with its Hugging Face key."""
+        c = self.config
+        out = [HFParam(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight")]
+        biases = {"q_proj": c.qkv_bias, "k_proj": c.qkv_bias, "v_proj": c.qkv_bias,
+                  "o_proj": c.o_bias}
+        for group, names in (("self_attn", ATTN_PROJ), ("mlp", MLP_PROJ)):
+            for n in names:
+                base = ("model", "layers", group, n)
+                key = f"model.layers.{{i}}.{group}.{n}"
+                out.append(HFParam(base + ("kernel",), key + ".weight", True, True))
+                if biases.get(n, c.mlp_bias if group == "mlp" else False):
+                    out.append(HFParam(base + ("bias",), key + ".bias", True))
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            out.append(HFParam(("model", "layers", n, "scale"), f"model.layers.{{i}}.{n}.weight",
+                               True))
+        out.append(HFParam(("model", "norm", "scale"), "model.norm.weight"))
+        if not c.tie_word_embeddings:
+            out.append(HFParam(("lm_head", "kernel"), "lm_head.weight", linear=True))
+        return out
+
+    def quantized_paths(self) -> tuple[tuple[str, ...], ...]:
+        """Flax paths of the linear modules ``quant`` turns into QTensors."""
+        return quantized_paths(self.quant, self.module_sites())
+
+    def dummy_inputs(self) -> tuple[jax.Array, ...]:
+        return (jnp.ones((1, 2), jnp.int32),)

@@ -131,6 +131,23 @@ def test_linear_unaligned_weight_falls_back(shape, block_size):
     assert _rel(vjp(dy)[0], np.asarray(dy, np.float64) @ w) < 1e-5, f"seed={seed}"
 
 
+@pytest.mark.parametrize("tokens,dtype,transpose,double_quant", [
+    (7, jnp.bfloat16, False, True), (40, jnp.float16, True, False),
+    (300, jnp.bfloat16, True, True), (16, jnp.float32, False, False)])
+def test_fused_matmul_kernel(tokens, dtype, transpose, double_quant):
+    """The fused tensor-core kernel (not the default for M > 1, but kept): x @ W.T and dy @ W."""
+    rng, seed = _rng()
+    n_out, n_in = 72, 320
+    q = qj.quant.quantize(_weight(rng, (n_out, n_in)), "nf4", 64, double_quant)
+    a = jnp.asarray(rng.standard_normal((tokens, n_out if transpose else n_in)), dtype)
+    config = gpu.MatmulConfig(bm=16 if tokens <= 16 else 64, bn=32, bk=64, split=1)
+    got = gpu.matmul_4bit(a, q, transpose=transpose, config=config)
+    w = np.asarray(dequantize_xla(q, dtype), np.float64)
+    ref = np.asarray(a, np.float64) @ (w if transpose else w.T)
+    assert got.dtype == dtype
+    assert _rel(got, ref) < TOL[dtype], (_rel(got, ref), f"seed={seed}")
+
+
 # Explicit tiles: several tiles along every axis, reductions split over programs.
 POISON_CASES = [
     (1, gpu.MatmulConfig(bm=None, bn=16, bk=64, split=1)),

@@ -140,28 +140,31 @@ def num_qrefs(double_quant: bool) -> int:
 
 
 def weight_tile(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_rows: int, n_cols: int,
-                block_size: int) -> jax.Array:
+                block_size: int, masked: bool = True) -> jax.Array:
     """Decodes rows ``n0:n0+bn``, columns ``k0:k0+bk`` of a 2-D ``[N, K]`` weight to float32.
 
     The packed ref is ``[N, K // 2]`` and the absmax ref ``[N, K // block_size]``
     (rows aligned to blocks). Lanes outside ``[N, K]`` decode to exactly 0.
-    ``k0`` must be a multiple of ``min(bk, block_size)``.
+    ``k0`` must be a multiple of ``min(bk, block_size)``. ``masked=False`` (the
+    caller knows the tile lies inside the weight) drops the bound checks.
     """
     rows = n0 + jnp.arange(bn, dtype=jnp.int32)[:, None]
     row_ok = rows < n_rows
     half = bk // 2
     bcols = k0 // 2 + jnp.arange(half, dtype=jnp.int32)[None, :]
     packed = load(qrefs.packed_ref.at[pl.ds(n0, bn), pl.ds(k0 // 2, half)],
-                  mask=row_ok & (bcols < n_cols // 2), other=0)
+                  mask=(row_ok & (bcols < n_cols // 2)) if masked else None, other=0)
     values = lookup(unpack_codes(packed), qrefs.table_ref, qrefs.table, qrefs.lut)
     n_blocks_row = n_cols // block_size
     nbt = max(bk // block_size, 1)
     kb0 = k0 // block_size
     kbs = kb0 + jnp.arange(nbt, dtype=jnp.int32)[None, :]
     am_ok = row_ok & (kbs < n_blocks_row)
-    raw = load(qrefs.absmax_ref.at[pl.ds(n0, bn), pl.ds(kb0, nbt)], mask=am_ok, other=0)
+    raw = load(qrefs.absmax_ref.at[pl.ds(n0, bn), pl.ds(kb0, nbt)],
+               mask=am_ok if masked else None, other=0)
     absmax = decode_absmax(raw, rows * n_blocks_row + kbs, qrefs)
-    absmax = jnp.where(am_ok, absmax, jnp.float32(0))
+    if masked:
+        absmax = jnp.where(am_ok, absmax, jnp.float32(0))
     if nbt == 1:
         return values * absmax
     return (values.reshape(bn, nbt, block_size) * absmax[:, :, None]).reshape(bn, bk)

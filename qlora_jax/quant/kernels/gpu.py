@@ -12,9 +12,12 @@ Kernels (``[N, K]`` = ``[out, in]`` weight, M tokens):
 * ``linear`` (``x @ W.T``) and ``linear_grad_input`` (``dy @ W``): for a 2-D
   weight whose rows are aligned to blocks (``K % block_size == 0``). M = 1 uses
   a GEMV kernel (multiply-add on CUDA cores, K (or N) split over programs, the
-  partial sums added by XLA); M > 1 uses a tiled matmul on tensor cores with
-  the weight tile decoded in registers each K step. Other weights fall back to
-  this module's ``dequantize`` followed by an XLA matmul.
+  partial sums added by XLA). M > 1 runs, by default, this module's
+  ``dequantize`` and then an XLA (cuBLAS) matmul: the fused tiled tensor-core
+  kernel (``matmul_4bit`` with a ``bm``) is kept, tested and benchmarked, but
+  measured slower on an H100 because it decodes every weight tile once per
+  M tile (see benchmarks/RESULTS.md). Weights whose rows are not aligned to
+  blocks always take the two-pass path.
 """
 
 from __future__ import annotations
@@ -43,10 +46,10 @@ except ImportError:  # pragma: no cover
 class DequantConfig:
     """Tiles of the dequantization kernel: ``elements`` a program (whole blocks)."""
 
-    elements: int = 8192
+    elements: int = 16384
     num_warps: int = 4
     num_stages: int = 1
-    lut: str = "gather"
+    lut: str = "select"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,22 +123,26 @@ def _with_out(inputs: list, out_shape: jax.ShapeDtypeStruct, out: Optional[jax.A
 
 def _dequant_kernel(*refs, n, n_packed, n_blocks, block_size, tb, q_static, lut, exact,
                     out_dtype, aliased):
+    # Tiles that divide the element count exactly need no bound checks (a static fact).
+    masked = n % (tb * block_size) != 0
     nq = dec.num_qrefs(q_static[1])
     qrefs = _qrefs(list(refs[:nq]), q_static, lut, exact)
     out_ref = refs[-1]
     b0 = pl.program_id(0) * tb
     half = block_size // 2
     p_idx = b0 * half + jnp.arange(tb * half, dtype=jnp.int32)
-    packed = dec.load(qrefs.packed_ref.at[pl.ds(b0 * half, tb * half)], mask=p_idx < n_packed,
-                      other=0)
+    packed = dec.load(qrefs.packed_ref.at[pl.ds(b0 * half, tb * half)],
+                      mask=(p_idx < n_packed) if masked else None, other=0)
     codes = dec.unpack_codes(packed.reshape(tb, half))
     values = dec.lookup(codes, qrefs.table_ref, qrefs.table, lut)
     b_idx = b0 + jnp.arange(tb, dtype=jnp.int32)
-    raw = dec.load(qrefs.absmax_ref.at[pl.ds(b0, tb)], mask=b_idx < n_blocks, other=0)
+    raw = dec.load(qrefs.absmax_ref.at[pl.ds(b0, tb)], mask=(b_idx < n_blocks) if masked else None,
+                   other=0)
     absmax = dec.decode_absmax(raw, b_idx, qrefs)
     out = (values * absmax[:, None]).astype(out_dtype).reshape(tb * block_size)
     o_idx = b0 * block_size + jnp.arange(tb * block_size, dtype=jnp.int32)
-    dec.store(out_ref.at[pl.ds(b0 * block_size, tb * block_size)], out, mask=o_idx < n)
+    dec.store(out_ref.at[pl.ds(b0 * block_size, tb * block_size)], out,
+              mask=(o_idx < n) if masked else None)
 
 
 def dequantize_flat(q: QTensor, dtype: Any, config: DequantConfig = DequantConfig(),
@@ -196,7 +203,7 @@ def _split(config: MatmulConfig, programs: int, tiles: int, interpret: bool) -> 
 
 
 def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_static, lut,
-                 exact, aliased):
+                 exact, aliased, masked):
     """One program: a ``bn x bk`` window sliding along the reduction axis (split ``s``)."""
     nq = dec.num_qrefs(q_static[1])
     v_ref = refs[0]
@@ -209,26 +216,28 @@ def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_st
         if transpose:  # out[k] = sum_n v[n] W[n, k]: rows n slide, columns fixed
             n0, k0 = r * bn, i * bk
             idx = n0 + jnp.arange(bn, dtype=jnp.int32)
-            v = dec.load(v_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], mask=idx[None, :] < n_rows,
-                         other=0).reshape(bn)
+            v = dec.load(v_ref.at[pl.ds(0, 1), pl.ds(n0, bn)],
+                         mask=(idx[None, :] < n_rows) if masked else None, other=0).reshape(bn)
             w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
-                                block_size=block_size)
+                                block_size=block_size, masked=masked)
             return acc + w * v.astype(jnp.float32)[:, None]
         n0, k0 = i * bn, r * bk  # out[n] = sum_k v[k] W[n, k]
         idx = k0 + jnp.arange(bk, dtype=jnp.int32)
-        v = dec.load(v_ref.at[pl.ds(0, 1), pl.ds(k0, bk)], mask=idx[None, :] < n_cols,
-                     other=0).reshape(bk)
+        v = dec.load(v_ref.at[pl.ds(0, 1), pl.ds(k0, bk)],
+                     mask=(idx[None, :] < n_cols) if masked else None, other=0).reshape(bk)
         w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
-                            block_size=block_size)
+                            block_size=block_size, masked=masked)
         return acc + w * v.astype(jnp.float32)[None, :]
 
     acc = jax.lax.fori_loop(0, tps, step, jnp.zeros((bn, bk), jnp.float32))
     if transpose:
         k_idx = i * bk + jnp.arange(bk, dtype=jnp.int32)
-        dec.store(out_ref.at[s, pl.ds(i * bk, bk)], jnp.sum(acc, axis=0), mask=k_idx < n_cols)
+        dec.store(out_ref.at[s, pl.ds(i * bk, bk)], jnp.sum(acc, axis=0),
+                  mask=(k_idx < n_cols) if masked else None)
     else:
         n_idx = i * bn + jnp.arange(bn, dtype=jnp.int32)
-        dec.store(out_ref.at[s, pl.ds(i * bn, bn)], jnp.sum(acc, axis=1), mask=n_idx < n_rows)
+        dec.store(out_ref.at[s, pl.ds(i * bn, bn)], jnp.sum(acc, axis=1),
+                  mask=(n_idx < n_rows) if masked else None)
 
 
 def _mm_kernel(*refs, transpose, m, n_rows, n_cols, block_size, bm, bn, bk, tps, q_static, lut,
@@ -282,7 +291,7 @@ def default_config(m: int, n: int, k: int, transpose: bool, interpret: bool) -> 
     if m == 1:
         if interpret:
             return MatmulConfig(bm=None, bn=32, bk=128, split=1)
-        return MatmulConfig(bm=None, bn=32, bk=256, num_warps=4, num_stages=3)
+        return MatmulConfig(bm=None, bn=16, bk=512, num_warps=4, num_stages=3)
     if interpret:
         return MatmulConfig(bm=16 if m <= 16 else 64, bn=32, bk=64, split=1)
     if m <= 16:
@@ -327,7 +336,9 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
         split = pl.cdiv(tiles, tps)
         out_shape = jax.ShapeDtypeStruct((split, width), jnp.float32)
         inputs, aliases = _with_out([a] + qin, out_shape, out)
-        kernel = functools.partial(_gemv_kernel, bn=config.bn, bk=bk, tps=tps, **common)
+        masked = (n_rows % config.bn != 0 or n_cols % bk != 0 or tiles % tps != 0)
+        kernel = functools.partial(_gemv_kernel, bn=config.bn, bk=bk, tps=tps, masked=masked,
+                                   **common)
         part = pl.pallas_call(kernel, out_shape=out_shape, grid=(n_out, split),
                               input_output_aliases=aliases, name="qlora_gemv_4bit",
                               **_params(config.num_warps, config.num_stages, interpret)
@@ -356,8 +367,15 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
     return res.sum(axis=0, dtype=jnp.float32).astype(a.dtype)
 
 
-def _fallback(a: jax.Array, q: QTensor, transpose: bool, interpret: Optional[bool]) -> jax.Array:
-    """Unaligned weights: the Pallas dequantization, then an XLA matmul."""
+def _two_pass(a: jax.Array, q: QTensor, transpose: bool, interpret: Optional[bool]
+              ) -> jax.Array:
+    """The Pallas dequantization to ``a.dtype``, then an XLA (cuBLAS) matmul.
+
+    Used for weights the fused kernels cannot read (rows not aligned to blocks)
+    and, by default, for M > 1 on the GPU, where it measured faster than the
+    fused tensor-core kernel (benchmarks/RESULTS.md). The dequantized weight
+    is a temporary of this call; nothing of its size is kept for the backward.
+    """
     w = dequantize(q, a.dtype, interpret=interpret)
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     y = jnp.dot(a, w if transpose else w.T, precision=precision,
@@ -365,17 +383,32 @@ def _fallback(a: jax.Array, q: QTensor, transpose: bool, interpret: Optional[boo
     return y.astype(a.dtype)
 
 
+def _use_fused(a: jax.Array, q: QTensor, config: Optional[MatmulConfig]) -> bool:
+    if not aligned(q):
+        return False
+    if config is not None:
+        return True
+    return a.shape[0] <= FUSED_MAX_TOKENS
+
+
+# Token counts up to which the fused kernels run by default (the GEMV kernel at M = 1).
+FUSED_MAX_TOKENS = 1
+
+
 def linear(x2d: jax.Array, q: QTensor, config: Optional[MatmulConfig] = None,
            interpret: Optional[bool] = None) -> jax.Array:
-    """``x2d @ W.T``: ``[M, in] -> [M, out]`` for a 2-D ``[out, in]`` QTensor."""
-    if not aligned(q):
-        return _fallback(x2d, q, False, interpret)
+    """``x2d @ W.T``: ``[M, in] -> [M, out]`` for a 2-D ``[out, in]`` QTensor.
+
+    ``config`` forces the fused kernels with those tiles (tests, benchmarks).
+    """
+    if not _use_fused(x2d, q, config):
+        return _two_pass(x2d, q, False, interpret)
     return matmul_4bit(x2d, q, transpose=False, config=config, interpret=interpret)
 
 
 def linear_grad_input(dy2d: jax.Array, q: QTensor, config: Optional[MatmulConfig] = None,
                       interpret: Optional[bool] = None) -> jax.Array:
     """``dy2d @ W``: ``[M, out] -> [M, in]`` for a 2-D ``[out, in]`` QTensor."""
-    if not aligned(q):
-        return _fallback(dy2d, q, True, interpret)
+    if not _use_fused(dy2d, q, config):
+        return _two_pass(dy2d, q, True, interpret)
     return matmul_4bit(dy2d, q, transpose=True, config=config, interpret=interpret)

@@ -27,12 +27,19 @@ def bits(a: Any) -> np.ndarray:
     return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
 
 
-def assert_bits_equal(actual: Any, expected: Any, what: str = "values") -> None:
-    """Asserts two arrays are identical bit for bit (same dtype, shape and bits)."""
+def assert_bits_equal(actual: Any, expected: Any, what: str = "values",
+                      ignore_zero_sign: bool = False) -> None:
+    """Asserts two arrays are identical bit for bit (same dtype, shape and bits).
+
+    ``ignore_zero_sign`` treats -0.0 and +0.0 as equal (bitsandbytes' CPU kernel
+    decodes FP4 code 8 to -0.0 on one of its paths and to +0.0 on the others).
+    """
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     diff = bits(actual) != bits(expected)
+    if ignore_zero_sign:
+        diff &= ~((actual == 0) & (expected == 0))
     if diff.any():
         idx = np.argwhere(diff)[:5]
         examples = ", ".join(f"{tuple(i)}: {actual[tuple(i)]!r} vs {expected[tuple(i)]!r}"

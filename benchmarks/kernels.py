@@ -262,7 +262,7 @@ def bench_linear(shape: tuple, tokens: int, quick: bool, grad: bool,
          us=round(time_torch(fns) * 1e6, 2))
 
 
-SWEEP_PARTS = ("dequant", "gemv", "mm16", "big")
+SWEEP_PARTS = ("dequant", "gemv", "mm16", "big", "dequant2", "gemv2")
 
 
 def sweep(part: str, quick: bool, ceil: dict) -> None:
@@ -296,6 +296,15 @@ def sweep(part: str, quick: bool, ceil: dict) -> None:
         tokens = 4096 if not quick else 64
         bench_linear(shape, tokens, quick, grad=False, configs=cut(big))
         bench_linear(shape, tokens, quick, grad=True, configs=cut(big))
+    elif part == "dequant2":
+        dq = [gpu.DequantConfig(elements=e, num_warps=w, lut="select")
+              for e, w in product((16384, 32768, 65536), (2, 4, 8))]
+        bench_dequant((8192, 28672) if not quick else (64, 256), ceil, quick, configs=cut(dq))
+    elif part == "gemv2":
+        gemv = [gpu.MatmulConfig(bm=None, bn=bn, bk=bk, split=None, num_warps=w, lut=l)
+                for bn, bk, w, l in product((8, 16), (512, 1024), (2, 4), ("gather", "select"))]
+        bench_linear(shape, 1, quick, grad=False, configs=cut(gemv))
+        bench_linear(shape, 1, quick, grad=True, configs=cut(gemv))
     else:
         raise ValueError(f"unknown sweep part {part!r}; expected one of {SWEEP_PARTS}")
 
@@ -324,14 +333,17 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
     p.add_argument("--sweep", default="", help="time tile configurations instead: comma list "
                    f"of {SWEEP_PARTS} or 'all'")
+    p.add_argument("--trials", type=int, default=7, help="timing trials a case (median)")
+    p.add_argument("--target-s", type=float, default=0.1, help="device seconds a trial")
     p.add_argument("--only", default="", help="comma list: ceilings,dequant,linear,grad")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    global TRIALS, TARGET_S
+    TRIALS, TARGET_S = args.trials, args.target_s
     emit(what="info", **device_info())
     only = set(filter(None, args.only.split(","))) or {"ceilings", "dequant", "linear", "grad"}
     if args.sweep:
-        global TRIALS, TARGET_S
-        TRIALS, TARGET_S = (3 if args.quick else 5), 0.05
+        TRIALS, TARGET_S = min(TRIALS, 5), min(TARGET_S, 0.05)
         ceil = dict(copy_GBps=3000.0, matmul_TFLOPs=750.0)  # the main run measures them
         parts = SWEEP_PARTS if args.sweep == "all" else args.sweep.split(",")
         for part in parts:

@@ -18,7 +18,7 @@ VOCAB = 160
 
 
 def llama_config(variant: str, layers: int = 2) -> Any:
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                   max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if variant == "llama_gqa":

@@ -2,8 +2,10 @@
 
 from qlora_jax.checkpoints.hf_load import from_pretrained
 from qlora_jax.checkpoints.hf_save import save_pretrained
+from qlora_jax.checkpoints.peft import load_peft, save_peft
 from qlora_jax.checkpoints.safetensors_io import (CheckpointReader, CorruptCheckpointError,
                                                   SafetensorsFile, write_safetensors)
 
 __all__ = ["CheckpointReader", "CorruptCheckpointError", "SafetensorsFile", "from_pretrained",
-           "save_pretrained",            "write_safetensors"]
+           "load_peft",
+           "save_peft", "save_pretrained", "write_safetensors"]

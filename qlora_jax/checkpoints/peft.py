@@ -1,0 +1,229 @@
+"""PEFT LoRA adapters: ``save_peft`` writes and ``load_peft`` reads what ``peft`` writes and reads.
+
+Files: ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``) with keys
+``base_model.model.<module>.lora_A.weight`` ``[R, in]`` and ``...lora_B.weight``
+``[out, R]``, one pair a layer (our stacked ``lora_a`` ``[L, in, R]`` and
+``lora_b`` ``[L, R, out]`` are split and transposed), ``modules_to_save``
+weights saved whole under ``base_model.model.<module>.weight``; and
+``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.checkpoints.atomic import atomic_directory
+from qlora_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from qlora_jax.lora.config import LoraConfig
+from qlora_jax.lora.params import flatten, is_adapter_path, unbox, unflatten
+from qlora_jax.lora.trainable import Trainable
+from qlora_jax.quant.qtensor import QTensor
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _sites_by_path(model: Any) -> dict[tuple[str, ...], Any]:
+    return {s.path: s for s in model.module_sites()}
+
+
+def _kernel_in_out(kernel: Any) -> tuple[int, int]:
+    kernel = getattr(kernel, "value", kernel)
+    if isinstance(kernel, QTensor):
+        out_f, in_f = kernel.logical_shape
+        return in_f, out_f
+    return int(kernel.shape[-2]), int(kernel.shape[-1])
+
+
+def _saved_entries(model: Any, plan: Any) -> list[Any]:
+    return [e for e in model.hf_params() if plan.saves(e.module_path)]
+
+
+def _peft_config(model: Any, lora: LoraConfig, plan: Any, base: str) -> dict[str, Any]:
+    tm: Any = lora.target_modules
+    if tm is None:
+        tm = list(model.default_lora_targets)
+    elif tm == "all-linear" or not isinstance(tm, str):
+        if tm == "all-linear":
+            sites = _sites_by_path(model)
+            tm = sorted({n for p in plan.adapted_paths for n in sites[p].hf_names})
+        else:
+            tm = list(tm)
+    init = {"default": True, "gaussian": "gaussian", "random": False}[lora.init]
+    return {
+        "peft_type": "LORA", "task_type": model.task, "r": lora.r, "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout, "target_modules": tm, "bias": "none",
+        "use_rslora": lora.use_rslora, "use_dora": False, "fan_in_fan_out": False,
+        "modules_to_save": list(lora.modules_to_save) or None,
+        "rank_pattern": dict(lora.rank_pattern), "alpha_pattern": dict(lora.alpha_pattern),
+        "init_lora_weights": init, "base_model_name_or_path": base or None,
+        "inference_mode": True, "layers_to_transform": None, "layers_pattern": None,
+        "revision": None, "exclude_modules": None,
+    }
+
+
+def save_peft(model: Any, params: dict, out_dir: str, base_model_name_or_path: str = "") -> str:
+    """Writes the model's adapters (and modules_to_save weights) as a PEFT LoRA adapter.
+
+    ``peft.PeftModel.from_pretrained(transformers_model, out_dir)`` loads it.
+
+    Raises:
+      ValueError: the model has no LoRA config.
+    """
+    plan = model.lora_plan()
+    if plan is None:
+        raise ValueError("save_peft: the model has no LoRA adapters (model.lora is None)")
+    flat = flatten(unbox(params))
+    sites = _sites_by_path(model)
+    specs = []
+
+    def add(key: str, array: Any) -> None:
+        a = np.asarray(array)
+        specs.append((PREFIX + key, a.dtype, a.shape, lambda a=a: a))
+
+    for path, _ in plan.specs:
+        a, b = flat.get(path + ("lora_a",)), flat.get(path + ("lora_b",))
+        if a is None or b is None:
+            raise KeyError(f"params lack the adapter of {'/'.join(path)} that the model declares")
+        names = sites[path].hf_names
+        stacked = a.ndim == 3
+        for i, name in enumerate(names):
+            ai, bi = (a[i], b[i]) if stacked else (a, b)
+            add(f"{name}.lora_A.weight", jnp.asarray(ai).T)
+            add(f"{name}.lora_B.weight", jnp.asarray(bi).T)
+    for entry in _saved_entries(model, plan):
+        v = flat[entry.path]
+        if isinstance(v, QTensor):
+            raise ValueError(f"modules_to_save weight {'/'.join(entry.path)} is 4-bit")
+        layers = range(model.config.num_hidden_layers) if entry.layered else [None]
+        for i in layers:
+            w = v[i] if entry.layered else v
+            add(entry.key.format(i=i) if entry.layered else entry.key,
+                jnp.asarray(w).T if entry.linear else w)
+    config = _peft_config(model, plan.config, plan, base_model_name_or_path)
+    with atomic_directory(out_dir) as tmp:
+        write_safetensors(os.path.join(tmp, WEIGHTS_NAME), specs, metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+    return out_dir
+
+
+def _normalise(key: str) -> str:
+    if key.startswith(PREFIX):
+        key = key[len(PREFIX):]
+    for seg in (".modules_to_save.default.", ".modules_to_save."):
+        key = key.replace(seg, ".")
+    for ab in ("lora_A", "lora_B"):
+        key = key.replace(f".{ab}.default.weight", f".{ab}.weight")
+    return key
+
+
+def lora_config_from_peft(cfg: dict[str, Any], source: str = "adapter_config.json") -> LoraConfig:
+    """A LoraConfig from a PEFT ``adapter_config.json`` dict (unsupported features raise)."""
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{source}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
+    unsupported = [(k, cfg.get(k)) for k, ok in (
+        ("use_dora", (False, None)), ("bias", ("none", None)), ("fan_in_fan_out", (False, None)),
+        ("layers_to_transform", (None,)), ("layer_replication", (None,)),
+        ("target_parameters", (None,)), ("lora_bias", (False, None)))
+        if cfg.get(k) not in ok]
+    if unsupported:
+        raise ValueError(f"{source}: unsupported PEFT settings {unsupported}; qlora_jax reads "
+                         "plain LoRA adapters (no DoRA, bias='none', no layer selection)")
+    init = cfg.get("init_lora_weights", True)
+    init = init if init in (True, False, "gaussian") else True
+    return LoraConfig(r=int(cfg.get("r", 8)), alpha=cfg.get("lora_alpha", 8),
+                      dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
+                      target_modules=cfg.get("target_modules"), init=init,
+                      use_rslora=bool(cfg.get("use_rslora", False)),
+                      rank_pattern=dict(cfg.get("rank_pattern") or {}),
+                      alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
+                      modules_to_save=tuple(cfg.get("modules_to_save") or ()))
+
+
+def load_peft(model: Any, params: dict, adapter_dir: str) -> tuple[Any, dict]:
+    """Reads a PEFT LoRA adapter into ``params``; returns the model carrying its LoraConfig.
+
+    Existing adapters in ``params`` are replaced. ``modules_to_save`` weights in
+    the file replace the base weights and are boxed as trainable.
+
+    Raises:
+      FileNotFoundError: no adapter_config.json / adapter_model.safetensors.
+      ValueError: unsupported PEFT settings; a tensor whose shape differs from
+        this base (named, with both shapes: an adapter for another base);
+        tensors that fit no module of this model; targets matching nothing.
+      KeyError: a tensor the adapter's config implies is missing.
+    """
+    adapter_dir = os.fspath(adapter_dir)
+    cfg_path = os.path.join(adapter_dir, CONFIG_NAME)
+    w_path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    if not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(f"adapter directory not found: {adapter_dir!r}")
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            extra = " (only safetensors adapters are supported)" if p == w_path and \
+                os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin")) else ""
+            raise FileNotFoundError(f"{adapter_dir!r} has no {os.path.basename(p)}{extra}")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    lora = lora_config_from_peft(cfg, cfg_path)
+    names = [n for s in model.module_sites() for n in s.hf_names]
+    # PEFT adds its task's head names ("classifier", "score") to modules_to_save on its own.
+    mts = tuple(m for m in lora.modules_to_save
+                if any(n == m or n.endswith("." + m) for n in names))
+    lora = lora.replace(modules_to_save=mts)
+    new_model = model.clone(lora=lora)
+    plan = new_model.lora_plan()
+    file = SafetensorsFile(w_path)
+    keys = {_normalise(k): k for k in file.keys()}
+    flat = {p: v for p, v in flatten(unbox(params)).items() if not is_adapter_path(p)}
+    sites = _sites_by_path(new_model)
+    used: set[str] = set()
+
+    def read(name: str, want: tuple[int, ...]) -> np.ndarray:
+        if name not in keys:
+            raise KeyError(f"{w_path}: the adapter lacks tensor {PREFIX + name!r}, which its "
+                           "adapter_config.json implies for this model")
+        raw = keys[name]
+        got = tuple(file.shape(raw))
+        if got != tuple(want):
+            raise ValueError(f"{w_path}: tensor {raw!r} has shape {list(got)}, but this base "
+                             f"model needs {list(want)}: an adapter made for another base model?")
+        used.add(name)
+        return file.get(raw)
+
+    for path, spec in plan.specs:
+        in_f, out_f = _kernel_in_out(flat[path + ("kernel",)])
+        hf = sites[path].hf_names
+        a = [read(f"{n}.lora_A.weight", (spec.r, in_f)).astype(np.float32).T for n in hf]
+        b = [read(f"{n}.lora_B.weight", (out_f, spec.r)).astype(np.float32).T for n in hf]
+        stacked = len(hf) > 1 or np.ndim(getattr(flat[path + ("kernel",)], "value",
+                                                 flat[path + ("kernel",)])) == 3
+        flat[path + ("lora_a",)] = jnp.asarray(np.stack(a) if stacked else a[0])
+        flat[path + ("lora_b",)] = jnp.asarray(np.stack(b) if stacked else b[0])
+    for entry in _saved_entries(new_model, plan):
+        base = flat[entry.path]
+        layers = range(model.config.num_hidden_layers) if entry.layered else [None]
+        names_i = [entry.key.format(i=i) if entry.layered else entry.key for i in layers]
+        if all(n in keys for n in names_i):
+            per = base.shape[1:] if entry.layered else base.shape
+            want = tuple(reversed(per)) if entry.linear else tuple(per)
+            ws = [read(n, want) for n in names_i]
+            ws = [w.T if entry.linear else w for w in ws]
+            value = np.stack(ws) if entry.layered else ws[0]
+            flat[entry.path] = jnp.asarray(value.astype(np.dtype(base.dtype)))
+    for p, v in list(flat.items()):
+        if plan.saves(p[:-1]):
+            flat[p] = Trainable(v)
+    unused = [keys[k] for k in keys if k not in used]
+    if unused:
+        raise ValueError(f"{w_path}: {len(unused)} tensor(s) fit no module of this "
+                         f"{type(model).__name__} under the adapter's config, e.g. {unused[:3]}: "
+                         "an adapter made for another base model?")
+    return new_model, unflatten(flat)

@@ -124,6 +124,9 @@ def _double_quantize(absmax: jax.Array, nested_block_size: int):
     """Quantizes ``absmax - mean(absmax)`` blockwise to the signed 8-bit dynamic map."""
     nb = absmax.shape[0]
     offset = jnp.mean(absmax, dtype=jnp.float32)
+    # Subtract the offset as stored (float32): without this select XLA on CPU fuses the
+    # mean's multiply into the subtraction as one fused multiply-add (another rounding).
+    offset = jnp.where(jnp.isnan(offset), jnp.float32(0), offset)
     centred = _blocks(absmax - offset, nested_block_size)
     nested_absmax = jnp.max(jnp.abs(centred), axis=1)
     safe = jnp.where(nested_absmax == 0, jnp.float32(1.0), nested_absmax)

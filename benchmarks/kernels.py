@@ -25,6 +25,7 @@ Prints one JSON object a measurement and a table at the end; writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -262,7 +263,7 @@ def bench_linear(shape: tuple, tokens: int, quick: bool, grad: bool,
          us=round(time_torch(fns) * 1e6, 2))
 
 
-SWEEP_PARTS = ("dequant", "gemv", "mm16", "big", "dequant2", "gemv2")
+SWEEP_PARTS = ("dequant", "gemv", "mm16", "big", "dequant2", "gemv2", "diag")
 
 
 def sweep(part: str, quick: bool, ceil: dict) -> None:
@@ -305,8 +306,40 @@ def sweep(part: str, quick: bool, ceil: dict) -> None:
                 for bn, bk, w, l in product((8, 16), (512, 1024), (2, 4), ("gather", "select"))]
         bench_linear(shape, 1, quick, grad=False, configs=cut(gemv))
         bench_linear(shape, 1, quick, grad=True, configs=cut(gemv))
+    elif part == "diag":  # the defaults against no-lookup variants, each twice (run spread)
+        base = [gpu.DequantConfig(), gpu.DequantConfig(num_warps=8),
+                gpu.DequantConfig(lut="diagnostic_no_lut")]
+        bench_dequant((8192, 28672) if not quick else (64, 256), ceil, quick, configs=base * 2)
+        g = gpu.default_config(1, *shape, False, quick)
+        gemv = [g, dataclasses.replace(g, lut="diagnostic_no_lut"), dataclasses.replace(g, bn=16)]
+        bench_linear(shape, 1, quick, grad=False, configs=gemv * 2)
     else:
         raise ValueError(f"unknown sweep part {part!r}; expected one of {SWEEP_PARTS}")
+
+
+def profile(quick: bool) -> None:
+    """Runs each kernel a few times at its target shape, for ``ncu`` (no timing here).
+
+    Includes ``diagnostic_no_lut`` variants (codebook lookup replaced by the
+    code itself; wrong values) to separate the lookup's cost from the rest.
+    """
+    ws = make_weights((8192, 28672) if not quick else (64, 256), 1, 3)
+    q = ws[0][1]
+    for cfg in (gpu.DequantConfig(), gpu.DequantConfig(num_warps=8),
+                gpu.DequantConfig(lut="diagnostic_no_lut")):
+        f = jax.jit(lambda q, cfg=cfg: gpu.dequantize(q, jnp.bfloat16, cfg))
+        for _ in range(3):
+            jax.block_until_ready(f(q))
+        emit(what="profiled", kernel="dequantize", config=cfg.__dict__)
+    ws = make_weights((4096, 14336) if not quick else (64, 256), 1, 4)
+    q = ws[0][1]
+    x = jax.random.normal(jax.random.PRNGKey(5), (1, q.shape[1]), jnp.bfloat16)
+    base = gpu.default_config(1, *q.shape, False, jax.default_backend() == "cpu")
+    for cfg in (base, gpu.MatmulConfig(**{**base.__dict__, "lut": "diagnostic_no_lut"})):
+        f = jax.jit(lambda x, q, cfg=cfg: gpu.linear(x, q, cfg))
+        for _ in range(3):
+            jax.block_until_ready(f(x, q))
+        emit(what="profiled", kernel="gemv", config=cfg.__dict__)
 
 
 def table() -> str:
@@ -333,6 +366,8 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke test)")
     p.add_argument("--sweep", default="", help="time tile configurations instead: comma list "
                    f"of {SWEEP_PARTS} or 'all'")
+    p.add_argument("--profile", action="store_true",
+                   help="run each kernel a few times for a profiler (ncu), no timing")
     p.add_argument("--trials", type=int, default=7, help="timing trials a case (median)")
     p.add_argument("--target-s", type=float, default=0.1, help="device seconds a trial")
     p.add_argument("--only", default="", help="comma list: ceilings,dequant,linear,grad")
@@ -341,6 +376,9 @@ def main(argv: Optional[list] = None) -> None:
     global TRIALS, TARGET_S
     TRIALS, TARGET_S = args.trials, args.target_s
     emit(what="info", **device_info())
+    if args.profile:
+        profile(args.quick)
+        return
     only = set(filter(None, args.only.split(","))) or {"ceilings", "dequant", "linear", "grad"}
     if args.sweep:
         TRIALS, TARGET_S = min(TRIALS, 5), min(TARGET_S, 0.05)

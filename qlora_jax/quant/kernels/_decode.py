@@ -85,9 +85,13 @@ def lookup(codes: jax.Array, table_ref: Any, table: np.ndarray, mode: str) -> ja
 
     ``"gather"`` reads the 16-entry table (an input ref, cached on chip) at each
     code; ``"select"`` walks a 4-level tree of selects between constants.
+    ``"diagnostic_no_lut"`` returns the codes themselves (wrong values): it only
+    exists to measure what the lookup costs (benchmarks/kernels.py --profile).
     """
     if mode == "gather":
         return table_ref[codes]
+    if mode == "diagnostic_no_lut":
+        return codes.astype(jnp.float32)
     if mode != "select":
         raise ValueError(f"unknown LUT mode {mode!r}; expected one of {LUT_MODES}")
     level = [jnp.float32(v) for v in np.asarray(table, np.float32)]

@@ -1,0 +1,341 @@
+"""Sharding: logical axis names for parameters and activations, mapped to a device mesh by rules.
+
+The mesh has three axes, sized by the experiment config (``config.mesh``):
+
+- ``data``: pure data parallelism (parameters replicated, the batch split);
+- ``fsdp``: the batch split *and* parameters (and optimizer state) split, gathered per layer;
+- ``tensor``: heads, MLP width and vocabulary split inside each matmul.
+
+Model code names axes logically (``batch``, ``length``, ``embed``, ``heads``, ``kv``, ``mlp``,
+``vocab``, ``layers``, ``rank``, ``qblocks``) and never names a mesh axis; ``DEFAULT_RULES`` (or
+``config.mesh.rules``) maps each logical name to mesh axes. Parameters get their logical names
+from their path (``param_logical_axes``), so the same rules shard float kernels, adapters and the
+arrays inside QTensors: a QTensor's packed codes and absmax are split along their block axis
+consistently (the flat row-major layout keeps a block's codes and its scale on one device when
+the split falls on block boundaries, which ``_fit`` checks).
+
+A mesh axis that does not divide a dimension is dropped for that dimension (the dimension is
+replicated instead), so any model runs on any mesh; ``describe`` tells what was split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qlora_jax.lora.params import flatten, unflatten
+from qlora_jax.lora.trainable import Trainable
+from qlora_jax.quant.qtensor import QTensor
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+#: logical axis -> mesh axes (tuple: split over their product, in order).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("rank", None),
+    ("qblocks", ("fsdp", "tensor")),
+    ("norm", None),
+)
+
+# Float kernels [..., in, out] by module name: the logical names of (in, out).
+_KERNEL_AXES = {
+    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv"), "v_proj": ("embed", "kv"),
+    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab"),
+    # BERT family
+    "query": ("embed", "heads"), "key": ("embed", "heads"), "value": ("embed", "heads"),
+    "dense": ("embed", "mlp"), "classifier": ("embed", None),
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices).
+
+    Raises:
+      ValueError: the axis sizes do not multiply to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = (int(data), int(fsdp), int(tensor))
+    if min(sizes) < 1:
+        raise ValueError(f"mesh sizes must be >= 1, got data={data} fsdp={fsdp} tensor={tensor}")
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh data x fsdp x tensor = {data} x {fsdp} x {tensor} = "
+                         f"{math.prod(sizes)} does not match the {len(devices)} available devices")
+    grid = np.asarray(devices, dtype=object).reshape(sizes)
+    return Mesh(grid, MESH_AXES)
+
+
+def rules_from_config(mesh_cfg: Any = None) -> tuple[tuple[str, Any], ...]:
+    """The rules of ``config.mesh.rules`` (a list of [logical, mesh axes]) or the defaults."""
+    rules = getattr(mesh_cfg, "rules", None) if mesh_cfg is not None else None
+    if not rules:
+        return DEFAULT_RULES
+    out = []
+    for item in rules:
+        name, axes = item[0], item[1]
+        if isinstance(axes, list):
+            axes = tuple(axes)
+        for a in (axes if isinstance(axes, tuple) else (axes,)):
+            if a is not None and a not in MESH_AXES:
+                raise ValueError(f"mesh rule {name!r} -> {axes!r}: unknown mesh axis {a!r}; "
+                                 f"mesh axes are {MESH_AXES}")
+        out.append((name, axes))
+    return tuple(out)
+
+
+# -- logical axes of parameters ---------------------------------------------------------------
+
+def _leaf_axes(path: tuple[str, ...], shape: tuple[int, ...], stacked: bool) -> tuple:
+    """Logical names for a float parameter at ``path`` with ``shape``."""
+    lead = ("layers",) if stacked else ()
+    name, module = path[-1], (path[-2] if len(path) > 1 else "")
+    body = len(shape) - len(lead)
+    if name == "embedding":
+        return lead + ("vocab", "embed")[-body:]
+    if name in ("kernel", "lora_a", "lora_b") and body == 2:
+        io = _KERNEL_AXES.get(module, ("embed", "mlp"))
+        if name == "kernel":
+            return lead + io
+        if name == "lora_a":
+            return lead + (io[0], "rank")
+        return lead + ("rank", io[1])
+    if name == "bias" and body == 1:
+        return lead + (_KERNEL_AXES.get(module, (None, None))[1],)
+    return lead + (None,) * body
+
+
+def _qtensor_axes(q: QTensor, stacked: bool) -> QTensor:
+    lead = ("layers",) * len(q.stack_shape)
+    return q.replace(packed=lead + ("qblocks",), absmax=lead + ("qblocks",),
+                     nested_absmax=None if q.nested_absmax is None else lead + (None,),
+                     offset=None if q.offset is None else lead)
+
+
+def param_logical_axes(params: Any) -> Any:
+    """A tree like ``params`` whose leaves are tuples of logical axis names (None: replicated).
+
+    QTensors map to QTensors whose array fields hold the names; Trainable boxes keep their box.
+    """
+    out = {}
+    for path, leaf in flatten(params).items():
+        stacked = "layers" in path or "layer" in path
+        box = isinstance(leaf, Trainable)
+        value = leaf.value if box else leaf
+        if isinstance(value, QTensor):
+            axes = _qtensor_axes(value, stacked)
+        else:
+            axes = _leaf_axes(path, tuple(np.shape(value)), stacked and np.ndim(value) >= 1)
+        out[path] = Trainable(axes) if box else axes
+    return unflatten(out)
+
+
+# -- logical -> mesh --------------------------------------------------------------------------
+
+def _mesh_axes_for(name: Optional[str], rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    for logical, axes in rules:
+        if logical == name:
+            if axes is None:
+                return ()
+            return tuple(axes) if isinstance(axes, tuple) else (axes,)
+    return ()
+
+
+def _fit(shape: tuple[int, ...], names: Sequence[Optional[str]], mesh: Mesh,
+         rules: Sequence[tuple[str, Any]], block: int = 1) -> P:
+    """A PartitionSpec for ``shape``: each dim gets the mesh axes its name maps to, dropping
+    axes of size 1, axes already used, and axes whose product does not divide the dim."""
+    used: set[str] = set()
+    spec = []
+    for dim, name in zip(shape, names):
+        chosen = []
+        for ax in _mesh_axes_for(name, rules):
+            size = mesh.shape[ax]
+            if size == 1 or ax in used:
+                continue
+            total = math.prod(mesh.shape[a] for a in chosen) * size
+            if dim % (total * (block if name == "qblocks" else 1)) == 0:
+                chosen.append(ax)
+        used.update(chosen)
+        spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return P(*spec)
+
+
+def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                    memory_kind: Optional[str] = None) -> Any:
+    """``NamedSharding``s for every array of ``params`` (QTensor fields and boxes included)."""
+    axes = param_logical_axes(params)
+    kw = {} if memory_kind is None else {"memory_kind": memory_kind}
+
+    def one(value, names, block=1):
+        return NamedSharding(mesh, _fit(tuple(np.shape(value)), names, mesh, rules, block), **kw)
+
+    out = {}
+    flat_axes = flatten(axes)
+    for path, leaf in flatten(params).items():
+        names = flat_axes[path]
+        box = isinstance(leaf, Trainable)
+        value, names = (leaf.value, names.value) if box else (leaf, names)
+        if isinstance(value, QTensor):
+            # Packed bytes split on whole blocks (block_size / 2 bytes a block), and the absmax
+            # split the same way, so each device holds complete blocks with their own scales.
+            packed = one(value.packed, names.packed, value.block_size // 2)
+            absmax_spec = P(*(tuple(packed.spec)[:-1] + (packed.spec[-1],)))
+            sh = value.replace(
+                packed=packed, absmax=NamedSharding(mesh, absmax_spec, **kw),
+                nested_absmax=(None if value.nested_absmax is None
+                               else one(value.nested_absmax, names.nested_absmax)),
+                offset=None if value.offset is None else one(value.offset, names.offset))
+        else:
+            sh = one(value, names)
+        out[path] = Trainable(sh) if box else sh
+    return unflatten(out)
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                   ndim: int = 2) -> NamedSharding:
+    """Batches ``[B, T, ...]``: B split over the batch mesh axes, the rest replicated."""
+    axes = tuple(a for a in _mesh_axes_for("batch", rules) if mesh.shape[a] > 1)
+    lead = axes if len(axes) > 1 else (axes[0] if axes else None)
+    return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: dict[str, Any], mesh: Mesh,
+                rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> dict[str, jax.Array]:
+    """Places a host batch (numpy arrays with this process's rows) on the mesh.
+
+    One process: ``jax.device_put``. Several processes: each passes its own rows and the global
+    array is assembled with ``jax.make_array_from_process_local_data``.
+    """
+    out = {}
+    for k, v in batch.items():
+        sh = batch_sharding(mesh, rules, np.ndim(v))
+        if jax.process_count() > 1:
+            out[k] = jax.make_array_from_process_local_data(sh, np.asarray(v))
+        else:
+            out[k] = jax.device_put(np.asarray(v), sh)
+    return out
+
+
+def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+                 memory_kind: Optional[str] = None) -> Any:
+    """``jax.device_put`` of params onto their shardings."""
+    sh = param_shardings(params, mesh, rules, memory_kind)
+    return jax.device_put(params, sh)
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """Activation sharding hint by logical names (a no-op outside ``use_mesh``)."""
+    ctx = _CONTEXT.get("mesh")
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    spec = _fit(tuple(x.shape), names, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+_CONTEXT: dict[str, Any] = {}
+
+
+@dataclasses.dataclass
+class use_mesh:  # noqa: N801 - a context manager named like one
+    """Within this context, ``constrain`` places activations on ``mesh`` by ``rules``."""
+
+    mesh: Mesh
+    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+
+    def __enter__(self):
+        self._prev = _CONTEXT.get("mesh")
+        _CONTEXT["mesh"] = (self.mesh, tuple(self.rules))
+        return self
+
+    def __exit__(self, *exc):
+        if self._prev is None:
+            _CONTEXT.pop("mesh", None)
+        else:
+            _CONTEXT["mesh"] = self._prev
+        return False
+
+
+def describe(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> str:
+    """One line a parameter: path, shape and PartitionSpec (what got split where)."""
+    lines = []
+    sh = flatten(param_shardings(params, mesh, rules))
+    for path, leaf in flatten(params).items():
+        s = sh[path]
+        s = s.value if isinstance(s, Trainable) else s
+        v = leaf.value if isinstance(leaf, Trainable) else leaf
+        if isinstance(v, QTensor):
+            lines.append(f"{'/'.join(path)} QTensor{v.shape} packed {s.packed.spec} "
+                         f"absmax {s.absmax.spec}")
+        else:
+            lines.append(f"{'/'.join(path)} {tuple(np.shape(v))} {s.spec}")
+    return "\n".join(lines)
+
+
+def distributed_initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> bool:
+    """``jax.distributed.initialize`` from arguments or the usual environment variables.
+
+    Arguments win; otherwise ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` are read (cluster environments such as SLURM are detected by JAX itself
+    when none is given and ``QLORA_JAX_DISTRIBUTED=auto``). Returns whether it initialised.
+    """
+    import os
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    n = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+    pid = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    if coordinator is None and os.environ.get("QLORA_JAX_DISTRIBUTED") != "auto":
+        return False
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        try:  # CPU collectives across processes
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except Exception:  # noqa: BLE001 - option name differs across JAX versions
+            pass
+    kwargs = {}
+    if coordinator is not None:
+        kwargs.update(coordinator_address=coordinator, num_processes=int(n), process_id=int(pid))
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def tree_memory_kind(tree: Any) -> set[str]:
+    """The memory kinds the arrays of a tree live in (e.g. ``{"pinned_host"}``)."""
+    kinds = set()
+    for leaf in jax.tree.leaves(tree):
+        sh = getattr(leaf, "sharding", None)
+        if sh is not None and getattr(sh, "memory_kind", None):
+            kinds.add(sh.memory_kind)
+    return kinds
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def map_shardings(fn: Callable[[NamedSharding], NamedSharding], shardings: Any) -> Any:
+    return jax.tree.map(fn, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+__all__ = [
+    "DEFAULT_RULES", "MESH_AXES", "batch_sharding", "constrain", "describe",
+    "distributed_initialize", "make_mesh", "map_shardings", "param_logical_axes",
+    "param_shardings", "replicated", "rules_from_config", "shard_batch", "shard_params",
+    "tree_memory_kind", "use_mesh",
+]

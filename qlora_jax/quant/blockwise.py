@@ -123,10 +123,8 @@ def _quantize_flat(flat: jax.Array, *, qtype: str, block_size: int,
 def _double_quantize(absmax: jax.Array, nested_block_size: int):
     """Quantizes ``absmax - mean(absmax)`` blockwise to the signed 8-bit dynamic map."""
     nb = absmax.shape[0]
-    offset = jnp.mean(absmax, dtype=jnp.float32)
-    # Subtract the offset as stored (float32): without this select XLA on CPU fuses the
-    # mean's multiply into the subtraction as one fused multiply-add (another rounding).
-    offset = jnp.where(jnp.isnan(offset), jnp.float32(0), offset)
+    # Subtract the offset as stored (rounded to float32), not fused into an FMA.
+    offset = _rounded(jnp.mean(absmax, dtype=jnp.float32))
     centred = _blocks(absmax - offset, nested_block_size)
     nested_absmax = jnp.max(jnp.abs(centred), axis=1)
     safe = jnp.where(nested_absmax == 0, jnp.float32(1.0), nested_absmax)
@@ -180,7 +178,18 @@ def dequantize_absmax(q: QTensor) -> jax.Array:
     dyn = jnp.asarray(codebooks.DYNAMIC_MAP)
     nb = q.absmax.shape[-1]
     scale = jnp.repeat(q.nested_absmax, q.nested_block_size, total_repeat_length=None)[:nb]
-    return dyn[q.absmax.astype(jnp.int32)] * scale + q.offset
+    # Two float32 steps as bitsandbytes: round the product, then add the offset.
+    return _rounded(dyn[q.absmax.astype(jnp.int32)] * scale) + q.offset
+
+
+def _rounded(v: jax.Array) -> jax.Array:
+    """``v`` unchanged, but kept from being fused into a following add.
+
+    Without the select XLA (on CPU at least) may contract the multiply that made
+    ``v`` and an add that uses it into one fused multiply-add, which rounds once
+    instead of twice and so differs from bitsandbytes in the last bit.
+    """
+    return jnp.where(jnp.isnan(v), jnp.float32(jnp.nan), v)
 
 
 def dequantize_xla(q: QTensor, dtype: Any = None) -> jax.Array:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,9 +62,12 @@ def test_dequantize_bnb_state_dict_equals_bnb(bnb, rng, qtype, nested, dtype):
         assert q.dtype == jnp.dtype(dtype) and q.double_quant == nested
         # Rows shorter than a block need the flattened oracle (bitsandbytes CPU bug).
         want = bnb.dequantize(packed, state, flatten=flatten)
+        zero_sign = _bnb_zero_sign_unreliable(qtype, shape, block_size)
         bnb.assert_bits_equal(np.asarray(dequantize(q, impl="xla")), want,
-                              f"dequantized {shape} block {block_size}",
-                              ignore_zero_sign=_bnb_zero_sign_unreliable(qtype, shape, block_size))
+                              f"dequantized {shape} block {block_size}", zero_sign)
+        # Also under jit, where XLA fuses (no fused multiply-add may change the rounding).
+        jitted = jax.jit(lambda t: dequantize(t, impl="xla"))(q)
+        bnb.assert_bits_equal(np.asarray(jitted), want, f"jit dequantized {shape}", zero_sign)
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])

@@ -1,0 +1,135 @@
+"""Text generation with a KV cache: one prefill, then a jit-compiled decode step in a while loop.
+
+    out = qj.generate(model, params, input_ids, max_new_tokens=32)             # greedy
+    out = qj.generate(model, params, ids, 32, temperature=0.7, top_p=0.9, seed=1,
+                      attention_mask=mask, eos_token_id=2)
+
+Prompts of different lengths are left-padded (pad slots have mask 0), as in
+transformers. Greedy decoding picks the argmax of the last position's logits,
+so it equals the argmax continuation of ``model.apply``. A row stops at its
+first EOS; later slots of that row hold ``pad_token_id``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TokenIds = Union[int, Sequence[int], None]
+
+
+def _token_list(ids: TokenIds) -> list[int]:
+    if ids is None:
+        return []
+    if isinstance(ids, (int, np.integer)):
+        return [int(ids)]
+    return [int(i) for i in ids]
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array,
+                  top_p: jax.Array, use_top_p: bool) -> jax.Array:
+    """Draws one token a row from ``logits`` ``[B, V]`` at ``temperature`` with nucleus ``top_p``."""
+    logits = logits.astype(jnp.float32) / temperature
+    if use_top_p:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked higher
+        keep_sorted = before < top_p  # the top token always stays
+        keep = jnp.zeros_like(keep_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sample", "use_top_p"))
+def _generate(model: Any, params: Any, ids: jax.Array, mask: jax.Array, key: jax.Array,
+              temperature: jax.Array, top_p: jax.Array, eos: jax.Array, pad: jax.Array, *,
+              max_new_tokens: int, sample: bool, use_top_p: bool) -> jax.Array:
+    b, t = ids.shape
+    cache = model.init_cache(b, t + max_new_tokens)
+    logits, cache = model.apply({"params": params}, ids, mask, cache=cache)
+    out = jnp.full((b, max_new_tokens), pad, ids.dtype)
+    done = jnp.zeros((b,), bool)
+
+    def choose(step_logits, k):
+        if sample:
+            return sample_logits(step_logits, k, temperature, top_p, use_top_p)
+        return jnp.argmax(step_logits, axis=-1)
+
+    def cond(state):
+        i, _, _, _, done, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, last, cache, out, done, k = state
+        k, sub = jax.random.split(k)
+        tok = choose(last, sub).astype(ids.dtype)
+        tok = jnp.where(done, pad, tok)
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        step_logits, cache = model.apply({"params": params}, tok[:, None],
+                                         jnp.ones((b, 1), mask.dtype), cache=cache)
+        return i + 1, step_logits[:, -1], cache, out, done, k
+
+    state = (jnp.zeros((), jnp.int32), logits[:, -1], cache, out, done, key)
+    out = jax.lax.while_loop(cond, body, state)[3]
+    return jnp.concatenate([ids, out], axis=1)
+
+
+def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             attention_mask: Optional[Any] = None, eos_token_id: TokenIds = None,
+             pad_token_id: Optional[int] = None) -> jax.Array:
+    """Decodes ``max_new_tokens`` tokens after each (left-padded) prompt.
+
+    Args:
+      model, params: a causal LM (``init_cache`` and ``cache=`` support) and its params.
+      input_ids: ``[B, T]`` int prompt ids, left-padded.
+      max_new_tokens: tokens to add.
+      temperature: 0 for greedy decoding; > 0 samples from ``softmax(logits / temperature)``.
+      top_p: nucleus sampling mass (1.0: off); used only when sampling.
+      seed: seed of the sampling key.
+      attention_mask: ``[B, T]`` 1 for tokens, 0 for left padding (default: all ones).
+      eos_token_id: id or ids that end a row (default: the model config's eos_token_id).
+      pad_token_id: fills a row after its EOS (default: config pad, else the first EOS, else 0).
+
+    Returns:
+      ``[B, T + max_new_tokens]``: the prompts followed by the generated tokens.
+
+    Raises:
+      ValueError: bad arguments, or right-padded prompts.
+    """
+    if not hasattr(model, "init_cache"):
+        raise ValueError(f"{type(model).__name__} is not a causal LM; generate needs one")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    ids = jnp.asarray(input_ids)
+    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be an int array [B, T], got {ids.dtype}{ids.shape}")
+    mask = jnp.ones(ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(
+        attention_mask).astype(jnp.int32)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask {mask.shape} must match input_ids {ids.shape}")
+    if not bool(jnp.all(mask[:, -1] == 1)):
+        raise ValueError("generate expects left-padded prompts: every row's last token must be "
+                         "real (attention_mask[:, -1] == 1)")
+    cfg = model.config
+    eos = _token_list(eos_token_id if eos_token_id is not None else
+                      getattr(cfg, "eos_token_id", None))
+    if pad_token_id is None:
+        pad_token_id = getattr(cfg, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+    eos_arr = jnp.asarray(eos if eos else [-1], ids.dtype)
+    sample = temperature > 0
+    return _generate(model, params, ids, mask, jax.random.PRNGKey(seed),
+                     jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos_arr,
+                     jnp.asarray(pad_token_id, ids.dtype), max_new_tokens=int(max_new_tokens),
+                     sample=sample, use_top_p=bool(sample and top_p < 1.0))

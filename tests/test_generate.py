@@ -1,0 +1,100 @@
+"""generate (KV cache, greedy/sampling, EOS, left padding) and perplexity against transformers."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import qlora_jax as qj
+from tests.models import tiny
+from tests.models.conftest import llama_ckpt  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "mistral"])
+def test_greedy_equals_transformers_generate(llama_ckpt, variant, rng):
+    path, ref = llama_ckpt(variant)
+    ids, mask = tiny.left_padded(rng, 3, 7)
+    with torch.no_grad():
+        want = ref.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                            max_new_tokens=10, do_sample=False, pad_token_id=0).numpy()
+    model, params = qj.from_pretrained(path, dtype=jnp.float32)
+    out = np.asarray(qj.generate(model, params, ids, 10, attention_mask=mask))
+    assert out.shape == (3, 17)
+    # transformers stops early when every row has ended; compare what it produced.
+    np.testing.assert_array_equal(out[:, :want.shape[1]], want)
+
+
+def test_greedy_is_the_argmax_continuation_of_apply_for_qlora(llama_ckpt, rng):
+    path, _ = llama_ckpt("llama3_rope")
+    lora = qj.LoraConfig(r=4, target_modules="all-linear", init="random")
+    model, params = qj.from_pretrained(path, dtype=jnp.float32, quant=qj.QuantConfig(), lora=lora,
+                                       seed=int(rng.integers(1 << 30)))
+    ids, mask = tiny.left_padded(rng, 2, 6)
+    out = np.asarray(qj.generate(model, params, ids, 6, attention_mask=mask, eos_token_id=[]))
+    # Causal attention: one forward over the finished sequence gives, at every position, the
+    # logits of its prefix; each generated token must be the argmax after its prefix.
+    full_mask = np.concatenate([mask, np.ones((2, 6), mask.dtype)], axis=1)
+    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(out), jnp.asarray(full_mask))
+    np.testing.assert_array_equal(out[:, 6:], np.asarray(jnp.argmax(logits[:, 5:-1], axis=-1)))
+
+
+def test_eos_stops_a_row_and_pads_after_it(llama_ckpt, rng):
+    path, _ = llama_ckpt("llama_gqa")
+    model, params = qj.from_pretrained(path, dtype=jnp.float32)
+    ids, mask = tiny.left_padded(rng, 2, 5)
+    free = np.asarray(qj.generate(model, params, ids, 6, attention_mask=mask, eos_token_id=[]))
+    eos = int(free[0, 6])  # row 0's second new token
+    out = np.asarray(qj.generate(model, params, ids, 6, attention_mask=mask, eos_token_id=eos,
+                                 pad_token_id=0))
+    stop = int(np.argmax(free[0, 5:] == eos))
+    np.testing.assert_array_equal(out[0, :5 + stop + 1], free[0, :5 + stop + 1])
+    assert np.all(out[0, 5 + stop + 1:] == 0)
+
+
+def test_sampling_is_seeded_and_top_p_narrows_to_greedy(llama_ckpt, rng):
+    path, _ = llama_ckpt("llama_gqa")
+    model, params = qj.from_pretrained(path, dtype=jnp.float32)
+    ids = rng.integers(3, tiny.VOCAB, (2, 4))
+    kw = dict(eos_token_id=[], temperature=1.5)
+    a = np.asarray(qj.generate(model, params, ids, 12, seed=1, **kw))
+    b = np.asarray(qj.generate(model, params, ids, 12, seed=1, **kw))
+    c = np.asarray(qj.generate(model, params, ids, 12, seed=2, **kw))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.min() >= 0 and a.max() < tiny.VOCAB
+    greedy = np.asarray(qj.generate(model, params, ids, 12, eos_token_id=[]))
+    nucleus = np.asarray(qj.generate(model, params, ids, 12, seed=3, top_p=1e-6, **kw))
+    np.testing.assert_array_equal(nucleus, greedy)
+
+
+def test_generate_rejects_right_padding(llama_ckpt):
+    path, _ = llama_ckpt("llama_gqa")
+    model, params = qj.from_pretrained(path, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="left-padded"):
+        qj.generate(model, params, np.ones((1, 3), np.int32), 2,
+                    attention_mask=np.array([[1, 1, 0]]))
+
+
+def test_perplexity_equals_transformers_cross_entropy(llama_ckpt, rng):
+    path, ref = llama_ckpt("qwen2_tied")
+    model, params = qj.from_pretrained(path, dtype=jnp.float32)
+    batches = [tiny.left_padded(rng, 3, 9) for _ in range(2)]
+    total, count = 0.0, 0
+    for ids, mask in batches:
+        with torch.no_grad():
+            logits = ref(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
+        logp = torch.log_softmax(logits[:, :-1].double(), -1)
+        tok = torch.as_tensor(ids[:, 1:])
+        valid = torch.as_tensor((mask[:, 1:] == 1) & (mask[:, :-1] == 1))
+        nll = -logp.gather(-1, tok[..., None])[..., 0]
+        total += float(nll[valid].sum())
+        count += int(valid.sum())
+    want = math.exp(total / count)
+    got = qj.eval.perplexity(model, params, [{"input_ids": i, "attention_mask": m}
+                                             for i, m in batches])
+    assert got == pytest.approx(want, rel=1e-4)

@@ -140,7 +140,8 @@ def _convert(reader: CheckpointReader, key: str, entry: HFParam, dtype: Any,
         return q.replace(**{k: np.asarray(v) for k, v in q.arrays().items()})
     w = reader[key]
     if entry.linear and quant is not None:
-        x = jnp.asarray(w).astype(dtype)  # transformers casts to the load dtype, then quantizes
+        # transformers casts to the load dtype (round to nearest even), then quantizes.
+        x = w.astype(_np_dtype(dtype), copy=False)
         del w
         q = quantize(x, quant.qtype, quant.block_size, quant.double_quant,
                      quant.nested_block_size)

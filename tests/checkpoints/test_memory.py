@@ -1,0 +1,72 @@
+"""Quantize-on-load keeps peak host memory near the quantized model plus one tensor.
+
+A float32 checkpoint more than three times the memory budget is loaded with
+NF4 quantization in a fresh process; the peak resident set growth (VmHWM,
+reset after a warm-up load that compiles the kernels) must stay within
+``quantized params + 8 x the largest float32 tensor`` (reading, casting and
+quantizing one tensor needs a few temporaries of its size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from qlora_jax.checkpoints.safetensors_io import write_safetensors
+
+D, F, V = 1024, 2816, 1000
+
+
+def _write(directory: str, layers: int, rng: np.random.Generator) -> int:
+    os.makedirs(directory, exist_ok=True)
+    cfg = dict(model_type="llama", hidden_size=D, intermediate_size=F, num_hidden_layers=layers,
+               num_attention_heads=8, num_key_value_heads=8, vocab_size=V, rms_norm_eps=1e-6,
+               max_position_embeddings=128, tie_word_embeddings=False)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+    def rnd(shape):
+        return lambda: rng.standard_normal(shape, dtype=np.float32) * 0.02
+
+    def ones():
+        return np.ones(D, np.float32)
+
+    specs = [("model.embed_tokens.weight", np.float32, (V, D), rnd((V, D)))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [(p + f"self_attn.{n}_proj.weight", np.float32, (D, D), rnd((D, D)))
+                  for n in "qkvo"]
+        specs += [(p + f"mlp.{n}_proj.weight", np.float32, (F, D), rnd((F, D)))
+                  for n in ("gate", "up")]
+        specs += [(p + "mlp.down_proj.weight", np.float32, (D, F), rnd((D, F))),
+                  (p + "input_layernorm.weight", np.float32, (D,), ones),
+                  (p + "post_attention_layernorm.weight", np.float32, (D,), ones)]
+    specs += [("model.norm.weight", np.float32, (D,), ones),
+              ("lm_head.weight", np.float32, (V, D), rnd((V, D)))]
+    return write_safetensors(os.path.join(directory, "model.safetensors"), specs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_quantize_on_load_peak_memory_stays_under_budget(tmp_path, rng):
+    big = _write(str(tmp_path / "big"), 12, rng)
+    _write(str(tmp_path / "warm"), 1, rng)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "tests.checkpoints._memory_probe",
+                           str(tmp_path / "big"), str(tmp_path / "warm")],
+                          capture_output=True, text=True, cwd=root, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if proc.returncode != 0 and "clear_refs" in proc.stderr:
+        pytest.skip("cannot reset the peak RSS counter here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    largest = F * D * 4
+    budget = stats["params_bytes"] + 8 * largest
+    print(f"checkpoint {big / 1e6:.0f} MB, quantized params {stats['params_bytes'] / 1e6:.1f} MB, "
+          f"peak growth {stats['peak_growth'] / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB")
+    assert big > 3 * budget  # the float checkpoint could never fit the budget
+    assert stats["peak_growth"] < budget

@@ -300,8 +300,6 @@ class LlamaModel(nn.Module):
         else:
             index = cache.index
             new = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-            if attention_mask is not None and attention_mask.shape[1] == cache.valid.shape[1]:
-                raise ValueError("with a cache, attention_mask covers the new tokens only [B, T]")
             full_valid = jax.lax.dynamic_update_slice(cache.valid, new, (0, index))
             slots = index + jnp.arange(t)
             mask = causal_mask(slots, full_valid, c.sliding_window)

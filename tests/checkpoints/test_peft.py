@@ -123,3 +123,24 @@ def test_missing_adapter_files_are_named(llama_ckpt, tmp_path):
     with pytest.raises(ValueError, match="no LoRA"):
         qj.save_peft(model, params, str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_qlora_adapter_on_a_bitsandbytes_base_loads_with_peft_logits(llama_ckpt, tmp_path, rng):
+    path, _ = llama_ckpt("llama_gqa")
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=bnb, device_map="cpu", dtype=torch.float32).train()
+    base.save_pretrained(str(tmp_path / "q4"))
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                   init_lora_weights=False,
+                                                   task_type="CAUSAL_LM")).train()
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    ids, mask = tiny.left_padded(rng, 2, 8)
+    want = _torch_out(pm, ids, mask)
+    model, params = qj.from_pretrained(str(tmp_path / "q4"), dtype=jnp.float32)
+    model, params = qj.load_peft(model, params, str(tmp_path / "adapter"))
+    assert isinstance(params["model"]["layers"]["mlp"]["up_proj"]["kernel"], qj.quant.QTensor)
+    assert tiny.rel_err(_apply(model, params, ids, mask), want, mask) < 1e-4

@@ -1,0 +1,130 @@
+"""Peer: google's qwix LoRA provider with NF4 weights on a Flax Linen Llama.
+
+The fastest JAX QLoRA setup we know of: qwix quantizes each projection's weight to NF4 (uint4
+codes with a bf16 scale per tile of 64, no double quantization) and adds rank-R adapters by
+intercepting the Dense calls. Same shape, batch, rank and remat as ``benchmarks.train_step``;
+every decoder projection adapted (not the head); optax AdamW on the adapters only; cuDNN attention
+on GPU. Needs qwix (carried as a wheel to the GPU machine).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def _model(shape: Any):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    bf16 = jnp.bfloat16
+
+    def proj(n: int, name: str) -> nn.Dense:
+        return nn.Dense(n, use_bias=False, dtype=bf16, param_dtype=bf16, name=name)
+
+    def rotate(x, pos):
+        half = x.shape[-1] // 2
+        inv = 500000.0 ** (-jnp.arange(half, dtype=jnp.float32) / half)
+        ang = pos[:, None].astype(jnp.float32) * inv
+        c, s = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
+        a, b = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+        return jnp.concatenate([a * c - b * s, b * c + a * s], -1).astype(x.dtype)
+
+    class Norm(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            g = self.param("scale", nn.initializers.ones, (x.shape[-1],), bf16)
+            x32 = x.astype(jnp.float32)
+            return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-5)
+                    ).astype(bf16) * g
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, pos):
+            b, t, d = x.shape
+            k = d // shape.heads
+            attn_impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+            h = Norm(name="input_layernorm")(x)
+            q = rotate(proj(shape.heads * k, "q_proj")(h).reshape(b, t, shape.heads, k), pos)
+            kk = rotate(proj(shape.kv_heads * k, "k_proj")(h).reshape(b, t, shape.kv_heads, k), pos)
+            v = proj(shape.kv_heads * k, "v_proj")(h).reshape(b, t, shape.kv_heads, k)
+            o = jax.nn.dot_product_attention(q, kk, v, is_causal=True, implementation=attn_impl)
+            x = x + proj(d, "o_proj")(o.reshape(b, t, d))
+            h = Norm(name="post_attention_layernorm")(x)
+            up = jax.nn.silu(proj(shape.inter, "gate_proj")(h)) * proj(shape.inter, "up_proj")(h)
+            return x + proj(d, "down_proj")(up)
+
+    class Llama(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            x = nn.Embed(shape.vocab, shape.hidden, dtype=bf16, param_dtype=bf16,
+                         name="embed_tokens")(ids)
+            pos = jnp.arange(ids.shape[1])
+            for i in range(shape.layers):
+                x = nn.remat(Layer, prevent_cse=True)(name=f"layers_{i}")(x, pos)
+            return proj(shape.vocab, "lm_head")(Norm(name="norm")(x))
+
+    return Llama()
+
+
+def run(shape: Any, batch: int, seq: int, r: int, steps: int) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import qwix
+
+    model = _model(shape)
+    rules = [qwix.LoraRule(module_path=r"layers_\d+/.*_proj", weight_qtype="nf4",
+                           tile_size=64, rank=r, alpha=16.0)]
+    lm = qwix.apply_lora_to_model(model, qwix.LoraProvider(rules))
+    ids = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, shape.vocab)
+    t0 = time.perf_counter()
+    with jax.default_device(jax.devices("cpu")[0]):  # init on the host: the GPU peak is training
+        params = jax.jit(lm.init)(jax.random.key(0), ids[:, :-1])["params"]
+    params = jax.device_put(params, jax.devices()[0])
+    build_s = time.perf_counter() - t0
+    is_lora = lambda path: "lora" in jax.tree_util.keystr(path)  # noqa: E731
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    treedef = jax.tree_util.tree_structure(params)
+    train = [x if is_lora(p) else None for p, x in flat]
+    frozen = [None if is_lora(p) else x for p, x in flat]
+    trainable = [x for x in train if x is not None]
+    tx = optax.adamw(2e-4)
+    opt_state = tx.init(trainable)
+
+    def join(t):
+        it = iter(t)
+        return jax.tree_util.tree_unflatten(
+            treedef, [next(it) if f is None else f for f in frozen])
+
+    def loss_fn(t, ids):
+        logits = lm.apply({"params": join(t)}, ids[:, :-1]).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    @jax.jit
+    def step(t, s, ids):
+        loss, g = jax.value_and_grad(loss_fn)(t, ids)
+        u, s = tx.update(g, s, t)
+        return optax.apply_updates(t, u), s, loss
+
+    t0 = time.perf_counter()
+    trainable, opt_state, loss = step(trainable, opt_state, ids)
+    loss0 = float(loss)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        trainable, opt_state, loss = step(trainable, opt_state, ids)
+        loss.block_until_ready()
+        times.append(time.perf_counter() - t)
+    med = float(np.median(times))
+    stats = jax.devices()[0].memory_stats() or {}
+    return dict(system="qwix-nf4-lora", remat="full", step_s=round(med, 4),
+                tokens_per_s=round(batch * seq / med, 1), compile_s=round(compile_s, 1),
+                build_s=round(build_s, 1),
+                peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 3),
+                loss_first=round(loss0, 4), loss_last=round(float(loss), 4),
+                device=jax.devices()[0].device_kind, jax=jax.__version__,
+                qwix=getattr(qwix, "__version__", "?"))

@@ -1,0 +1,285 @@
+"""QLoRA train-step benchmark: tokens/s, MFU, peak device memory and compile time, against peers.
+
+    python -m benchmarks.train_step --shape llama-8b --batch 1 --seq 2048 --rank 16 --peer bnb --peer qwix
+
+Each system runs in its own subprocess (so each one's peak memory is its own and JAX does not
+preallocate), one after the other, in the same invocation. Every measurement prints one JSON line
+and is appended to ``--out/train_step.jsonl``.
+
+Model: a Llama-shaped causal LM with random weights, quantized to NF4 + double quantization on the
+device one layer at a time (never the whole model in bf16), LoRA rank R on every linear layer of
+every decoder layer (q, k, v, o, gate, up, down; not the head), bf16 compute, AdamW on the adapters.
+
+MFU convention: model FLOPs a token = 4 N (N = parameters of all matmuls, head included: forward
+2N + input gradients 2N; frozen weights get no weight gradient) + 6 N_lora (adapters get both
+gradients) + attention 6 L T D (causal: half of the 12 L T D a full attention matrix would cost,
+forward QK^T and AV plus their two input gradients each). ``mfu_full_attention`` counts 12 L T D.
+Rematerialisation is not counted (hardware FLOPs are higher than model FLOPs with remat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+#: name: (hidden D, intermediate F, layers L, heads H, kv heads G, vocab V)
+SHAPES = {
+    "tiny": (128, 256, 2, 4, 2, 1000),
+    "llama-1b": (2048, 8192, 16, 32, 8, 128256),
+    "llama-8b": (4096, 14336, 32, 32, 8, 128256),
+    "llama-70b": (8192, 28672, 80, 64, 8, 128256),
+}
+PEERS = ("bnb", "qwix")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @classmethod
+    def get(cls, name: str) -> "Shape":
+        if name not in SHAPES:
+            raise SystemExit(f"unknown shape {name!r}; choose from {sorted(SHAPES)}")
+        return cls(name, *SHAPES[name])
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def matmul_params(self) -> int:
+        """N: parameters of every matmul (decoder projections and the head)."""
+        d, f, k = self.hidden, self.inter, self.head_dim
+        attn = d * self.heads * k * 2 + d * self.kv_heads * k * 2
+        return self.layers * (attn + 3 * d * f) + d * self.vocab
+
+    def lora_params(self, r: int) -> int:
+        d, f, k = self.hidden, self.inter, self.head_dim
+        pairs = [(d, self.heads * k), (d, self.kv_heads * k), (d, self.kv_heads * k),
+                 (self.heads * k, d), (d, f), (d, f), (f, d)]
+        return self.layers * sum(r * (i + o) for i, o in pairs)
+
+    def flops_per_token(self, r: int, seq: int, full_attention: bool = False) -> float:
+        attn = (12 if full_attention else 6) * self.layers * seq * self.hidden
+        return 4.0 * self.matmul_params() + 6.0 * self.lora_params(r) + attn
+
+
+def peak_flops(device_kind: str) -> float:
+    """Dense bf16 peak of the device (for MFU), from its kind string."""
+    kind = device_kind.lower()
+    if "h100" in kind or "h200" in kind or "gh200" in kind:
+        return 989e12
+    if "a100" in kind:
+        return 312e12
+    if "v5" in kind:
+        return 197e12
+    return float("nan")
+
+
+def _ratio(x: float) -> Optional[float]:
+    """A rounded ratio, or None (JSON null) where the device peak is unknown."""
+    return None if x != x else round(x, 4)
+
+
+# -- ours ---------------------------------------------------------------------------------------
+
+def random_params(model: Any, shape: Shape, r: int, seed: int) -> Any:
+    """Random params built leaf by leaf on the device; 4-bit kernels quantized a layer at a time."""
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax.lora import params as lp
+    from qlora_jax.quant.blockwise import _quantize_flat
+    from qlora_jax.quant.qtensor import QTensor
+
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    key = jax.random.key(seed)
+    out = {}
+    for i, (path, leaf) in enumerate(lp.flatten(abstract).items()):
+        k = jax.random.fold_in(key, i)
+        if isinstance(leaf, QTensor):
+            out[path] = _random_qtensor(leaf, k)
+        elif path[-1] == "lora_b":
+            out[path] = jnp.zeros(leaf.shape, leaf.dtype)
+        elif path[-1] == "scale":
+            out[path] = jnp.ones(leaf.shape, leaf.dtype)
+        else:
+            std = 1.0 / (leaf.shape[-2] ** 0.5) if leaf.ndim >= 2 else 0.02
+            out[path] = jax.jit(lambda k, s=leaf.shape, d=leaf.dtype, sd=std:
+                                (jax.random.normal(k, s, jnp.float32) * sd).astype(d))(k)
+    return lp.unflatten(out)
+
+
+def _random_qtensor(abstract: Any, key: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax.quant.blockwise import _quantize_flat
+    from qlora_jax.quant.qtensor import QTensor
+
+    out_f, in_f = abstract.logical_shape
+    settings = dict(qtype=abstract.qtype, block_size=abstract.block_size,
+                    nested_block_size=abstract.nested_block_size)
+
+    @jax.jit
+    def build(key):
+        def one(i):
+            w = jax.random.normal(jax.random.fold_in(key, i), (out_f * in_f,), jnp.float32)
+            return _quantize_flat((w / in_f ** 0.5).astype(abstract.dtype), **settings)
+        return jax.lax.map(one, jnp.arange(abstract.stack_shape[0]))
+
+    packed, absmax, nested, offset = build(key)
+    return QTensor(packed, absmax, nested, offset, logical_shape=abstract.logical_shape,
+                   dtype=abstract.dtype, qtype=abstract.qtype, block_size=abstract.block_size,
+                   nested_block_size=abstract.nested_block_size)
+
+
+def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
+             loss_chunk: int, offload_state: bool, impl: str) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import qlora_jax as qj
+    from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    from qlora_jax.train import state as tstate
+    from qlora_jax.train import step as tstep
+    from qlora_jax.train.task import Task
+
+    cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
+                      intermediate_size=shape.inter, num_hidden_layers=shape.layers,
+                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                      head_dim=shape.head_dim, max_position_embeddings=max(seq, 2048),
+                      rope_theta=500000.0)
+    lora = qj.LoraConfig(r=r, alpha=16, target_modules="all-linear")
+    model = LlamaForCausalLM(cfg, lora=lora, quant=qj.QuantConfig(), dtype=jnp.bfloat16,
+                             param_dtype=jnp.bfloat16, impl=impl, remat=remat)
+    t0 = time.perf_counter()
+    params = random_params(model, shape, r, seed=0)
+    jax.block_until_ready(params)
+    build_s = time.perf_counter() - t0
+    weights_bytes = qj.lora.nbytes(params)
+    tx = optax.adamw(2e-4)
+    state = tstate.create_state(params, tx, seed=0, adapter_dtype=jnp.float32,
+                                offload_state=offload_state)
+    del params
+    task = Task(model, "causal_lm", loss_chunk=loss_chunk)
+    step = tstep.make_train_step(task, tx, optax.constant_schedule(2e-4), dropout=False,
+                                 offload_state=offload_state)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, shape.vocab, (batch, seq + 1), dtype=np.int32)
+    b = {"input_ids": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
+         "loss_mask": jnp.ones((batch, seq), jnp.float32)}
+    t0 = time.perf_counter()
+    state, metrics = step(state, b)
+    loss0 = float(metrics["loss"])
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = step(state, b)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - t)
+    med = float(np.median(times))
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    tps = batch * seq / med
+    pf = peak_flops(dev.device_kind)
+    return dict(system="qlora_jax", remat=remat, loss_chunk=loss_chunk,
+                offload_state=offload_state, impl=qj.quant.resolve_impl(impl),
+                step_s=round(med, 4), tokens_per_s=round(tps, 1),
+                mfu=_ratio(tps * shape.flops_per_token(r, seq) / pf),
+                mfu_full_attention=_ratio(tps * shape.flops_per_token(r, seq, True) / pf),
+                compile_s=round(compile_s, 1), build_s=round(build_s, 1),
+                weights_gib=round(weights_bytes / 2**30, 3),
+                peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 3),
+                loss_first=round(loss0, 4), loss_last=round(float(metrics["loss"]), 4),
+                device=dev.device_kind, jax=jax.__version__)
+
+
+# -- driver -------------------------------------------------------------------------------------
+
+def _child(args: argparse.Namespace) -> None:
+    shape = Shape.get(args.shape)
+    common = dict(shape=shape.name, batch=args.batch, seq=args.seq, rank=args.rank,
+                  trainable=shape.lora_params(args.rank), matmul_params=shape.matmul_params())
+    if args.system == "ours":
+        res = run_ours(shape, args.batch, args.seq, args.rank, args.steps, args.remat,
+                       args.loss_chunk, args.offload_state, args.impl)
+    elif args.system == "bnb":
+        from benchmarks import peer_bnb
+        res = peer_bnb.run(shape, args.batch, args.seq, args.rank, args.steps)
+    elif args.system == "qwix":
+        from benchmarks import peer_qwix
+        res = peer_qwix.run(shape, args.batch, args.seq, args.rank, args.steps)
+    else:
+        raise SystemExit(f"unknown system {args.system!r}")
+    if "tokens_per_s" in res and "mfu" not in res:
+        pf = peak_flops(res.get("device", ""))
+        res["mfu"] = _ratio(res["tokens_per_s"] * shape.flops_per_token(args.rank, args.seq) / pf)
+    print("RESULT " + json.dumps({**common, **res}), flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10, help="timed steps after the compiling one")
+    p.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable", "offload"))
+    p.add_argument("--loss-chunk", type=int, default=512, help="0: full logits")
+    p.add_argument("--offload-state", action="store_true")
+    p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"))
+    p.add_argument("--peer", action="append", default=[], choices=PEERS)
+    p.add_argument("--skip-ours", action="store_true")
+    p.add_argument("--out", default="benchmarks/out")
+    p.add_argument("--system", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.system:
+        _child(args)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    systems = ([] if args.skip_ours else ["ours"]) + list(args.peer)
+    results = []
+    for system in systems:
+        cmd = [sys.executable, "-m", "benchmarks.train_step", "--system", system,
+               "--shape", args.shape, "--batch", str(args.batch), "--seq", str(args.seq),
+               "--rank", str(args.rank), "--steps", str(args.steps), "--remat", args.remat,
+               "--loss-chunk", str(args.loss_chunk), "--impl", args.impl]
+        if args.offload_state:
+            cmd.append("--offload-state")
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            res = dict(system=system, shape=args.shape, batch=args.batch, seq=args.seq,
+                       rank=args.rank, error=(proc.stderr or proc.stdout)[-1500:])
+        else:
+            res = json.loads(line[len("RESULT "):])
+        results.append(res)
+        print(json.dumps(res), flush=True)
+        with open(os.path.join(args.out, "train_step.jsonl"), "a") as f:
+            f.write(json.dumps(res) + "\n")
+    ours = next((r for r in results if r.get("system") == "qlora_jax" and "tokens_per_s" in r), None)
+    if ours:
+        for r in results:
+            if r is not ours and "tokens_per_s" in r:
+                print(f"qlora_jax / {r['system']}: {ours['tokens_per_s'] / r['tokens_per_s']:.2f}x "
+                      f"tokens/s, peak {ours['peak_gib']} vs {r.get('peak_gib')} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -263,7 +263,7 @@ def bench_linear(shape: tuple, tokens: int, quick: bool, grad: bool,
          us=round(time_torch(fns) * 1e6, 2))
 
 
-SWEEP_PARTS = ("dequant", "gemv", "mm16", "big", "dequant2", "gemv2", "diag")
+SWEEP_PARTS = ("dequant", "gemv", "mm16", "big", "dequant2", "gemv2", "diag", "lut", "fusedp")
 
 
 def sweep(part: str, quick: bool, ceil: dict) -> None:
@@ -306,6 +306,23 @@ def sweep(part: str, quick: bool, ceil: dict) -> None:
                 for bn, bk, w, l in product((8, 16), (512, 1024), (2, 4), ("gather", "select"))]
         bench_linear(shape, 1, quick, grad=False, configs=cut(gemv))
         bench_linear(shape, 1, quick, grad=True, configs=cut(gemv))
+    elif part == "lut":  # codebook lookups against each other (and no lookup)
+        dq = [gpu.DequantConfig(num_warps=w, lut=l) for w in (4, 8)
+              for l in ("prmt", "select", "diagnostic_no_lut")]
+        bench_dequant((8192, 28672) if not quick else (64, 256), ceil, quick, configs=dq)
+        gemv = [gpu.MatmulConfig(bm=None, bn=bn, bk=bk, num_warps=w, lut=l)
+                for bn, bk, w in ((8, 512, 2), (16, 512, 4), (32, 256, 4), (16, 256, 2))
+                for l in ("prmt", "gather")]
+        bench_linear(shape, 1, quick, grad=False, configs=gemv)
+        bench_linear(shape, 1, quick, grad=True, configs=gemv)
+    elif part == "fusedp":  # the fused tensor-core kernel with the byte-permute lookup
+        mm = [gpu.MatmulConfig(bm=16, bn=bn, bk=bk, num_warps=4, num_stages=3, lut="prmt")
+              for bn, bk in ((32, 128), (64, 128), (64, 256), (128, 128))]
+        bench_linear(shape, 16, quick, grad=False, configs=cut(mm))
+        bench_linear(shape, 16, quick, grad=True, configs=cut(mm))
+        big = [gpu.MatmulConfig(bm=128, bn=128, bk=bk, split=1, num_warps=8, num_stages=3,
+                                lut="prmt") for bk in (64, 128)]
+        bench_linear(shape, 4096 if not quick else 64, quick, grad=False, configs=cut(big))
     elif part == "diag":  # the defaults against no-lookup variants, each twice (run spread)
         base = [gpu.DequantConfig(), gpu.DequantConfig(num_warps=8),
                 gpu.DequantConfig(lut="diagnostic_no_lut")]
@@ -353,7 +370,7 @@ def table() -> str:
         if r.get("config"):
             c = r["config"]
             tiles = "x".join(str(c.get(k)) for k in ("bm", "bn", "bk", "elements") if k in c)
-            impl = f"{tiles} w{c['num_warps']}s{c['num_stages']}{c['lut'][0]}{c.get('split') or ''}"
+            impl = f"{tiles} w{c['num_warps']}s{c['num_stages']}{(c['lut'] or 'default')[0]}{c.get('split') or ''}"
         lines.append(f"{r['what']:18} {impl:20} {shape:>13} {r.get('tokens', ''):>5} "
                      f"{r['us']:>10.2f} {r.get('GBps', r.get('weight_GBps', '')):>8} "
                      f"{r.get('TFLOPs', ''):>8} {str(r.get('rel_err', '')):>8}")
@@ -368,6 +385,8 @@ def main(argv: Optional[list] = None) -> None:
                    f"of {SWEEP_PARTS} or 'all'")
     p.add_argument("--profile", action="store_true",
                    help="run each kernel a few times for a profiler (ncu), no timing")
+    p.add_argument("--lut", default="", help="override the default codebook lookup: "
+                   "'DEQUANT,MATMUL' modes, e.g. 'select,gather'")
     p.add_argument("--trials", type=int, default=7, help="timing trials a case (median)")
     p.add_argument("--target-s", type=float, default=0.1, help="device seconds a trial")
     p.add_argument("--only", default="", help="comma list: ceilings,dequant,linear,grad")
@@ -375,6 +394,9 @@ def main(argv: Optional[list] = None) -> None:
     os.makedirs(args.out, exist_ok=True)
     global TRIALS, TARGET_S
     TRIALS, TARGET_S = args.trials, args.target_s
+    if args.lut:
+        gpu.DEFAULT_LUT["dequant"], gpu.DEFAULT_LUT["matmul"] = args.lut.split(",")
+    emit(what="default_lut", **gpu.DEFAULT_LUT)
     emit(what="info", **device_info())
     if args.profile:
         profile(args.quick)

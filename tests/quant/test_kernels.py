@@ -230,3 +230,48 @@ def test_linear_inside_jit_and_grad_has_no_weight_sized_residual():
     assert leaves, "expected the vjp closure to carry residual arrays" 
     biggest = max((l.size * l.dtype.itemsize for l in leaves), default=0)
     assert biggest <= q.packed.size, (biggest, q.packed.size)
+
+
+def _emulate_ptx(program: str, x: int) -> list:
+    """Runs the few PTX integer instructions of ``_decode._prmt_asm`` on one input word."""
+    def prmt(a, b, c):
+        src = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+        out = 0
+        for i in range(4):
+            n = (c >> 4 * i) & 0xF
+            byte = src[n & 7]
+            if n & 8:  # sign-replicate mode
+                byte = 0xFF if byte & 0x80 else 0
+            out |= byte << 8 * i
+        return out
+
+    def lop3(a, b, c, lut):
+        return sum((((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1)))
+                     & 1) << i) for i in range(32))
+
+    ops = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
+           "shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: (a << b) & 0xFFFFFFFF,
+           "mov.b32": lambda a: a, "prmt.b32": prmt, "lop3.b32": lop3}
+    regs = {"$4": x}
+    for line in program.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dst, *args = [a.strip() for a in rest.split(",")]
+        regs[dst] = ops[op](*[regs[a] if a in regs else int(a, 0) for a in args])
+    return [regs[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "fp4", "int4"])
+def test_prmt_lookup_program_matches_codebook(qtype):
+    """The GPU byte-permute lookup (PTX, only compiled on a GPU) emulated on random codes."""
+    from qlora_jax.quant import codebooks
+    from qlora_jax.quant.kernels._decode import _prmt_asm
+    rng, seed = _rng()
+    table = codebooks.codebook(qtype)
+    program = _prmt_asm(table)
+    words = table.view(np.uint32)
+    for codes in rng.integers(0, 16, (500, 4)):
+        x = int(codes[0] | codes[1] << 8 | codes[2] << 16 | codes[3] << 24)
+        assert _emulate_ptx(program, x) == [int(words[c]) for c in codes], (codes, seed)

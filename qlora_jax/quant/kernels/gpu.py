@@ -42,14 +42,19 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 
+# Codebook lookup used when a config names none (see _decode.lookup; interpret mode
+# always runs "prmt" as the equivalent select tree).
+DEFAULT_LUT = {"dequant": "prmt", "matmul": "prmt"}
+
+
 @dataclasses.dataclass(frozen=True)
 class DequantConfig:
     """Tiles of the dequantization kernel: ``elements`` a program (whole blocks)."""
 
     elements: int = 16384
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 1
-    lut: str = "select"
+    lut: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +71,7 @@ class MatmulConfig:
     split: Optional[int] = None
     num_warps: int = 4
     num_stages: int = 3
-    lut: str = "gather"
+    lut: Optional[str] = None
 
 
 def _interpret() -> bool:
@@ -133,8 +138,8 @@ def _dequant_kernel(*refs, n, n_packed, n_blocks, block_size, tb, q_static, lut,
     p_idx = b0 * half + jnp.arange(tb * half, dtype=jnp.int32)
     packed = dec.load(qrefs.packed_ref.at[pl.ds(b0 * half, tb * half)],
                       mask=(p_idx < n_packed) if masked else None, other=0)
-    codes = dec.unpack_codes(packed.reshape(tb, half))
-    values = dec.lookup(codes, qrefs.table_ref, qrefs.table, lut)
+    codes = dec.unpack_codes(packed.reshape(tb, half), dec.code_dtype(lut, exact))
+    values = dec.lookup(codes, qrefs.table_ref, qrefs.table, lut, exact)
     b_idx = b0 + jnp.arange(tb, dtype=jnp.int32)
     raw = dec.load(qrefs.absmax_ref.at[pl.ds(b0, tb)], mask=(b_idx < n_blocks) if masked else None,
                    other=0)
@@ -156,7 +161,8 @@ def dequantize_flat(q: QTensor, dtype: Any, config: DequantConfig = DequantConfi
     inputs, aliases = _with_out(_q_inputs(q, q.packed, q.absmax), out_shape, out)
     kernel = functools.partial(
         _dequant_kernel, n=n, n_packed=int(q.packed.shape[-1]), n_blocks=q.num_blocks,
-        block_size=bs, tb=tb, q_static=_q_static(q), lut=config.lut, exact=not interpret,
+        block_size=bs, tb=tb, q_static=_q_static(q),
+        lut=config.lut or DEFAULT_LUT["dequant"], exact=not interpret,
         out_dtype=jnp.dtype(dtype), aliased=out is not None)
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(pl.cdiv(q.num_blocks, tb),),
@@ -321,7 +327,8 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
     if bk % bs and bs % bk:
         raise ValueError(f"bk={bk} and block_size={bs} must divide one another")
     common = dict(transpose=transpose, n_rows=n_rows, n_cols=n_cols, block_size=bs,
-                  q_static=_q_static(q), lut=config.lut, exact=not interpret,
+                  q_static=_q_static(q), lut=config.lut or DEFAULT_LUT["matmul"],
+                  exact=not interpret,
                   aliased=out is not None)
     qin = _weight_2d(q)
     if config.bm is None:  # GEMV
@@ -376,11 +383,16 @@ def _two_pass(a: jax.Array, q: QTensor, transpose: bool, interpret: Optional[boo
     fused tensor-core kernel (benchmarks/RESULTS.md). The dequantized weight
     is a temporary of this call; nothing of its size is kept for the backward.
     """
+    interpret = _interpret() if interpret is None else interpret
     w = dequantize(q, a.dtype, interpret=interpret)
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    y = jnp.dot(a, w if transpose else w.T, precision=precision,
-                preferred_element_type=jnp.float32)
-    return y.astype(a.dtype)
+    w = w if transpose else w.T
+    if a.dtype == jnp.float32:
+        return jnp.dot(a, w, precision=jax.lax.Precision.HIGHEST)
+    if interpret:  # CPU: ask for float32 accumulation explicitly
+        return jnp.dot(a, w, preferred_element_type=jnp.float32).astype(a.dtype)
+    # GPU: cuBLAS accumulates 16-bit products in float32 and writes a.dtype directly
+    # (a float32 result plus a cast would cost one more pass over [M, N]).
+    return jnp.dot(a, w)
 
 
 def _use_fused(a: jax.Array, q: QTensor, config: Optional[MatmulConfig]) -> bool:

@@ -12,8 +12,8 @@ A ``Task`` binds a Flax model to a loss:
 - ``"classification"``: the model returns logits [B, C] (a classification head); loss = CE on
   ``labels`` [B] weighted by ``weights``.
 
-Optional batch keys (``segment_ids``, ``positions``) and the ``deterministic`` flag are passed only
-when the model's ``__call__`` accepts them.
+Optional batch keys (``segment_ids``, ``positions``, the latter also as ``position_ids``) and the
+``deterministic`` flag are passed only when the model's ``__call__`` accepts them.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ class Task:
         for name in ("segment_ids", "positions"):
             if name in batch and has(name):
                 kw[name] = batch[name]
+        if "positions" in batch and not has("positions") and has("position_ids"):
+            kw["position_ids"] = batch["positions"]
         if has("deterministic"):
             kw["deterministic"] = rng is None
         return kw

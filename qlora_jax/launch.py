@@ -1,0 +1,73 @@
+"""Runs an experiment: ``python -m qlora_jax.launch --config experiments/NAME.py --workdir DIR``.
+
+Overrides: ``--config.train.steps=200 --config.model.path=/models/llama``. A misspelled key or a
+value of the wrong type fails while the flags are parsed; a value out of range, a missing model
+path or bad data fails right after, before anything is written. User errors are one line on
+stderr and exit code 2; a NaN/Inf loss stops the run with exit code 3.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file (experiments/NAME.py, with get_config())",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; re-use it to resume)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}; overrides look like "
+              "--config.train.steps=100", file=sys.stderr)
+        return 2
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from qlora_jax.data import DataError
+    from qlora_jax.train import loop
+    from qlora_jax.train.config import ConfigError
+
+    try:
+        summary = loop.run(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, loop.WorkdirError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except loop.TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(report(summary))
+    return 0
+
+
+def report(summary: dict) -> str:
+    """The lines a finished run prints (and the summary as JSON, last)."""
+    lines = []
+    before, after = summary.get("eval_before"), summary.get("eval_after")
+    for name, res in (("before training", before), ("after training", after)):
+        if res:
+            extra = (f", perplexity {res['eval_perplexity']:.3f}" if "eval_perplexity" in res
+                     else "")
+            lines.append(f"held-out {name}: accuracy {res['eval_accuracy']:.4f}, "
+                         f"loss {res['eval_loss']:.4f}{extra}")
+    lines.append(f"trainable parameters: {summary['trainable_params']:,}; frozen parameters: "
+                 f"{summary['frozen_params']:,} at {summary['bits_per_frozen_param']:.3f} bits "
+                 "each")
+    lines.append(f"peak memory: {summary['peak_memory_bytes'] / 2**20:.0f} MiB; "
+                 f"wall time {summary['wall_s']:.1f} s")
+    lines.append(json.dumps(summary, sort_keys=True, default=float))
+    return "\n".join(lines)
+
+
+def run() -> None:
+    """Console entry point."""
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

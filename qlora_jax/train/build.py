@@ -1,0 +1,107 @@
+"""Everything a run needs, built from an experiment config: tokenizer, data, model, optimizer.
+
+The order matters for bad input: cheap checks first (paths, tokenizer, data files), the model
+(the expensive part) last, so a typo fails in a second and leaves no files behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qlora_jax import data as qdata
+from qlora_jax.lora.config import LoraConfig
+from qlora_jax.quant.config import QuantConfig
+from qlora_jax.train import optim as train_optim
+from qlora_jax.train.config import ConfigError
+from qlora_jax.train.task import Task
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Data:
+    """Tokenizer and datasets of a run."""
+
+    tokenizer: Any
+    train: Any
+    eval: Optional[Any]
+
+
+def check_paths(config: Any) -> None:
+    """Raises ConfigError (one short line) for a model/tokenizer path that does not exist."""
+    path = config.model.path
+    if path and not os.path.isdir(path):
+        raise ConfigError(f"model path {path} does not exist (config.model.path)")
+    if path and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"model path {path} holds no config.json (config.model.path)")
+    tok = config.model.tokenizer or path
+    if not tok:
+        raise ConfigError("config.model.tokenizer is empty and there is no model.path to take "
+                          "the tokenizer from")
+    if not os.path.exists(tok):
+        raise ConfigError(f"tokenizer path {tok} does not exist (config.model.tokenizer)")
+
+
+def load_data(config: Any) -> Data:
+    """Tokenizer, training set and evaluation set (DataError on bad files or records)."""
+    tokenizer = qdata.load_tokenizer(config.model.tokenizer or config.model.path)
+    section = {k: config.data[k] for k in qdata.default_config().keys()}
+    train, evaluation = qdata.datasets_from_config(section, tokenizer, config.train.seq_len)
+    if train.kind != config.model.task:
+        raise ConfigError(f"config.data.path={config.data.path} holds {train.kind} data but "
+                          f"config.model.task={config.model.task!r}")
+    return Data(tokenizer, train, evaluation)
+
+
+def quant_config(config: Any) -> Optional[QuantConfig]:
+    q = config.quant
+    if not q.enabled:
+        return None
+    return QuantConfig(qtype=q.qtype, block_size=q.block_size, double_quant=q.double_quant,
+                       nested_block_size=q.nested_block_size, skip=tuple(q.skip))
+
+
+def lora_config(config: Any) -> LoraConfig:
+    c = config.lora
+    tm = c.target_modules if isinstance(c.target_modules, str) else tuple(c.target_modules)
+    return LoraConfig(r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=tm, init=c.init,
+                      use_rslora=c.use_rslora, modules_to_save=tuple(c.modules_to_save))
+
+
+def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
+    """(model, params): a checkpoint read with quantize-on-load, or a random model.
+
+    A random model (``model.path == ""``) is built from the Hugging Face config fields in
+    ``model.random`` and initialised from ``train.seed``; its weights (and their 4-bit codes) are
+    the same in every run of the config, so such runs resume exactly too.
+    """
+    from qlora_jax.checkpoints import hf_load
+    from qlora_jax.models import build_model
+
+    dtype = DTYPES[config.model.dtype]
+    quant, lora = quant_config(config), lora_config(config)
+    kw = dict(impl=config.model.impl, remat=config.model.remat, num_labels=num_labels)
+    if config.model.path:
+        return hf_load.from_pretrained(config.model.path, dtype=dtype, quant=quant, lora=lora,
+                                       seed=config.train.seed, **kw)
+    base = build_model(dict(config.model.random), dtype=dtype, param_dtype=dtype, **kw)
+    model = base.clone(quant=quant, lora=lora)
+    model.lora_plan()  # unmatched targets fail before any work
+    init = jax.jit(base.clone(quant=quant).init)
+    params = init(jax.random.PRNGKey(config.train.seed), *base.dummy_inputs())["params"]
+    return model, hf_load.add_adapters(model, params, config.train.seed)
+
+
+def make_task(config: Any, model: Any) -> Task:
+    return Task(model, config.model.task, config.train.loss_chunk)
+
+
+def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = train_optim.make_schedule(config.optim, config.train.steps)
+    return train_optim.make_optimizer(config.optim, schedule), schedule

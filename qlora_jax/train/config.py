@@ -1,0 +1,152 @@
+"""Experiment configs: validation before any work, and the resolved JSON form kept in the workdir.
+
+An experiment config (``experiments/NAME.py``, ``get_config()``) is an ``ml_collections.ConfigDict``
+with the sections ``model``, ``quant``, ``lora``, ``data``, ``optim``, ``train`` and ``mesh``.
+``validate`` checks every field's type and range and the relations between fields, and raises a
+`ConfigError` naming the field, the value and what is allowed. ``resolve`` gives the plain JSON
+dict written to ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping
+
+SECTIONS = ("model", "quant", "lora", "data", "optim", "train", "mesh")
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.task": ("causal_lm", "classification"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "dots_saveable", "offload"),
+    "model.impl": ("auto", "xla", "pallas"),
+    "quant.qtype": ("nf4", "fp4", "int4"),
+    "quant.block_size": (32, 64, 128, 256, 512, 1024, 2048, 4096),
+    "quant.nested_block_size": (256,),
+    "lora.init": ("default", "gaussian", "random"),
+    "lora.dtype": ("float32", "bfloat16"),
+    "data.format": ("auto", "alpaca", "prompt_response", "chat", "classification"),
+    "optim.name": ("adamw", "sgd"),
+    "optim.schedule": ("constant", "cosine", "linear"),
+    "train.progress": ("auto", "bar", "lines"),
+}
+POSITIVE_INTS = ("lora.r", "train.steps", "train.batch_size", "train.grad_accum", "train.seq_len",
+                 "train.log_every", "train.keep_checkpoints", "train.eval_batch_size",
+                 "mesh.data", "mesh.fsdp", "mesh.tensor")
+NONNEGATIVE_INTS = ("model.num_labels", "train.checkpoint_every", "train.eval_every",
+                    "train.eval_batches", "train.loss_chunk")
+NONNEGATIVE_FLOATS = ("lora.alpha", "optim.warmup_ratio", "optim.end_lr_ratio",
+                      "optim.weight_decay", "optim.max_grad_norm", "optim.b1", "optim.b2",
+                      "optim.eps")
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value (raised before any work)."""
+
+
+def get(config: Any, dotted: str) -> Any:
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate(config: Any) -> None:
+    """Checks an experiment config.
+
+    Raises:
+      ConfigError: a missing section or field, a value of the wrong type or out of range, or
+        fields that disagree (e.g. a batch size that does not split into micro-batches).
+    """
+    for section in SECTIONS:
+        if section not in config:
+            raise ConfigError(f"config has no section {section!r}; an experiment config needs "
+                              f"{', '.join(SECTIONS)}")
+
+    def field(dotted: str) -> Any:
+        try:
+            return get(config, dotted)
+        except (KeyError, AttributeError):
+            raise ConfigError(f"config field {dotted} is missing") from None
+
+    for dotted, allowed in CHOICES.items():
+        value = field(dotted)
+        if value not in allowed or isinstance(value, bool):
+            raise ConfigError(f"config.{dotted}={value!r} is not allowed; use one of "
+                              f"{', '.join(map(repr, allowed))}")
+    for dotted in POSITIVE_INTS + NONNEGATIVE_INTS:
+        value = field(dotted)
+        low = 1 if dotted in POSITIVE_INTS else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"config.{dotted}={value!r} must be an integer >= {low}")
+    for dotted in NONNEGATIVE_FLOATS + ("optim.learning_rate", "lora.dropout"):
+        value = field(dotted)
+        if not _number(value) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"config.{dotted}={value!r} must be a finite number >= 0")
+    if not field("optim.learning_rate") > 0:
+        raise ConfigError("config.optim.learning_rate must be > 0")
+    if not field("lora.dropout") < 1:
+        raise ConfigError(f"config.lora.dropout={field('lora.dropout')!r} must be in [0, 1)")
+    if not field("optim.warmup_ratio") < 1:
+        raise ConfigError("config.optim.warmup_ratio must be in [0, 1)")
+    for dotted in ("optim.warmup_steps", "train.debug_nan_at_step", "train.seed"):
+        value = field(dotted)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"config.{dotted}={value!r} must be an integer")
+    for dotted in ("quant.enabled", "quant.double_quant", "lora.use_rslora", "data.packing",
+                   "optim.offload_state"):
+        if not isinstance(field(dotted), bool):
+            raise ConfigError(f"config.{dotted}={field(dotted)!r} must be True or False")
+    for dotted in ("model.path", "model.tokenizer", "data.path", "data.eval_path"):
+        if not isinstance(field(dotted), str):
+            raise ConfigError(f"config.{dotted}={field(dotted)!r} must be a string")
+    tm = field("lora.target_modules")
+    if not (isinstance(tm, str) or (isinstance(tm, (tuple, list))
+                                    and all(isinstance(t, str) for t in tm))):
+        raise ConfigError(f"config.lora.target_modules={tm!r} must be a regex string, "
+                          "'all-linear' or a tuple of module names")
+    b, a = field("train.batch_size"), field("train.grad_accum")
+    if b % a:
+        raise ConfigError(f"config.train.batch_size={b} does not split into "
+                          f"train.grad_accum={a} micro-batches; use a divisor of the batch size")
+    mesh = tuple(field(f"mesh.{k}") for k in ("data", "fsdp", "tensor"))
+    if mesh != (1, 1, 1):
+        raise ConfigError(f"config.mesh={mesh}: the launcher runs on one device; keep mesh.data, "
+                          "mesh.fsdp and mesh.tensor at 1")
+    if not field("model.path") and "random" not in config.model:
+        raise ConfigError("config.model.path is empty and there is no config.model.random "
+                          "section: give a checkpoint directory with --config.model.path=DIR")
+    if field("train.loss_chunk") and field("model.task") != "causal_lm":
+        raise ConfigError("config.train.loss_chunk applies to causal_lm models only; set it to 0")
+    if field("data.packing") and field("model.task") == "causal_lm":
+        raise ConfigError("config.data.packing=True needs a model that masks attention by "
+                          "segment_ids; the Llama models do not yet: set data.packing=False")
+
+
+def resolve(config: Any) -> dict[str, Any]:
+    """The config as plain JSON types (tuples become lists), as written to config.json."""
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(raw, sort_keys=True, default=_jsonable))
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (set, frozenset)):
+        return sorted(x)
+    raise TypeError(f"config value {x!r} of type {type(x).__name__} is not JSON-serialisable")
+
+
+def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differences(va, vb, name + ".")
+        elif va != vb:
+            out.append(name)
+    return out

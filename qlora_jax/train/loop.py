@@ -1,0 +1,215 @@
+"""A whole run: validate, build, resume, train with logging/eval/checkpoints, export the adapter.
+
+Workdir layout::
+
+    config.json        the resolved config (a workdir belongs to one experiment)
+    metrics.jsonl      one JSON object a logged step (and a record a evaluation)
+    events.out.tfevents.*   TensorBoard, the same scalars
+    checkpoints/<step>/     orbax: trainable leaves, optimizer state, step, RNG, data position
+    adapter/           the PEFT adapter (adapter_model.safetensors + adapter_config.json), at the end
+
+Running the same config on the same workdir again resumes from the latest complete checkpoint
+and continues exactly as the uninterrupted run would have (deterministic data order; dropout keys
+derived from the seed and the step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Optional, TextIO
+
+import jax
+import numpy as np
+
+from qlora_jax import data as qdata
+from qlora_jax.lora import params as lora_params
+from qlora_jax.train import build
+from qlora_jax.train import config as train_config
+from qlora_jax.train.checkpoint import Checkpointer
+from qlora_jax.train.metrics import MetricsLogger
+from qlora_jax.train.state import create_state
+from qlora_jax.train.step import evaluate, host_metrics, make_eval_step, make_train_step
+
+
+class WorkdirError(ValueError):
+    """The workdir belongs to another experiment."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def check_workdir(workdir: str, resolved: dict[str, Any]) -> bool:
+    """True when ``workdir`` already holds this experiment (resume); raises for another one."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        try:
+            existing = json.load(f)
+        except json.JSONDecodeError:
+            raise WorkdirError(f"{path} is not valid JSON; use a new --workdir") from None
+    if existing != resolved:
+        diff = train_config.differences(existing, resolved)
+        shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise WorkdirError(f"workdir {workdir} holds another experiment (its config.json differs "
+                           f"in {shown}); use a new --workdir, or the same config to resume")
+    return True
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _bits_per_frozen_param(frozen: Any) -> float:
+    n = lora_params.count(frozen)
+    return 8.0 * lora_params.nbytes(frozen) / max(n, 1)
+
+
+def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str, Any]:
+    """Runs (or resumes) the experiment ``config`` in ``workdir``.
+
+    Returns:
+      A summary: steps, final train loss, evaluation before/after (when there is eval data),
+      trainable parameter count, bits per frozen parameter, peak memory, wall time.
+
+    Raises:
+      ConfigError, WorkdirError, DataError, FileNotFoundError: bad input, before any file is
+        written.
+      TrainingDiverged: a NaN/Inf loss (the run stops; checkpoints keep the last good state).
+    """
+    stream = stream or sys.stderr
+    t_start = time.time()
+    train_config.validate(config)
+    resolved = train_config.resolve(config)
+    resuming = check_workdir(workdir, resolved)
+    build.check_paths(config)
+    data = build.load_data(config)
+    num_labels = config.model.num_labels
+    if config.model.task == "classification" and not num_labels:
+        num_labels = data.train.num_labels
+    model, params = build.load_model(config, num_labels)
+    task = build.make_task(config, model)
+    tx, schedule = build.make_optimizer(config)
+    adapter_dtype = build.DTYPES[config.lora.dtype]
+    state = create_state(params, tx, config.train.seed, adapter_dtype, config.optim.offload_state)
+    del params
+
+    # Bad input is behind us: from here on the workdir is written.
+    os.makedirs(workdir, exist_ok=True)
+    if not resuming:
+        _write_json(os.path.join(workdir, "config.json"), resolved)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    loader_state = None
+    if ckpt.latest_step() is not None:
+        state, loader_state = ckpt.restore(state)
+    start = int(state.step)
+    loader = qdata.TrainLoader(data.train, config.train.batch_size, config.train.seed,
+                               state=loader_state, length_buckets=tuple(config.data.length_buckets)
+                               or None)
+    train_step = make_train_step(task, tx, schedule, accum_steps=config.train.grad_accum,
+                                 offload_state=config.optim.offload_state,
+                                 dropout=config.lora.dropout > 0,
+                                 nan_at_step=config.train.debug_nan_at_step)
+    eval_step = make_eval_step(task)
+    kind = config.model.task
+
+    def run_eval() -> Optional[dict[str, float]]:
+        if data.eval is None:
+            return None
+        batches = qdata.EvalLoader(data.eval, config.train.eval_batch_size)
+        return evaluate(eval_step, state, batches, kind, config.train.eval_batches or None)
+
+    log = MetricsLogger(workdir, config.train.steps, start, config.train.progress, stream)
+    n_trainable = lora_params.count(state.trainable)
+    n_frozen = lora_params.count(state.frozen)
+    bits = _bits_per_frozen_param(state.frozen)
+    log.message(f"{'resuming at' if start else 'starting'} step {start} of {config.train.steps}: "
+                f"{n_trainable:,} trainable parameters, {n_frozen:,} frozen at "
+                f"{bits:.3f} bits each")
+    summary: dict[str, Any] = {"trainable_params": n_trainable, "frozen_params": n_frozen,
+                               "bits_per_frozen_param": bits, "start_step": start}
+    if config.train.eval_every and start == 0:
+        before = run_eval()
+        if before is not None:
+            log.log(0, before)
+            summary["eval_before"] = before
+    last_loss = math.nan
+    try:
+        window_tokens, window_t0, window_steps = 0.0, time.time(), 0
+        pending: list[dict[str, float]] = []
+        for step in range(start, config.train.steps):
+            batch = next(loader)
+            state, metrics = train_step(state, batch)
+            m = host_metrics(metrics)  # one sync a step: a NaN must never reach a checkpoint
+            if not math.isfinite(m["loss"]):
+                good = ckpt.latest_step()
+                raise TrainingDiverged(
+                    f"loss is {m['loss']} at step {step + 1}; stopping. The last good checkpoint "
+                    f"(step {good}) is kept in {ckpt.directory}" if good is not None else
+                    f"loss is {m['loss']} at step {step + 1}; stopping (no checkpoint yet)")
+            last_loss = m["loss"]
+            window_tokens += m["tokens"]
+            window_steps += 1
+            pending.append(m)
+            done = step + 1
+            if done % config.train.log_every == 0 or done == config.train.steps:
+                dt = max(time.time() - window_t0, 1e-9)
+                record = {k: float(np.mean([p[k] for p in pending]))
+                          for k in ("loss", "grad_norm", "accuracy")}
+                record["learning_rate"] = m["learning_rate"]
+                record["tokens_per_s"] = window_tokens / dt
+                record["steps_per_s"] = window_steps / dt
+                log.log(done, record)
+                window_tokens, window_t0, window_steps, pending = 0.0, time.time(), 0, []
+            if config.train.eval_every and (done % config.train.eval_every == 0
+                                            or done == config.train.steps):
+                result = run_eval()
+                if result is not None:
+                    log.log(done, result)
+                    summary["eval_after"] = result
+            if (config.train.checkpoint_every and done % config.train.checkpoint_every == 0) \
+                    or done == config.train.steps:
+                ckpt.save(state, loader.state)
+        if config.train.eval_every and "eval_after" not in summary:
+            result = run_eval()  # a finished run re-run: report its final metric again
+            if result is not None:
+                summary["eval_after"] = result
+        if export_adapter(model, state, workdir) is None:
+            log.message("adapter/ not written: this qlora_jax has no save_peft yet")
+    finally:
+        log.close()
+        ckpt.close()
+    summary.update({"steps": config.train.steps, "final_loss": last_loss,
+                    "wall_s": time.time() - t_start, "peak_memory_bytes": _peak()})
+    return summary
+
+
+def _peak() -> int:
+    from qlora_jax.train.metrics import peak_memory
+    return peak_memory()[0]
+
+
+def export_adapter(model: Any, state: Any, workdir: str) -> Optional[str]:
+    """Writes the PEFT adapter of ``state`` to ``workdir/adapter`` (atomically, via a temp dir)."""
+    import qlora_jax as qj
+
+    if not hasattr(qj, "save_peft"):
+        return None
+    out = os.path.join(workdir, "adapter")
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    params = lora_params.combine(jax.device_get(state.trainable), state.frozen)
+    qj.save_peft(model, params, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -124,8 +124,8 @@ def _float_linear_names(model: Any, flat: dict) -> list[str]:
         v = flat.get(site.path + ("kernel",))
         if v is not None and not isinstance(v, QTensor):
             names.extend(site.hf_names)
-    if getattr(model, "family", "") == "llama" and "lm_head" not in names:
-        names.append("lm_head")
+    if getattr(model.config, "tie_word_embeddings", False):
+        names.append("lm_head")  # the tied head is the float embedding
     return names
 
 

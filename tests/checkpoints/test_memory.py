@@ -51,6 +51,7 @@ def _write(directory: str, layers: int, rng: np.random.Generator) -> int:
     return write_safetensors(os.path.join(directory, "model.safetensors"), specs)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_quantize_on_load_peak_memory_stays_under_budget(tmp_path, rng):
     big = _write(str(tmp_path / "big"), 12, rng)

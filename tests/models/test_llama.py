@@ -48,6 +48,18 @@ def test_bfloat16_logits_close_to_transformers(llama_ckpt, variant, rng):
     assert err < 2e-2, f"{variant}: relative error {err}"
 
 
+def test_zero_initialised_adapters_leave_logits_unchanged_to_the_bit(llama_ckpt, rng):
+    path, _ = llama_ckpt("qwen2_tied")
+    ids, mask = tiny.left_padded(rng, 2, 8)
+    outs = []
+    for lora in (None, qj.LoraConfig(r=4, target_modules="all-linear")):
+        model, params = qj.from_pretrained(path, dtype=jnp.bfloat16, quant=qj.QuantConfig(),
+                                           lora=lora)
+        outs.append(np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids),
+                                                    jnp.asarray(mask)), np.float32))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_no_mask_equals_all_ones_mask(llama_ckpt, rng):
     path, _ = llama_ckpt("llama_gqa")
     model, params = qj.checkpoints.from_pretrained(path, dtype=jnp.float32)

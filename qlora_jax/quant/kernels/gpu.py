@@ -12,12 +12,13 @@ Kernels (``[N, K]`` = ``[out, in]`` weight, M tokens):
 * ``linear`` (``x @ W.T``) and ``linear_grad_input`` (``dy @ W``): for a 2-D
   weight whose rows are aligned to blocks (``K % block_size == 0``). M = 1 uses
   a GEMV kernel (multiply-add on CUDA cores, K (or N) split over programs, the
-  partial sums added by XLA). M > 1 runs, by default, this module's
-  ``dequantize`` and then an XLA (cuBLAS) matmul: the fused tiled tensor-core
-  kernel (``matmul_4bit`` with a ``bm``) is kept, tested and benchmarked, but
-  measured slower on an H100 because it decodes every weight tile once per
-  M tile (see benchmarks/RESULTS.md). Weights whose rows are not aligned to
-  blocks always take the two-pass path.
+  partial sums added by XLA); 2 <= M <= 16 a tiled kernel on tensor cores
+  (16-row tiles, the weight tile decoded in registers each K step, K split
+  over programs). M > 16 runs this module's ``dequantize`` and then an XLA
+  (cuBLAS) matmul: the fused kernel decodes every weight tile once per M tile,
+  which measured ~4x slower than the two passes at 4096 tokens on an H100
+  (benchmarks/RESULTS.md). Weights whose rows are not aligned to blocks always
+  take the two-pass path.
 """
 
 from __future__ import annotations
@@ -300,8 +301,9 @@ def default_config(m: int, n: int, k: int, transpose: bool, interpret: bool) -> 
         return MatmulConfig(bm=None, bn=8, bk=512, num_warps=2, num_stages=3)
     if interpret:
         return MatmulConfig(bm=16 if m <= 16 else 64, bn=32, bk=64, split=1)
-    if m <= 16:
-        return MatmulConfig(bm=16, bn=64, bk=128, num_warps=4, num_stages=3)
+    if m <= 16:  # H100 sweep at 16 tokens on 4096 x 14336 (RESULTS.md)
+        return MatmulConfig(bm=16, bn=64, bk=128 if transpose else 256, num_warps=4,
+                            num_stages=3)
     if m <= 64:
         return MatmulConfig(bm=64, bn=64, bk=128, num_warps=4, num_stages=3)
     return MatmulConfig(bm=128, bn=128, bk=64, split=1, num_warps=8, num_stages=3)
@@ -379,8 +381,8 @@ def _two_pass(a: jax.Array, q: QTensor, transpose: bool, interpret: Optional[boo
     """The Pallas dequantization to ``a.dtype``, then an XLA (cuBLAS) matmul.
 
     Used for weights the fused kernels cannot read (rows not aligned to blocks)
-    and, by default, for M > 1 on the GPU, where it measured faster than the
-    fused tensor-core kernel (benchmarks/RESULTS.md). The dequantized weight
+    and, by default, for M > FUSED_MAX_TOKENS, where it measured faster than
+    the fused tensor-core kernel (benchmarks/RESULTS.md). The dequantized weight
     is a temporary of this call; nothing of its size is kept for the backward.
     """
     interpret = _interpret() if interpret is None else interpret
@@ -403,8 +405,9 @@ def _use_fused(a: jax.Array, q: QTensor, config: Optional[MatmulConfig]) -> bool
     return a.shape[0] <= FUSED_MAX_TOKENS
 
 
-# Token counts up to which the fused kernels run by default (the GEMV kernel at M = 1).
-FUSED_MAX_TOKENS = 1
+# Token counts up to which the fused kernels run by default (the GEMV kernel at M = 1,
+# the tiled kernel with 16-row tiles up to 16); above, the two-pass path measured faster.
+FUSED_MAX_TOKENS = 16
 
 
 def linear(x2d: jax.Array, q: QTensor, config: Optional[MatmulConfig] = None,

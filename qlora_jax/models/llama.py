@@ -25,7 +25,9 @@ Model API (stable; the training and generation code relies on it):
   position_ids=None, cache=None)``: logits ``[B, T, V]`` (compute dtype, float32 with
   ``float32_logits``); with a ``KVCache`` it returns ``(logits, new_cache)``.
 - ``init_cache(batch, max_len)``: an empty KVCache for ``generate``.
-- ``hidden_states(...)`` (method): the final normed hidden state ``[B, T, D]``.
+- ``hidden_states(input_ids, attention_mask, deterministic, position_ids)`` (method): the final
+  normed hidden state ``[B, T, D]``; ``logits_from_hidden(hidden)``: the head alone, so
+  ``logits_from_hidden(hidden_states(x)) == __call__(x)`` (chunked losses use the pair).
 - ``module_sites()``, ``lora_plan()``, ``hf_params()`` (checkpoint layout).
 - ``remat``: ``"none"``, ``"full"``, ``"dots_saveable"`` or ``"offload"`` (decoder layers
   rematerialised in the backward pass with that ``jax.checkpoint`` policy).
@@ -349,12 +351,16 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
                  deterministic: bool = True, position_ids: Optional[jax.Array] = None,
-                 cache: Optional[KVCache] = None, return_hidden: bool = False) -> Any:
+                 cache: Optional[KVCache] = None, return_hidden: bool = False,
+                 hidden: Optional[jax.Array] = None) -> Any:
         """Logits ``[B, T, V]``; ``(logits, new_cache)`` when a cache is given.
 
-        With ``return_hidden`` the final normed hidden state ``[B, T, D]`` replaces the logits.
+        With ``return_hidden`` the final normed hidden state ``[B, T, D]`` replaces the
+        logits; with ``hidden`` (``[B, T, D]``) only the output head runs (``input_ids`` unused).
         """
         backbone = self._backbone(deterministic)
+        if hidden is not None:
+            return self._head(backbone, hidden, deterministic)
         h, new_cache = backbone(input_ids, attention_mask, position_ids, cache)
         out = h if return_hidden else self._head(backbone, h, deterministic)
         return out if cache is None else (out, new_cache)
@@ -377,9 +383,14 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
         return logits.astype(jnp.float32) if self.float32_logits else logits
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
-                      deterministic: bool = True) -> jax.Array:
-        """The final normed hidden state ``[B, T, D]``."""
-        return self(input_ids, attention_mask, deterministic, return_hidden=True)
+                      deterministic: bool = True,
+                      position_ids: Optional[jax.Array] = None) -> jax.Array:
+        """The final normed hidden state ``[B, T, D]`` (``apply(..., method="hidden_states")``)."""
+        return self(input_ids, attention_mask, deterministic, position_ids, return_hidden=True)
+
+    def logits_from_hidden(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The output head alone: ``[B, T, D]`` -> logits ``[B, T, V]`` (for chunked losses)."""
+        return self(None, deterministic=deterministic, hidden=hidden)
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         """An empty cache of ``max_len`` slots for ``batch`` sequences."""

@@ -60,6 +60,25 @@ def test_zero_initialised_adapters_leave_logits_unchanged_to_the_bit(llama_ckpt,
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("variant", ["llama_gqa", "qwen2_tied"])
+def test_hidden_states_then_head_equals_logits(llama_ckpt, variant, rng):
+    path, _ = llama_ckpt(variant)
+    model, params = qj.from_pretrained(path, dtype=jnp.float32,
+                                       lora=qj.LoraConfig(r=2, target_modules="all-linear",
+                                                          init="random"))
+    ids, mask = tiny.left_padded(rng, 2, 7)
+
+    @jax.jit
+    def both(p, i, m):
+        h = model.apply({"params": p}, i, m, method="hidden_states")
+        return model.apply({"params": p}, i, m), h, model.apply(
+            {"params": p}, h[:, 3:], method="logits_from_hidden")
+
+    logits, hidden, tail = both(params, jnp.asarray(ids), jnp.asarray(mask))
+    assert hidden.shape == (2, 7, 64)
+    np.testing.assert_allclose(np.asarray(tail), np.asarray(logits[:, 3:]), rtol=1e-5, atol=1e-5)
+
+
 def test_no_mask_equals_all_ones_mask(llama_ckpt, rng):
     path, _ = llama_ckpt("llama_gqa")
     model, params = qj.checkpoints.from_pretrained(path, dtype=jnp.float32)

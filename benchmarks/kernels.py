@@ -263,7 +263,7 @@ def bench_linear(shape: tuple, tokens: int, quick: bool, grad: bool,
          us=round(time_torch(fns) * 1e6, 2))
 
 
-SWEEP_PARTS = ("dequant", "gemv", "mm16", "big", "dequant2", "gemv2", "diag", "lut", "fusedp")
+SWEEP_PARTS = ("dequant", "gemv", "mm16", "big", "dequant2", "gemv2", "diag", "lut", "fusedp", "final")
 
 
 def sweep(part: str, quick: bool, ceil: dict) -> None:
@@ -323,6 +323,17 @@ def sweep(part: str, quick: bool, ceil: dict) -> None:
         big = [gpu.MatmulConfig(bm=128, bn=128, bk=bk, split=1, num_warps=8, num_stages=3,
                                 lut="prmt") for bk in (64, 128)]
         bench_linear(shape, 4096 if not quick else 64, quick, grad=False, configs=cut(big))
+    elif part == "final":  # around the defaults, all with the byte-permute lookup
+        gemv = [gpu.MatmulConfig(bm=None, bn=bn, bk=bk, num_warps=w, lut="prmt")
+                for bn, bk, w in ((8, 512, 2), (8, 512, 1), (4, 1024, 1), (8, 1024, 2),
+                                  (4, 512, 1), (8, 256, 1), (16, 256, 2), (32, 128, 4))]
+        bench_linear(shape, 1, quick, grad=False, configs=cut(gemv))
+        bench_linear(shape, 1, quick, grad=True, configs=cut(gemv))
+        mm = [gpu.MatmulConfig(bm=16, bn=bn, bk=bk, num_warps=w, num_stages=st, lut="prmt")
+              for bn, bk, w, st in ((64, 256, 4, 3), (64, 256, 2, 3), (64, 512, 4, 3),
+                                    (32, 256, 2, 3), (64, 128, 4, 4), (128, 256, 8, 3))]
+        bench_linear(shape, 16, quick, grad=False, configs=cut(mm))
+        bench_linear(shape, 16, quick, grad=True, configs=cut(mm))
     elif part == "diag":  # the defaults against no-lookup variants, each twice (run spread)
         base = [gpu.DequantConfig(), gpu.DequantConfig(num_warps=8),
                 gpu.DequantConfig(lut="diagnostic_no_lut")]

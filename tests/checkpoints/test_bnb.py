@@ -126,3 +126,25 @@ def test_keep_quantized_rejects_int4(llama_ckpt, tmp_path):
     with pytest.raises(ValueError, match="int4"):
         qj.save_pretrained(model, params, str(tmp_path / "x"), keep_quantized=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_minilm_4bit_directory_from_transformers_gives_its_hidden_states(minilm_dir, tmp_path,
+                                                                         rng):
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32)
+    # train() without dropout: eval mode would repack the 4-bit weights on some CPUs.
+    theirs = transformers.AutoModel.from_pretrained(
+        minilm_dir, quantization_config=cfg, device_map="cpu", dtype=torch.float32,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    theirs.save_pretrained(str(tmp_path))
+    ids = rng.integers(1000, 30000, (2, 9))
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        want = theirs(torch.as_tensor(ids),
+                      attention_mask=torch.as_tensor(mask)).last_hidden_state.numpy()
+    model, params = qj.from_pretrained(str(tmp_path), dtype=jnp.float32)
+    assert isinstance(params["encoder"]["layer"]["output"]["dense"]["kernel"], qj.quant.QTensor)
+    err = tiny.rel_err(_apply(model, params, ids, mask), want, mask)
+    assert err < 1e-4, err

@@ -87,8 +87,7 @@ def expected_shapes(model: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
 class _Plan:
     """Which checkpoint key feeds each (entry, layer), checked against the expected shapes."""
 
-    def __init__(self, model: Any, reader: CheckpointReader, shapes: dict, quant_paths: set,
-                 bnb: bool):
+    def __init__(self, model: Any, reader: CheckpointReader, shapes: dict, bnb: bool):
         self.items: list[tuple[HFParam, Optional[list[str]]]] = []
         layers = model.config.num_hidden_layers
         consumed: set[str] = set()
@@ -276,7 +275,7 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
     quant_paths = set(model.quantized_paths()) if (quant is not None and bnb is None) else set()
     reader = CheckpointReader(path)
     shapes = expected_shapes(model)
-    plan = _Plan(model, reader, shapes, quant_paths, bnb is not None)
+    plan = _Plan(model, reader, shapes, bnb is not None)
     flat: dict[tuple[str, ...], Any] = {}
     root = jax.random.PRNGKey(seed)
     for entry, keys in plan.items:

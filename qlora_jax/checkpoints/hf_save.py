@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Optional
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -59,6 +59,7 @@ def test_quantize_on_load_gives_bitsandbytes_bytes(bnb_dirs, dtype, rng):
     model, params = qj.from_pretrained(path, dtype=DTYPES[dtype][1], quant=qj.QuantConfig())
     reader = CheckpointReader(saved)
     layers = model.config.num_hidden_layers
+    equal = []
     for group, name in LINEARS:
         q = params["model"]["layers"][group][name]["kernel"]
         assert isinstance(q, qj.quant.QTensor) and q.dtype == DTYPES[dtype][1]
@@ -67,15 +68,17 @@ def test_quantize_on_load_gives_bitsandbytes_bytes(bnb_dirs, dtype, rng):
             ours = qj.quant.to_bnb_state_dict(layer_of(q, i), key)
             assert sorted(ours) == sorted(k for k in reader if k.startswith(key))
             np.testing.assert_array_equal(ours[key], reader[key], err_msg=key)
-            # Double-quantized absmax: exact nearest here; bnb's CPU lookup table is off for
-            # ~0.5% of codes (formats.md), so compare decoded scales.
-            codes_equal = np.mean(ours[key + ".absmax"] == reader[key + ".absmax"])
-            assert codes_equal > 0.95, f"{key}: {codes_equal:.3f} of absmax codes equal"
+            # Double-quantized absmax: exact nearest here; bnb's CPU lookup table is off for a
+            # few codes (formats.md): those may differ, by one step of the dynamic map only.
+            a, b = ours[key + ".absmax"].astype(int), reader[key + ".absmax"].astype(int)
+            assert np.all(np.abs(a - b) <= 1), key
+            equal.append(a == b)
             np.testing.assert_allclose(ours[key + ".nested_absmax"],
                                        reader[key + ".nested_absmax"], rtol=1e-6)
             theirs = qj.quant.from_bnb_state_dict(reader, key)
             np.testing.assert_allclose(np.asarray(dequantize_absmax(layer_of(q, i))),
                                        np.asarray(dequantize_absmax(theirs)), rtol=2e-2)
+    assert np.mean(np.concatenate(equal)) > 0.95
     # lm_head is skipped by the default QuantConfig, as bitsandbytes does.
     assert not isinstance(params["lm_head"]["kernel"], qj.quant.QTensor)
     ids, mask = tiny.left_padded(rng, 2, 9)

@@ -203,8 +203,8 @@ def load_peft(model: Any, params: dict, adapter_dir: str) -> tuple[Any, dict]:
         hf = sites[path].hf_names
         a = [read(f"{n}.lora_A.weight", (spec.r, in_f)).astype(np.float32).T for n in hf]
         b = [read(f"{n}.lora_B.weight", (out_f, spec.r)).astype(np.float32).T for n in hf]
-        stacked = len(hf) > 1 or np.ndim(getattr(flat[path + ("kernel",)], "value",
-                                                 flat[path + ("kernel",)])) == 3
+        kernel = getattr(flat[path + ("kernel",)], "value", flat[path + ("kernel",)])
+        stacked = len(kernel.shape) == 3  # layers stacked by nn.scan (also for one layer)
         flat[path + ("lora_a",)] = jnp.asarray(np.stack(a) if stacked else a[0])
         flat[path + ("lora_b",)] = jnp.asarray(np.stack(b) if stacked else b[0])
     for entry in _saved_entries(new_model, plan):

@@ -146,7 +146,8 @@ def _random_qtensor(abstract: Any, key: Any) -> Any:
 
 
 def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
-             loss_chunk: int, offload_state: bool, impl: str) -> dict[str, Any]:
+             loss_chunk: int, offload_state: bool, impl: str,
+             adapter_dtype: str = "float32") -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -172,7 +173,7 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     build_s = time.perf_counter() - t0
     weights_bytes = qj.lora.nbytes(params)
     tx = optax.adamw(2e-4)
-    state = tstate.create_state(params, tx, seed=0, adapter_dtype=jnp.float32,
+    state = tstate.create_state(params, tx, seed=0, adapter_dtype=jnp.dtype(adapter_dtype),
                                 offload_state=offload_state)
     del params
     task = Task(model, "causal_lm", loss_chunk=loss_chunk)
@@ -197,7 +198,7 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     stats = dev.memory_stats() or {}
     tps = batch * seq / med
     pf = peak_flops(dev.device_kind)
-    return dict(system="qlora_jax", remat=remat, loss_chunk=loss_chunk,
+    return dict(system="qlora_jax", remat=remat, loss_chunk=loss_chunk, adapter_dtype=adapter_dtype,
                 offload_state=offload_state, impl=qj.quant.resolve_impl(impl),
                 step_s=round(med, 4), tokens_per_s=round(tps, 1),
                 mfu=_ratio(tps * shape.flops_per_token(r, seq) / pf),
@@ -217,7 +218,7 @@ def _child(args: argparse.Namespace) -> None:
                   trainable=shape.lora_params(args.rank), matmul_params=shape.matmul_params())
     if args.system == "ours":
         res = run_ours(shape, args.batch, args.seq, args.rank, args.steps, args.remat,
-                       args.loss_chunk, args.offload_state, args.impl)
+                       args.loss_chunk, args.offload_state, args.impl, args.adapter_dtype)
     elif args.system == "bnb":
         from benchmarks import peer_bnb
         res = peer_bnb.run(shape, args.batch, args.seq, args.rank, args.steps)
@@ -243,6 +244,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--loss-chunk", type=int, default=512, help="0: full logits")
     p.add_argument("--offload-state", action="store_true")
     p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"))
+    p.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--peer", action="append", default=[], choices=PEERS)
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--out", default="benchmarks/out")
@@ -258,7 +260,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         cmd = [sys.executable, "-m", "benchmarks.train_step", "--system", system,
                "--shape", args.shape, "--batch", str(args.batch), "--seq", str(args.seq),
                "--rank", str(args.rank), "--steps", str(args.steps), "--remat", args.remat,
-               "--loss-chunk", str(args.loss_chunk), "--impl", args.impl]
+               "--loss-chunk", str(args.loss_chunk), "--impl", args.impl,
+               "--adapter-dtype", args.adapter_dtype]
         if args.offload_state:
             cmd.append("--offload-state")
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")

@@ -57,9 +57,10 @@ def report(summary: dict) -> str:
                          f"loss {res['eval_loss']:.4f}{extra}")
     lines.append(f"trainable parameters: {summary['trainable_params']:,}; frozen parameters: "
                  f"{summary['frozen_params']:,} at {summary['bits_per_frozen_param']:.3f} bits "
-                 "each")
-    lines.append(f"peak memory: {summary['peak_memory_bytes'] / 2**20:.0f} MiB; "
-                 f"wall time {summary['wall_s']:.1f} s")
+                 f"each on average, {summary['bits_per_4bit_param']:.3f} bits in the 4-bit "
+                 "linear weights (embeddings and norms stay float)")
+    lines.append(f"peak memory: {summary['peak_memory_bytes'] / 2**20:.0f} MiB "
+                 f"({summary['peak_memory_source']}); wall time {summary['wall_s']:.1f} s")
     lines.append(json.dumps(summary, sort_keys=True, default=float))
     return "\n".join(lines)
 

@@ -120,6 +120,9 @@ def validate(config: Any) -> None:
     if not field("model.path") and "random" not in config.model:
         raise ConfigError("config.model.path is empty and there is no config.model.random "
                           "section: give a checkpoint directory with --config.model.path=DIR")
+    if not field("data.path"):
+        raise ConfigError("config.data.path is empty: give a JSONL file or a builtin dataset name "
+                          "with --config.data.path=...")
     if field("train.loss_chunk") and field("model.task") != "causal_lm":
         raise ConfigError("config.train.loss_chunk applies to causal_lm models only; set it to 0")
     if field("data.packing") and field("model.task") == "causal_lm":

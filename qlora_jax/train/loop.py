@@ -31,7 +31,7 @@ from qlora_jax.lora import params as lora_params
 from qlora_jax.train import build
 from qlora_jax.train import config as train_config
 from qlora_jax.train.checkpoint import Checkpointer
-from qlora_jax.train.metrics import MetricsLogger
+from qlora_jax.train.metrics import MetricsLogger, peak_memory
 from qlora_jax.train.state import create_state
 from qlora_jax.train.step import evaluate, host_metrics, make_eval_step, make_train_step
 
@@ -70,9 +70,14 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _bits_per_frozen_param(frozen: Any) -> float:
+def _bits_per_frozen_param(frozen: Any) -> tuple[float, float]:
+    """(bits a frozen parameter over all frozen leaves, bits a parameter of the 4-bit leaves)."""
+    from qlora_jax.quant.qtensor import QTensor
+
     n = lora_params.count(frozen)
-    return 8.0 * lora_params.nbytes(frozen) / max(n, 1)
+    qs = [v for v in lora_params.flatten(frozen).values() if isinstance(v, QTensor)]
+    q_bits = 8.0 * sum(q.nbytes for q in qs) / max(sum(q.size for q in qs), 1)
+    return 8.0 * lora_params.nbytes(frozen) / max(n, 1), q_bits
 
 
 def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str, Any]:
@@ -132,12 +137,13 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     log = MetricsLogger(workdir, config.train.steps, start, config.train.progress, stream)
     n_trainable = lora_params.count(state.trainable)
     n_frozen = lora_params.count(state.frozen)
-    bits = _bits_per_frozen_param(state.frozen)
+    bits, q_bits = _bits_per_frozen_param(state.frozen)
     log.message(f"{'resuming at' if start else 'starting'} step {start} of {config.train.steps}: "
                 f"{n_trainable:,} trainable parameters, {n_frozen:,} frozen at "
-                f"{bits:.3f} bits each")
+                f"{bits:.3f} bits each ({q_bits:.3f} bits in the 4-bit weights)")
     summary: dict[str, Any] = {"trainable_params": n_trainable, "frozen_params": n_frozen,
-                               "bits_per_frozen_param": bits, "start_step": start}
+                               "bits_per_frozen_param": bits, "bits_per_4bit_param": q_bits,
+                               "start_step": start}
     if config.train.eval_every and start == 0:
         before = run_eval()
         if before is not None:
@@ -190,13 +196,9 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
         log.close()
         ckpt.close()
     summary.update({"steps": config.train.steps, "final_loss": last_loss,
-                    "wall_s": time.time() - t_start, "peak_memory_bytes": _peak()})
+                    "wall_s": time.time() - t_start})
+    summary["peak_memory_bytes"], summary["peak_memory_source"] = peak_memory()
     return summary
-
-
-def _peak() -> int:
-    from qlora_jax.train.metrics import peak_memory
-    return peak_memory()[0]
 
 
 def export_adapter(model: Any, state: Any, workdir: str) -> Optional[str]:

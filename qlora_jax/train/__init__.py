@@ -12,13 +12,17 @@
 (see qlora_jax.train.loop).
 """
 
+from qlora_jax.train.checkpoint import Checkpointer
+from qlora_jax.train.config import ConfigError, validate
+from qlora_jax.train.loop import TrainingDiverged, WorkdirError, run
 from qlora_jax.train.optim import make_optimizer, make_schedule, memory_kinds, to_memory
 from qlora_jax.train.state import TrainState, create_state
 from qlora_jax.train.step import (evaluate, make_eval_step, make_train_step, train_step_fn)
 from qlora_jax.train.task import Task, causal_targets
 
 __all__ = [
-    "Task", "TrainState", "causal_targets", "create_state", "evaluate", "make_eval_step",
+    "Checkpointer", "ConfigError", "Task", "TrainState", "TrainingDiverged", "WorkdirError",
+    "run", "validate", "causal_targets", "create_state", "evaluate", "make_eval_step",
     "make_optimizer", "make_schedule", "make_train_step", "memory_kinds", "to_memory",
     "train_step_fn",
 ]

@@ -8,6 +8,13 @@ Workdir layout::
     checkpoints/<step>/     orbax: trainable leaves, optimizer state, step, RNG, data position
     adapter/           the PEFT adapter (adapter_model.safetensors + adapter_config.json), at the end
 
+metrics.jsonl records of training steps hold ``step``, ``loss`` (mean over the logged window),
+``grad_norm`` (before clipping), ``accuracy`` (next-token or label accuracy on the loss positions),
+``learning_rate``, ``tokens_per_s`` (non-padding tokens a second over the window, compilation
+included in the first), ``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
+qlora_jax.train.metrics); evaluation records hold ``eval_loss``, ``eval_accuracy``,
+``eval_perplexity`` (causal LMs) and ``eval_count``.
+
 Running the same config on the same workdir again resumes from the latest complete checkpoint
 and continues exactly as the uninterrupted run would have (deterministic data order; dropout keys
 derived from the seed and the step).

@@ -40,6 +40,8 @@ def test_unknown_key_or_wrong_type_fails_while_parsing(tmp_path, override, words
     ("--config.model.remat=fulll", ["model.remat", "fulll", "dots_saveable"]),
     ("--config.train.batch_size=6", ["batch_size", "grad_accum"]),
     ("--config.quant.block_size=48", ["block_size", "48"]),
+    ("--config.lora.target_modules=foo_proj", ["target_modules", "foo_proj"]),
+    ("--config.data.path=/no/such/data.jsonl", ["/no/such/data.jsonl"]),
 ])
 def test_bad_value_is_one_line_exit_2_and_writes_nothing(tmp_path, override, words):
     wd = tmp_path / "run"

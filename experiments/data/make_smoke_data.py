@@ -1,6 +1,6 @@
 """Builds experiments/data/smoke.{train,eval}.jsonl: a tiny instruction set for the smoke run.
 
-Records are ``{"prompt": ..., "response": ...}``: the prompt is the opening (up to 160
+Records are ``{"prompt": ..., "response": ...}``: the prompt is the opening (up to 120
 characters) of a Python standard-library docstring from the shipped ``stdlib_docstrings``
 dataset (PSF-2 licensed, see qlora_jax/data/assets/README.md), the response is the name of its module family. The first 160
 training examples make the training file, the first 32 validation examples the eval file.
@@ -26,7 +26,7 @@ def convert(split: str, n: int, out: str) -> None:
         records = [json.loads(line) for line in f][:n]
     with open(out, "w", encoding="utf-8") as f:
         for r in records:
-            text = r["text"] if len(r["text"]) <= 160 else r["text"][:160].rsplit(" ", 1)[0]
+            text = r["text"] if len(r["text"]) <= 120 else r["text"][:120].rsplit(" ", 1)[0]
             prompt = f"Docstring: {text}\nTopic:"
             f.write(json.dumps({"prompt": prompt, "response": " " + names[r["label"]]}) + "\n")
 

@@ -69,6 +69,11 @@ def check_workdir(workdir: str, resolved: dict[str, Any]) -> bool:
     return True
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split())
+
+
 def _write_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -109,8 +114,11 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     num_labels = config.model.num_labels
     if config.model.task == "classification" and not num_labels:
         num_labels = data.train.num_labels
-    model, params = build.load_model(config, num_labels)
-    task = build.make_task(config, model)
+    try:
+        model, params = build.load_model(config, num_labels)
+        task = build.make_task(config, model)
+    except (ValueError, KeyError) as e:  # targets matching nothing, shape mismatches, ...
+        raise train_config.ConfigError(f"cannot build the model: {_one_line(e)}") from e
     tx, schedule = build.make_optimizer(config)
     adapter_dtype = build.DTYPES[config.lora.dtype]
     state = create_state(params, tx, config.train.seed, adapter_dtype, config.optim.offload_state)

@@ -302,3 +302,50 @@ def step_times(records: Sequence[Mapping[str, Any]]) -> list[float]:
     when there are others (it holds the compilation)."""
     times = [1.0 / r["steps_per_s"] for r in records if r.get("steps_per_s")]
     return times[1:] if len(times) > 1 else times
+
+
+def load_config(spec: str, repo_root: Optional[str] = None) -> Any:
+    """An experiment config from ``"experiments/NAME.py"`` or ``"experiments/NAME.py:ARG"``.
+
+    ``ARG`` is passed to ``get_config`` as the launcher does; a relative path is taken from
+    ``repo_root`` (default: the checkout holding this package).
+    """
+    import importlib.util
+    import os
+
+    path, _, arg = spec.partition(":")
+    root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = path if os.path.isabs(path) else os.path.join(root, path)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(f"experiment config {full} does not exist")
+    module_spec = importlib.util.spec_from_file_location("_qj_experiment", full)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def adapter_matrices(adapter_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The LoRA factors of a PEFT adapter directory, by module name.
+
+    Returns:
+      module name (e.g. ``"bert.encoder.layer.0.attention.self.query"``) -> ``(A [R, in],
+      B [out, R])`` in PEFT/PyTorch layout, float64.
+    """
+    import os
+
+    from safetensors.numpy import load_file
+
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: is {adapter_dir} a PEFT adapter folder?")
+    tensors = load_file(path)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[:-len(".lora_A.weight")]
+        b = tensors[name + ".lora_B.weight"]
+        out[name.removeprefix("base_model.model.")] = (a.astype(np.float64), b.astype(np.float64))
+    if not out:
+        raise ValueError(f"{path} holds no lora_A/lora_B weights")
+    return out

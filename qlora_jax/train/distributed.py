@@ -1,0 +1,141 @@
+"""Training on a device mesh: shardings of the train state, placement, batches, gathering.
+
+``Placement`` carries the mesh and rules of a run (``config.mesh``) and knows how to put the train
+state and each batch on the devices, with which shardings to jit the step, and how to bring
+arrays back to the host (all processes take part in gathers; only process 0 writes files).
+One device and one process is the trivial mesh (1, 1, 1): everything still goes through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from qlora_jax import sharding as shd
+from qlora_jax.lora import params as lora_params
+from qlora_jax.lora.trainable import Trainable
+
+
+def _keystr(path: tuple[Any, ...]) -> tuple[str, ...]:
+    out = []
+    for k in path:
+        name = getattr(k, "key", None)
+        if name is None:
+            name = getattr(k, "name", None)
+        if name is None:
+            name = getattr(k, "idx", None)
+        out.append(str(name))
+    return tuple(out)
+
+
+@dataclasses.dataclass
+class Placement:
+    """Mesh, rules and the shardings derived from them for one run."""
+
+    mesh: Mesh
+    rules: tuple
+
+    @classmethod
+    def from_config(cls, mesh_cfg: Any) -> "Placement":
+        mesh = shd.make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor))
+        return cls(mesh, shd.rules_from_config(mesh_cfg))
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(list(self.mesh.shape.values())))
+
+    @property
+    def batch_divisor(self) -> int:
+        """Rows a global batch must be a multiple of (the product of the batch mesh axes)."""
+        axes = shd._mesh_axes_for("batch", self.rules)  # noqa: SLF001 - same package
+        return int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
+
+    def replicated(self) -> NamedSharding:
+        return shd.replicated(self.mesh)
+
+    def tree_shardings(self, tree: Any) -> Any:
+        return shd.param_shardings(tree, self.mesh, self.rules)
+
+    def opt_state_shardings(self, opt_state: Any, trainable: Any) -> Any:
+        """Optimizer-state leaves that mirror a trainable leaf get its sharding; others replicate.
+
+        optax states hold trees shaped like the params (``mu``, ``nu``...), so the path of such a
+        leaf ends with the path of the parameter it belongs to.
+        """
+        flat_sh = lora_params.flatten(self.tree_shardings(trainable))
+        by_path = {}
+        for p, s in flat_sh.items():
+            by_path[p] = s.value if isinstance(s, Trainable) else s
+        shapes = {p: np.shape(v.value if isinstance(v, Trainable) else v)
+                  for p, v in lora_params.flatten(trainable).items()}
+
+        def pick(path, leaf):
+            keys = tuple(k for k in _keystr(path) if k not in ("value",))
+            for n in range(len(keys)):
+                cand = keys[n:]
+                if cand in by_path and shapes.get(cand) == np.shape(leaf):
+                    sh = by_path[cand]
+                    memory_kind = getattr(getattr(leaf, "sharding", None), "memory_kind", None)
+                    if memory_kind and memory_kind != sh.memory_kind:
+                        sh = sh.with_memory_kind(memory_kind)
+                    return sh
+            memory_kind = getattr(getattr(leaf, "sharding", None), "memory_kind", None)
+            rep = self.replicated()
+            return rep.with_memory_kind(memory_kind) if memory_kind else rep
+
+        return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+    def state_shardings(self, state: Any) -> Any:
+        return state.replace(
+            step=self.replicated(), rng=self.replicated(),
+            trainable=self.tree_shardings(state.trainable),
+            frozen=self.tree_shardings(state.frozen),
+            opt_state=self.opt_state_shardings(state.opt_state, state.trainable))
+
+    def put(self, tree: Any, shardings: Any) -> Any:
+        """Places host or single-device arrays onto ``shardings`` (every process the same values)."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, shardings)
+
+        def one(x, s):
+            x = np.asarray(jax.device_get(x))
+            return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+        return jax.tree.map(one, tree, shardings)
+
+    def batch(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        """A batch of this process's rows placed on the mesh (rows split over the batch axes)."""
+        return shd.shard_batch(batch, self.mesh, self.rules)
+
+    def batch_shardings(self, batch: dict[str, Any]) -> dict[str, NamedSharding]:
+        return {k: shd.batch_sharding(self.mesh, self.rules, np.ndim(v)) for k, v in batch.items()}
+
+    def gather(self, tree: Any) -> Any:
+        """Host numpy copies of (possibly sharded, multi-process) arrays; all processes call it."""
+        if jax.process_count() == 1:
+            return jax.device_get(tree)
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def is_writer() -> bool:
+    """Only process 0 writes the workdir's files (orbax coordinates its own writes)."""
+    return jax.process_index() == 0
+
+
+def local_rows(global_batch: int) -> tuple[int, int, int]:
+    """(rows of this process, shard index, shard count) of a global batch."""
+    n = jax.process_count()
+    if global_batch % n:
+        raise ValueError(f"train.batch_size={global_batch} does not split over {n} processes")
+    return global_batch // n, jax.process_index(), n
+
+
+def describe_mesh(placement: Optional[Placement]) -> str:
+    if placement is None:
+        return "one device"
+    shape = ", ".join(f"{k}={v}" for k, v in placement.mesh.shape.items())
+    return f"mesh ({shape}) over {placement.size} devices in {jax.process_count()} process(es)"

@@ -8,9 +8,9 @@ Hardware: any CPU (2 cores are plenty). Expected result: 15-40 s in all, most of
 compilation; 40 steps of 8 rows; the response-only training loss falls from ~6.5 (about ln 512,
 the vocabulary) to ~1, held-out loss from ~6.5 to ~0.7 and held-out next-token accuracy on the
 response tokens from ~0.02 to ~0.65 (about 30 CPU-seconds); the workdir ends with config.json,
-metrics.jsonl, TensorBoard events, checkpoints/ (steps 30 and 40) and adapter/ (PEFT). Running
-the same command again finds the run complete and only re-exports the adapter. Tests use this
-config (tests/train/test_loop.py).
+metrics.jsonl, eval.jsonl, TensorBoard events, checkpoints/ (steps 30 and 40) and adapter/
+(PEFT). Running the same command again finds the run complete and only re-exports the
+adapter. Tests use this config (tests/train/test_loop.py).
 
 Data: experiments/data/smoke.{train,eval}.jsonl (prompt/response records made from the shipped
 stdlib_docstrings dataset by experiments/data/make_smoke_data.py) and the 512-token BPE tokenizer

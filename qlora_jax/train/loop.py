@@ -3,7 +3,8 @@
 Workdir layout::
 
     config.json        the resolved config (a workdir belongs to one experiment)
-    metrics.jsonl      one JSON object a logged step (and a record a evaluation)
+    metrics.jsonl      one JSON object a logged training step
+    eval.jsonl         one JSON object a held-out evaluation (before training, every eval_every)
     events.out.tfevents.*   TensorBoard, the same scalars
     checkpoints/<step>/     orbax: trainable leaves, optimizer state, step, RNG, data position
     adapter/           the PEFT adapter (adapter_model.safetensors + adapter_config.json), at the end
@@ -12,7 +13,7 @@ metrics.jsonl records of training steps hold ``step``, ``loss`` (mean over the l
 ``grad_norm`` (before clipping), ``accuracy`` (next-token or label accuracy on the loss positions),
 ``learning_rate``, ``tokens_per_s`` (non-padding tokens a second over the window, compilation
 included in the first), ``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
-qlora_jax.train.metrics); evaluation records hold ``eval_loss``, ``eval_accuracy``,
+qlora_jax.train.metrics); eval.jsonl records hold ``eval_loss``, ``eval_accuracy``,
 ``eval_perplexity`` (causal LMs) and ``eval_count``.
 
 Running the same config on the same workdir again resumes from the latest complete checkpoint
@@ -162,7 +163,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     if config.train.eval_every and start == 0:
         before = run_eval()
         if before is not None:
-            log.log(0, before)
+            log.log(0, before, evaluation=True)
             summary["eval_before"] = before
     last_loss = math.nan
     try:
@@ -196,7 +197,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                                             or done == config.train.steps):
                 result = run_eval()
                 if result is not None:
-                    log.log(done, result)
+                    log.log(done, result, evaluation=True)
                     summary["eval_after"] = result
             if (config.train.checkpoint_every and done % config.train.checkpoint_every == 0) \
                     or done == config.train.steps:

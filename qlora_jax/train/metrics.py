@@ -1,4 +1,4 @@
-"""Run logging: metrics.jsonl, TensorBoard event files, and a progress bar or plain log lines.
+"""Run logging: metrics.jsonl, eval.jsonl, TensorBoard events, and a progress bar or log lines.
 
 ``peak_memory_bytes`` is the device's ``memory_stats()["peak_bytes_in_use"]`` where the backend
 reports it (GPU, TPU); on CPU, which reports no device statistics, it is the peak resident set
@@ -65,8 +65,11 @@ class MetricsLogger:
         from tensorboardX import SummaryWriter
 
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.eval_path = os.path.join(workdir, "eval.jsonl")
         truncate_jsonl(self.path, start_step)
+        truncate_jsonl(self.eval_path, start_step)
         self._file = open(self.path, "a", encoding="utf-8")
+        self._eval_file = open(self.eval_path, "a", encoding="utf-8")
         self._tb = SummaryWriter(workdir, purge_step=start_step if start_step else None)
         self._stream = stream or sys.stderr
         tty = hasattr(self._stream, "isatty") and self._stream.isatty()
@@ -78,14 +81,20 @@ class MetricsLogger:
                              dynamic_ncols=True, desc="train")
         self._last_step = start_step
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        """Writes one record ``{"step": step, **metrics, peak memory}``; returns it."""
+    def log(self, step: int, metrics: Mapping[str, Any], evaluation: bool = False
+            ) -> dict[str, Any]:
+        """Writes one record ``{"step": step, **metrics, peak memory}``; returns it.
+
+        Training records go to metrics.jsonl, evaluation records (``evaluation=True``) to
+        eval.jsonl, so every line of metrics.jsonl has the same training fields.
+        """
         peak, source = peak_memory()
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()},
                   "peak_memory_bytes": peak, "peak_memory_source": source,
                   "time": round(time.time(), 3)}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        out = self._eval_file if evaluation else self._file
+        out.write(json.dumps(record) + "\n")
+        out.flush()
         for k, v in record.items():
             if k not in ("step", "time") and isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, int(step))
@@ -114,6 +123,7 @@ class MetricsLogger:
             self._bar.close()
         self._tb.close()
         self._file.close()
+        self._eval_file.close()
 
 
 def _plain(v: Any) -> Any:

@@ -164,6 +164,10 @@ def test_quickstart_plumbing_on_real_minilm(tmp_path):
     config.train.progress = "lines"
     summary = loop.run(config, str(tmp_path), stream=io.StringIO())
     assert summary["eval_before"]["eval_count"] == 8 and "eval_after" in summary
+    evals = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    assert [r["step"] for r in evals] == [0, 2] and all("eval_accuracy" in r for r in evals)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [2] and all("loss" in r for r in records)
     assert abs(summary["bits_per_4bit_param"] - 4.127) < 0.01
     # Adapters r=16 on the 36 encoder linear layers + the 8-way head (weight and bias) + pooler.
     assert summary["trainable_params"] > 8 * 384

@@ -22,10 +22,14 @@ def test_plain_lines_when_not_a_terminal(tmp_path, rng):
     losses = rng.random(2) + 1.0
     log.log(2, {"loss": losses[0], "tokens_per_s": 123.0, "learning_rate": 1e-3})
     log.log(4, {"loss": losses[1], "tokens_per_s": 456.0, "learning_rate": 1e-3})
+    log.log(4, {"eval_loss": 0.5, "eval_accuracy": 0.75}, evaluation=True)
     log.close()
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("step 2: loss=") and "tokens_per_s=123" in lines[0]
     assert lines[1].startswith("step 4:") and "\r" not in stream.getvalue()
+    assert lines[2].startswith("step 4: eval_loss=0.5")
+    evals = [json.loads(x) for x in open(tmp_path / "eval.jsonl")]
+    assert len(evals) == 1 and evals[0]["eval_accuracy"] == 0.75
     records = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == [2, 4]
     np.testing.assert_allclose([r["loss"] for r in records], losses)

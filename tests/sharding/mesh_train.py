@@ -33,11 +33,10 @@ def run(meshes, seed, steps=4):
     tx = optax.adamw(1e-2)
     fn = tstep.train_step_fn(task, tx, optax.constant_schedule(1e-2), dropout=False)
     rng = np.random.default_rng(seed)
-    batches = []
-    for _ in range(steps):
-        ids = rng.integers(0, cfg.vocab_size, (8, 17), dtype=np.int32)
-        batches.append({"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-                        "loss_mask": np.ones((8, 16), np.float32)})
+    # One batch, repeated: the model memorises it, so the loss must fall step after step.
+    ids = rng.integers(0, cfg.vocab_size, (8, 17), dtype=np.int32)
+    batches = [{"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+                "loss_mask": np.ones((8, 16), np.float32)}] * steps
 
     def losses(placement):
         fresh = jax.tree.map(jnp.copy, params)  # the step donates its state

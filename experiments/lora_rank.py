@@ -6,8 +6,9 @@ Launch one point of the sweep (from the repository root):
         --config.lora.r=8 --config.lora.target_modules='.*\\.(query|value)'
 
 The notebook (notebooks/02_lora_rank.ipynb) runs r = 1, 2, 4, 8, 64 with adapters on query and
-value (regex ``.*\\.(query|value)``) and on query only (``.*\\.query``), one workdir each, and reads their metrics.jsonl and
-adapter/ (PEFT files; the A matrices for the subspace similarity).
+value (regex ``.*\\.(query|value)``) and on query only (``.*\\.query``), one workdir each, and
+reads their summaries, metrics.jsonl and adapter/ (PEFT files: the A and B matrices for the
+subspace similarity).
 
 Setup: the quickstart (MiniLM all-MiniLM-L6-v2 + the stdlib_docstrings 8-way classification,
 fresh classification head trained in full) with a float32 base (no quantization: the rank sweep

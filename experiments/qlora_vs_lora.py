@@ -12,8 +12,8 @@ in modules_to_save), ``lora16`` (LoRA on a bfloat16 frozen base, float32 compute
 
 Same budget for all: the quickstart (MiniLM + stdlib_docstrings, 8 labels, a fresh head trained in
 full), LoRA r=16 alpha=32 on every encoder linear ("all-linear"), 60 steps of 16 rows of 48
-tokens, AdamW with a linear decay; learning rate 2e-3 for the adapters, 5e-5 for full fine-tuning
-(2e-3 on every weight diverges).
+tokens, AdamW with a linear decay; learning rate 2e-3 for the adapters (the quickstart's), 5e-5 for
+full fine-tuning (a usual rate for BERT-size models; not tuned here).
 
 Hardware and expected result: 2 CPU cores, ~1.5-3 min a run (4-bit bases dequantize on every
 matmul and are slower on a CPU than the float base). Held-out accuracy: all LoRA/QLoRA variants

@@ -15,10 +15,11 @@ fresh classification head trained in full) with a float32 base (no quantization:
 studies LoRA itself, and the float base is faster on a CPU), lora_alpha fixed at 16 for every rank
 as in the LoRA paper (scaling alpha / r), 60 steps of 16 rows of 48 tokens (about half an epoch).
 
-Hardware and expected result: 2 CPU cores, ~1-2 min a run. Held-out (validation) accuracy from
-chance (~0.11) to ~0.5-0.7 for every rank; differences between ranks are within a few points,
-of the order of the seed-to-seed spread (the LoRA paper's finding that a small r suffices);
-query alone trails query and value slightly.
+Hardware and expected result: 2 CPU cores, 1-3 min a run. Measured (2026-11-22, one seed):
+validation accuracy from 0.113 to 0.43 (r=1) and 0.53-0.59 (r=2..64) with query+value, loss
+2.080 -> 1.648 (r=1) and 1.579-1.595 (r=2..64, no trend in r); query alone 0.609-0.613, loss
+1.898-1.906 for every r (the adapter barely moves the model in this budget; the head learns).
+Subspace similarity r=8 vs r=64 (mean of 12 modules): phi(1,1) = 0.57 (A), 0.86 (B), random 0.004.
 """
 
 import importlib.util

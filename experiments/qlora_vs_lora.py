@@ -15,10 +15,12 @@ full), LoRA r=16 alpha=32 on every encoder linear ("all-linear"), 60 steps of 16
 tokens, AdamW with a linear decay; learning rate 2e-3 for the adapters (the quickstart's), 5e-5 for
 full fine-tuning (a usual rate for BERT-size models; not tuned here).
 
-Hardware and expected result: 2 CPU cores, ~1.5-3 min a run (4-bit bases dequantize on every
-matmul and are slower on a CPU than the float base). Held-out accuracy: all LoRA/QLoRA variants
-within a few points of each other (~0.6-0.75), NF4 close to 16-bit LoRA, Int4/FP4 no better than
-NF4; full fine-tuning trains 22.7M parameters against ~0.7M.
+Hardware and expected result: 2 CPU cores, 1.5-6 min a run (a bfloat16 base is slow on a CPU:
+emulated bf16 matmuls). Measured (2026-11-22, seeds 0 and 1, validation accuracy / loss, mean):
+lora16 0.730 / 0.927, qlora_nf4 0.720 / 0.921, qlora_fp4 0.741 / 0.921, qlora_int4 0.733 / 0.891
+(seed half-ranges 0.002-0.024 / 0.07-0.10: the LoRA variants are indistinguishable), full
+0.613 / 1.797 (under-trained at 5e-5 in 60 steps); trainable parameters 678,920 (LoRA) vs
+22,716,296 (full).
 """
 
 import importlib.util

@@ -11,4 +11,4 @@ __version__ = "0.1.0"
 
 __all__ = ["LoraConfig", "QuantConfig", "lora", "quant", "__version__",
            "checkpoints", "models", "from_pretrained", "save_pretrained",
-           "save_peft", "load_peft", "generate", "data", "eval", "sharding"]
+           "save_peft", "load_peft", "generate", "data", "sharding"]

@@ -22,25 +22,18 @@ validation accuracy from 0.113 to 0.43 (r=1) and 0.53-0.59 (r=2..64) with query+
 Subspace similarity r=8 vs r=64 (mean of 12 modules): phi(1,1) = 0.57 (A), 0.86 (B), random 0.004.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from qlora_jax.train.config import load_experiment
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _quickstart() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("_qj_quickstart",
-                                                  os.path.join(HERE, "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def get_config() -> ml_collections.ConfigDict:
     """The rank-sweep experiment (one point; override lora.r and lora.target_modules)."""
-    c = _quickstart()
+    c = load_experiment(os.path.join(HERE, "quickstart.py"))
     # Float32 frozen base: the sweep studies the adapter, not the 4-bit data type.
     c.quant.enabled = False
     # Adapter rank R (the sweep: 1, 2, 4, 8, 64).

@@ -21,10 +21,11 @@ Measured (2 CPU cores, 2026-11-22): state 6.8 MiB frozen + 6.4 MiB adapters and 
 run 1019 / 1057 / 1150 MiB.
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from qlora_jax.train.config import load_experiment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("qlora", "lora", "full")
@@ -33,19 +34,12 @@ ALL_MODULES = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_pro
                "down_proj", "input_layernorm", "post_attention_layernorm", "norm", "lm_head")
 
 
-def _smoke() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("_qj_smoke", os.path.join(HERE, "smoke.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config(method: str = "qlora") -> ml_collections.ConfigDict:
     """One method (``qlora``, ``lora`` or ``full``) on the larger random Llama."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)} "
                          "(--config experiments/memory_small.py:METHOD)")
-    c = _smoke()
+    c = load_experiment(os.path.join(HERE, "smoke.py"))
     # A larger random Llama than the smoke run's (12.3M parameters).
     c.model.random.hidden_size = 512
     c.model.random.intermediate_size = 1408

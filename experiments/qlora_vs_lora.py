@@ -23,10 +23,11 @@ lora16 0.730 / 0.927, qlora_nf4 0.720 / 0.921, qlora_fp4 0.741 / 0.921, qlora_in
 22,716,296 (full).
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from qlora_jax.train.config import load_experiment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("full", "lora16", "qlora_nf4", "qlora_fp4", "qlora_int4")
@@ -35,20 +36,12 @@ ALL_MODULES = ("word_embeddings", "position_embeddings", "token_type_embeddings"
                "query", "key", "value", "dense", "classifier")
 
 
-def _quickstart() -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("_qj_quickstart",
-                                                  os.path.join(HERE, "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config(method: str = "qlora_nf4") -> ml_collections.ConfigDict:
     """One method of the comparison (``full``, ``lora16``, ``qlora_nf4|fp4|int4``)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)} "
                          "(--config experiments/qlora_vs_lora.py:METHOD)")
-    c = _quickstart()
+    c = load_experiment(os.path.join(HERE, "quickstart.py"))
     # Same budget for every method: 60 updates of 16 rows of 48 tokens.
     c.train.steps = 60
     # Tokens a row.

@@ -305,23 +305,11 @@ def step_times(records: Sequence[Mapping[str, Any]]) -> list[float]:
 
 
 def load_config(spec: str, repo_root: Optional[str] = None) -> Any:
-    """An experiment config from ``"experiments/NAME.py"`` or ``"experiments/NAME.py:ARG"``.
+    """An experiment config from ``"experiments/NAME.py[:ARG]"`` (see
+    ``qlora_jax.train.config.load_experiment``)."""
+    from qlora_jax.train.config import load_experiment
 
-    ``ARG`` is passed to ``get_config`` as the launcher does; a relative path is taken from
-    ``repo_root`` (default: the checkout holding this package).
-    """
-    import importlib.util
-    import os
-
-    path, _, arg = spec.partition(":")
-    root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    full = path if os.path.isabs(path) else os.path.join(root, path)
-    if not os.path.isfile(full):
-        raise FileNotFoundError(f"experiment config {full} does not exist")
-    module_spec = importlib.util.spec_from_file_location("_qj_experiment", full)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    return load_experiment(spec, repo_root)
 
 
 def adapter_matrices(adapter_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

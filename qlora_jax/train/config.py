@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 SECTIONS = ("model", "quant", "lora", "data", "optim", "train", "mesh")
 
@@ -153,3 +153,26 @@ def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") ->
         elif va != vb:
             out.append(name)
     return out
+
+
+def load_experiment(spec: str, repo_root: Optional[str] = None) -> Any:
+    """An experiment config from ``"experiments/NAME.py"`` or ``"experiments/NAME.py:ARG"``.
+
+    ``ARG`` is passed to ``get_config`` as the launcher does; a relative path is taken from
+    ``repo_root`` (default: the checkout holding this package). Experiments derived from another
+    one load it with this too.
+    """
+    import importlib.util
+    import os
+
+    path, _, arg = spec.partition(":")
+    root = repo_root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    full = path if os.path.isabs(path) else os.path.join(root, path)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(f"experiment config {full} does not exist")
+    name = "_qj_experiment_" + os.path.splitext(os.path.basename(full))[0]
+    module_spec = importlib.util.spec_from_file_location(name, full)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+

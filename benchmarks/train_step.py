@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -94,34 +95,41 @@ def _ratio(x: float) -> Optional[float]:
 
 # -- ours ---------------------------------------------------------------------------------------
 
-def random_params(model: Any, shape: Shape, r: int, seed: int) -> Any:
-    """Random params built leaf by leaf on the device; 4-bit kernels quantized a layer at a time."""
+def random_params(model: Any, shape: Shape, r: int, seed: int, placement: Any = None) -> Any:
+    """Random params built leaf by leaf on the device; 4-bit kernels quantized a layer at a time.
+
+    With a ``placement`` (a mesh), each leaf is built directly with its sharding, so no device
+    ever holds more than its own share of the model.
+    """
     import jax
     import jax.numpy as jnp
 
     from qlora_jax.lora import params as lp
-    from qlora_jax.quant.blockwise import _quantize_flat
     from qlora_jax.quant.qtensor import QTensor
 
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
+    shardings = lp.flatten(placement.tree_shardings(abstract)) if placement is not None else {}
     key = jax.random.key(seed)
     out = {}
     for i, (path, leaf) in enumerate(lp.flatten(abstract).items()):
         k = jax.random.fold_in(key, i)
+        sh = shardings.get(path)
         if isinstance(leaf, QTensor):
-            out[path] = _random_qtensor(leaf, k)
-        elif path[-1] == "lora_b":
-            out[path] = jnp.zeros(leaf.shape, leaf.dtype)
+            out[path] = _random_qtensor(leaf, k, sh)
+            continue
+        if path[-1] == "lora_b":
+            make = lambda k, s=leaf.shape, d=leaf.dtype: jnp.zeros(s, d)  # noqa: E731
         elif path[-1] == "scale":
-            out[path] = jnp.ones(leaf.shape, leaf.dtype)
+            make = lambda k, s=leaf.shape, d=leaf.dtype: jnp.ones(s, d)  # noqa: E731
         else:
             std = 1.0 / (leaf.shape[-2] ** 0.5) if leaf.ndim >= 2 else 0.02
-            out[path] = jax.jit(lambda k, s=leaf.shape, d=leaf.dtype, sd=std:
-                                (jax.random.normal(k, s, jnp.float32) * sd).astype(d))(k)
+            make = lambda k, s=leaf.shape, d=leaf.dtype, sd=std: (  # noqa: E731
+                jax.random.normal(k, s, jnp.float32) * sd).astype(d)
+        out[path] = jax.jit(make, out_shardings=sh)(k)
     return lp.unflatten(out)
 
 
-def _random_qtensor(abstract: Any, key: Any) -> Any:
+def _random_qtensor(abstract: Any, key: Any, sharding: Any = None) -> Any:
     import jax
     import jax.numpy as jnp
 
@@ -132,7 +140,14 @@ def _random_qtensor(abstract: Any, key: Any) -> Any:
     settings = dict(qtype=abstract.qtype, block_size=abstract.block_size,
                     nested_block_size=abstract.nested_block_size)
 
-    @jax.jit
+    outs = None
+    if sharding is not None:
+        rep = sharding.packed.mesh and jax.sharding.NamedSharding(sharding.packed.mesh,
+                                                                   jax.sharding.PartitionSpec())
+        outs = (sharding.packed, sharding.absmax, sharding.nested_absmax or rep,
+                sharding.offset or rep)
+
+    @functools.partial(jax.jit, out_shardings=outs)
     def build(key):
         def one(i):
             w = jax.random.normal(jax.random.fold_in(key, i), (out_f * in_f,), jnp.float32)
@@ -147,18 +162,28 @@ def _random_qtensor(abstract: Any, key: Any) -> Any:
 
 def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
              loss_chunk: int, offload_state: bool, impl: str,
-             adapter_dtype: str = "float32") -> dict[str, Any]:
+             adapter_dtype: str = "float32", mesh: tuple[int, int, int] = (1, 1, 1),
+             profile: Optional[str] = None, attention: str = "auto") -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
     import qlora_jax as qj
+    from qlora_jax import sharding as shd
     from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
     from qlora_jax.train import state as tstate
     from qlora_jax.train import step as tstep
+    from qlora_jax.train.distributed import Placement
     from qlora_jax.train.task import Task
 
+    n_dev = int(np.prod(mesh))
+    if n_dev > jax.device_count():
+        raise SystemExit(f"--mesh {mesh} needs {n_dev} devices; this machine has "
+                         f"{jax.device_count()}")
+    placement = Placement(shd.make_mesh(*mesh, devices=jax.devices()[:n_dev]), shd.DEFAULT_RULES)
+    if batch % placement.batch_divisor:
+        raise SystemExit(f"--batch {batch} does not split over the batch axes of --mesh {mesh}")
     cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
                       intermediate_size=shape.inter, num_hidden_layers=shape.layers,
                       num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
@@ -166,9 +191,10 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
                       rope_theta=500000.0)
     lora = qj.LoraConfig(r=r, alpha=16, target_modules="all-linear")
     model = LlamaForCausalLM(cfg, lora=lora, quant=qj.QuantConfig(), dtype=jnp.bfloat16,
-                             param_dtype=jnp.bfloat16, impl=impl, remat=remat)
+                             param_dtype=jnp.bfloat16, impl=impl, remat=remat,
+                             attention=attention)
     t0 = time.perf_counter()
-    params = random_params(model, shape, r, seed=0)
+    params = random_params(model, shape, r, seed=0, placement=placement)
     jax.block_until_ready(params)
     build_s = time.perf_counter() - t0
     weights_bytes = qj.lora.nbytes(params)
@@ -176,41 +202,89 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     state = tstate.create_state(params, tx, seed=0, adapter_dtype=jnp.dtype(adapter_dtype),
                                 offload_state=offload_state)
     del params
+    state_sh = placement.state_shardings(state)
+    state = placement.put(state, state_sh)
     task = Task(model, "causal_lm", loss_chunk=loss_chunk)
-    step = tstep.make_train_step(task, tx, optax.constant_schedule(2e-4), dropout=False,
-                                 offload_state=offload_state)
+    fn = tstep.train_step_fn(task, tx, optax.constant_schedule(2e-4), dropout=False,
+                             offload_state=offload_state)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, shape.vocab, (batch, seq + 1), dtype=np.int32)
-    b = {"input_ids": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
-         "loss_mask": jnp.ones((batch, seq), jnp.float32)}
+    b = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+         "loss_mask": np.ones((batch, seq), np.float32)}
+    b = placement.batch(b)
+    step = jax.jit(fn, donate_argnums=0,
+                   in_shardings=(state_sh, placement.batch_shardings(b)),
+                   out_shardings=(state_sh, placement.replicated()))
     t0 = time.perf_counter()
-    state, metrics = step(state, b)
-    loss0 = float(metrics["loss"])
+    compiled = step.lower(state, b).compile()
     compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    xla_memory = {k: round(getattr(mem, k + "_in_bytes", 0) / 2**30, 3)
+                  for k in ("argument_size", "output_size", "alias_size", "temp_size")} \
+        if mem is not None else None
+    state, metrics = compiled(state, b)
+    loss0 = float(metrics["loss"])
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        state, metrics = step(state, b)
+        state, metrics = compiled(state, b)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t)
     med = float(np.median(times))
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() or {}
+    devs = list(placement.mesh.devices.flat)
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devs]
     tps = batch * seq / med
-    pf = peak_flops(dev.device_kind)
-    return dict(system="qlora_jax", remat=remat, loss_chunk=loss_chunk, adapter_dtype=adapter_dtype,
-                offload_state=offload_state, impl=qj.quant.resolve_impl(impl),
-                step_s=round(med, 4), tokens_per_s=round(tps, 1),
-                mfu=_ratio(tps * shape.flops_per_token(r, seq) / pf),
-                mfu_full_attention=_ratio(tps * shape.flops_per_token(r, seq, True) / pf),
-                compile_s=round(compile_s, 1), build_s=round(build_s, 1),
-                weights_gib=round(weights_bytes / 2**30, 3),
-                peak_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 3),
-                loss_first=round(loss0, 4), loss_last=round(float(metrics["loss"]), 4),
-                device=dev.device_kind, jax=jax.__version__)
+    pf = peak_flops(devs[0].device_kind) * n_dev
+    result = dict(system="qlora_jax", remat=remat, loss_chunk=loss_chunk,
+                  adapter_dtype=adapter_dtype, offload_state=offload_state,
+                  impl=qj.quant.resolve_impl(impl), mesh="x".join(map(str, mesh)),
+                  attention=attention, xla_memory_gib=xla_memory,
+                  devices=n_dev, step_s=round(med, 4), tokens_per_s=round(tps, 1),
+                  tokens_per_s_per_device=round(tps / n_dev, 1),
+                  mfu=_ratio(tps * shape.flops_per_token(r, seq) / pf),
+                  mfu_full_attention=_ratio(tps * shape.flops_per_token(r, seq, True) / pf),
+                  compile_s=round(compile_s, 1), build_s=round(build_s, 1),
+                  weights_gib=round(weights_bytes / 2**30, 3),
+                  peak_gib=round(max(peaks) / 2**30, 3),
+                  peak_gib_per_device=[round(p / 2**30, 3) for p in peaks],
+                  loss_first=round(loss0, 4), loss_last=round(float(metrics["loss"]), 4),
+                  device=devs[0].device_kind, jax=jax.__version__)
+    if profile:
+        result["profile"] = _profile(compiled, state, b, profile)
+    return result
+
+
+def _profile(compiled: Any, state: Any, batch: Any, out_dir: str, steps: int = 2) -> dict:
+    """Runs ``steps`` steps under ``jax.profiler`` and summarizes device time; saves the HLO."""
+    import jax
+
+    from benchmarks import profile_summary
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "step.hlo.txt"), "w") as f:
+        f.write(compiled.as_text())
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics["loss"])
+    summary = profile_summary.summarize(out_dir, steps=steps, top=60)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return {k: summary.get(k) for k in ("device_busy_ms_per_step", "device_span_ms_per_step",
+                                        "by_category_ms_per_step")}
 
 
 # -- driver -------------------------------------------------------------------------------------
+
+def _mesh(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise SystemExit(f"--mesh {text!r}: give three positive counts, data,fsdp,tensor")
+    return parts  # type: ignore[return-value]
+
 
 def _child(args: argparse.Namespace) -> None:
     shape = Shape.get(args.shape)
@@ -218,7 +292,8 @@ def _child(args: argparse.Namespace) -> None:
                   trainable=shape.lora_params(args.rank), matmul_params=shape.matmul_params())
     if args.system == "ours":
         res = run_ours(shape, args.batch, args.seq, args.rank, args.steps, args.remat,
-                       args.loss_chunk, args.offload_state, args.impl, args.adapter_dtype)
+                       args.loss_chunk, args.offload_state, args.impl, args.adapter_dtype,
+                       _mesh(args.mesh), args.profile, args.attention)
     elif args.system == "bnb":
         from benchmarks import peer_bnb
         res = peer_bnb.run(shape, args.batch, args.seq, args.rank, args.steps)
@@ -245,6 +320,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--offload-state", action="store_true")
     p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+    p.add_argument("--mesh", default="1,1,1",
+                   help="data,fsdp,tensor device counts for ours (--batch is the global batch)")
+    p.add_argument("--profile", default=None,
+                   help="directory: profile 2 steps of ours there (trace, summary.json, HLO)")
     p.add_argument("--peer", action="append", default=[], choices=PEERS)
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--out", default="benchmarks/out")
@@ -261,7 +341,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                "--shape", args.shape, "--batch", str(args.batch), "--seq", str(args.seq),
                "--rank", str(args.rank), "--steps", str(args.steps), "--remat", args.remat,
                "--loss-chunk", str(args.loss_chunk), "--impl", args.impl,
-               "--adapter-dtype", args.adapter_dtype]
+               "--adapter-dtype", args.adapter_dtype, "--mesh", args.mesh,
+               "--attention", args.attention]
+        if args.profile and system == "ours":
+            cmd += ["--profile", args.profile]
         if args.offload_state:
             cmd.append("--offload-state")
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")

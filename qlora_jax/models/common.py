@@ -21,6 +21,7 @@ from qlora_jax.quant.config import QuantConfig
 
 Path = tuple[str, ...]
 REMAT_MODES = ("none", "full", "dots_saveable", "offload")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 # -- normalisation ---------------------------------------------------------------------------
@@ -214,6 +215,39 @@ def causal_mask(q_slots: jax.Array, kv_valid: jax.Array,
     if sliding_window is not None:
         m = m & (q_slots[:, None] - s[None, :] < sliding_window)
     return m[None, None, :, :] & kv_valid.astype(bool)[:, None, None, :]
+
+
+def attention_impl(impl: str, q: jax.Array, mask: Optional[jax.Array]) -> str:
+    """The attention implementation ``"auto"`` resolves to for these inputs.
+
+    cuDNN's fused (flash) attention on GPUs for causal attention without an explicit mask, in
+    bf16/f16 with a head dim that is a multiple of 8 up to 128; XLA's dot-product attention
+    (which materialises the [B, H, T, S] scores) everywhere else.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention={impl!r} is not supported; use one of {ATTENTION_IMPLS}")
+    if impl != "auto":
+        return impl
+    fits = (mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+    return "cudnn" if fits and jax.default_backend() == "gpu" else "xla"
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array],
+                          scale: float, impl: str = "auto") -> jax.Array:
+    """Softmax attention ``[B, T, H, K] x [B, S, G, K] -> [B, T, H, K]`` (GQA: H a multiple of G).
+
+    Causal when ``mask`` is None, else ``mask`` (bool ``[B, 1, T, S]``) says what is visible.
+    ``impl``: ``"auto"`` (see ``attention_impl``), ``"xla"`` or ``"cudnn"`` (causal, no mask).
+    """
+    impl = attention_impl(impl, q, mask)
+    if impl == "cudnn" and mask is not None:
+        raise ValueError("attention='cudnn' supports causal attention without an explicit mask "
+                         "(no padding mask, sliding window or KV cache); use 'auto' or 'xla'")
+    kw = {"is_causal": True} if mask is None else {"mask": mask}
+    return jax.nn.dot_product_attention(q, k, v, scale=scale,
+                                        implementation="cudnn" if impl == "cudnn" else "xla",
+                                        **kw)
 
 
 @flax.struct.dataclass

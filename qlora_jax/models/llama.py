@@ -48,6 +48,7 @@ from qlora_jax.lora.dense import LoraDense
 from qlora_jax.lora.plan import LoraPlan, ModuleSite
 from qlora_jax.models.base import LoraModelMixin
 from qlora_jax.models.common import (HFParam, KVCache, RMSNorm, Rope, apply_rope, causal_mask,
+                                     dot_product_attention,
                                      make_rope, maybe_remat, positions_from_mask, quantized_paths,
                                      rope_cos_sin)
 from qlora_jax.quant.config import QuantConfig
@@ -179,6 +180,7 @@ class _Attention(nn.Module):
     param_dtype: Any
     impl: str
     deterministic: bool
+    attention: str = "auto"
 
     def _dense(self, features: int, name: str, bias: bool) -> LoraDense:
         path = tuple(self.scope.path) + (name,)
@@ -203,10 +205,7 @@ class _Attention(nn.Module):
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
             new_cache = (ck, cv)
             kk, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        if mask is None:
-            out = jax.nn.dot_product_attention(q, kk, v, is_causal=True, scale=k ** -0.5)
-        else:
-            out = jax.nn.dot_product_attention(q, kk, v, mask=mask, scale=k ** -0.5)
+        out = dot_product_attention(q, kk, v, mask, k ** -0.5, self.attention)
         out = out.reshape(b, t, h * k)
         return self._dense(c.hidden_size, "o_proj", c.o_bias)(out, det), new_cache
 
@@ -220,6 +219,7 @@ class _MLP(nn.Module):
     param_dtype: Any
     impl: str
     deterministic: bool
+    attention: str = "auto"
 
     _dense = _Attention._dense
 
@@ -243,6 +243,7 @@ class LlamaDecoderLayer(nn.Module):
     param_dtype: Any
     impl: str
     deterministic: bool
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, h, cache_kv, shared):
@@ -250,7 +251,7 @@ class LlamaDecoderLayer(nn.Module):
         c = self.config
         kw = dict(config=c, plan=self.plan, quant=self.quant, quant_paths=self.quant_paths,
                   dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
-                  deterministic=self.deterministic)
+                  deterministic=self.deterministic, attention=self.attention)
         norm = dict(epsilon=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         a, new_cache = _Attention(**kw, name="self_attn")(
             RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index)
@@ -271,6 +272,7 @@ class LlamaModel(nn.Module):
     impl: str
     remat: str
     deterministic: bool
+    attention: str = "auto"
 
     def setup(self):
         c = self.config
@@ -282,7 +284,7 @@ class LlamaModel(nn.Module):
                           split_rngs={"params": True, "dropout": True},
                           in_axes=(0, nn.broadcast), length=c.num_hidden_layers)
         self.layers = scanned(c, self.plan, self.quant, self.quant_paths, self.dtype,
-                              self.param_dtype, self.impl, self.deterministic)
+                              self.param_dtype, self.impl, self.deterministic, self.attention)
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):
@@ -333,6 +335,8 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
       impl: 4-bit matmul implementation (``"auto"``, ``"xla"``, ``"pallas"``).
       remat: ``"none"``, ``"full"``, ``"dots_saveable"`` or ``"offload"``.
       float32_logits: return float32 logits.
+      attention: ``"auto"`` (cuDNN flash attention on GPUs where it applies, else XLA),
+        ``"xla"`` or ``"cudnn"``.
     """
 
     config: LlamaConfig
@@ -343,6 +347,7 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
     impl: str = "auto"
     remat: str = "none"
     float32_logits: bool = False
+    attention: str = "auto"
 
     default_lora_targets = ("q_proj", "v_proj")
     family = "llama"
@@ -369,7 +374,7 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
         plan = self.lora_plan()
         qp = self.quantized_paths()
         return LlamaModel(self.config, plan, self.quant, qp, self.dtype, self.param_dtype,
-                          self.impl, self.remat, deterministic, name="model")
+                          self.impl, self.remat, deterministic, self.attention, name="model")
 
     def _head(self, backbone, h, deterministic):
         c = self.config

@@ -1,0 +1,58 @@
+"""The attention implementation chooser and the XLA path against a float64 reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlora_jax.models.common import attention_impl, causal_mask, dot_product_attention
+
+
+def _reference(q, k, v, visible, scale):
+    """float64 softmax attention with GQA by repeating key/value heads."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    rep = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+    s = np.einsum("bthk,bshk->bhts", q, k) * scale
+    s = np.where(visible, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshk->bthk", p, v)
+
+
+def test_auto_resolves_to_xla_off_gpu_and_with_a_mask():
+    q = jnp.zeros((1, 4, 2, 16), jnp.bfloat16)
+    want = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    assert attention_impl("auto", q, None) == want
+    assert attention_impl("auto", q, jnp.ones((1, 1, 4, 4), bool)) == "xla"
+    assert attention_impl("auto", q.astype(jnp.float32), None) == "xla"
+    assert attention_impl("xla", q, None) == "xla"
+
+
+def test_bad_choices_raise():
+    q = jnp.zeros((1, 4, 2, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="attention='flash'"):
+        attention_impl("flash", q, None)
+    with pytest.raises(ValueError, match="without an explicit mask"):
+        dot_product_attention(q, q, q, jnp.ones((1, 1, 4, 4), bool), 0.25, "cudnn")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_xla_attention_matches_float64(masked):
+    rng = np.random.default_rng()
+    b, t, h, g, k = 2, 9, 4, 2, 16
+    q, kk, v = (rng.standard_normal((b, t, n, k)).astype(np.float32) for n in (h, g, g))
+    valid = np.ones((b, t), bool)
+    valid[1, :3] = False  # left padding in the second row
+    visible = np.asarray(causal_mask(jnp.arange(t), jnp.asarray(valid)))
+    mask = jnp.asarray(visible) if masked else None
+    if not masked:
+        visible = np.broadcast_to(np.tril(np.ones((t, t), bool)), (b, 1, t, t))
+    out = dot_product_attention(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v), mask,
+                                k ** -0.5, "xla")
+    want = _reference(q, kk, v, visible, k ** -0.5)
+    rows = valid if masked else np.ones_like(valid)
+    err = np.abs(np.asarray(out, np.float64) - want)[rows]
+    assert err.max() < 1e-5, err.max()

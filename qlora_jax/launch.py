@@ -4,6 +4,20 @@ Overrides: ``--config.train.steps=200 --config.model.path=/models/llama``. A mis
 value of the wrong type fails while the flags are parsed; a value out of range, a missing model
 path or bad data fails right after, before anything is written. User errors are one line on
 stderr and exit code 2; a NaN/Inf loss stops the run with exit code 3.
+
+Several devices: ``--config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2`` lays the
+run on a data x fsdp x tensor mesh whose product must be the number of devices (of all
+processes); ``train.batch_size`` must split over the batch axes (data x fsdp) and the micro-batches.
+
+Several processes (hosts): start the same command once a process, with
+
+    --coordinator HOST:PORT --num_processes N --process_id I
+
+(``HOST:PORT`` of process 0, reachable from all; or the environment variables
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``). ``jax.distributed`` is
+initialised before anything touches the devices; every process loads only the rows of each batch
+its devices hold, and only process 0 writes the workdir's files and prints the report (the
+workdir must be on a file system all processes share: they write the checkpoints together).
 """
 
 from __future__ import annotations
@@ -18,6 +32,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file (experiments/NAME.py, with get_config())",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; re-use it to resume)")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "several processes: HOST:PORT of process 0's jax.distributed "
+    "coordinator (default: $JAX_COORDINATOR_ADDRESS; neither: one process)")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "several processes: how many (default: $JAX_NUM_PROCESSES)",
+    lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "several processes: this one's index, 0..N-1 (default: $JAX_PROCESS_ID)",
+    lower_bound=0)
 flags.mark_flags_as_required(["config", "workdir"])
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
@@ -29,10 +52,17 @@ def main(argv: list[str]) -> int:
               "--config.train.steps=100", file=sys.stderr)
         return 2
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from qlora_jax import sharding
     from qlora_jax.data import DataError
     from qlora_jax.train import loop
     from qlora_jax.train.config import ConfigError
 
+    try:  # before anything touches the devices
+        sharding.distributed_initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                        _PROCESS_ID.value)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         summary = loop.run(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, loop.WorkdirError, DataError, FileNotFoundError) as e:
@@ -41,7 +71,10 @@ def main(argv: list[str]) -> int:
     except loop.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    print(report(summary))
+    import jax
+
+    if jax.process_index() == 0:
+        print(report(summary))
     return 0
 
 

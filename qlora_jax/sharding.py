@@ -303,14 +303,22 @@ def distributed_initialize(coordinator: Optional[str] = None, num_processes: Opt
     pid = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
     if coordinator is None and os.environ.get("QLORA_JAX_DISTRIBUTED") != "auto":
         return False
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        try:  # CPU collectives across processes
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        except Exception:  # noqa: BLE001 - option name differs across JAX versions
-            pass
+    # CPU collectives across processes. Set unconditionally: asking for the backend here
+    # (jax.default_backend()) would start it, and jax.distributed must come first.
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # noqa: BLE001 - option name differs across JAX versions
+        pass
     kwargs = {}
     if coordinator is not None:
-        kwargs.update(coordinator_address=coordinator, num_processes=int(n), process_id=int(pid))
+        if n is None or pid is None:
+            raise ValueError(f"coordinator {coordinator} given without the number of processes "
+                             "and this process's id (--num_processes/--process_id or "
+                             "JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+        n, pid = int(n), int(pid)
+        if n < 1 or not 0 <= pid < n:
+            raise ValueError(f"process id {pid} must lie in 0..{n - 1} (number of processes {n})")
+        kwargs.update(coordinator_address=coordinator, num_processes=n, process_id=pid)
     jax.distributed.initialize(**kwargs)
     return True
 

@@ -6,8 +6,11 @@ renames it when complete, so a run killed at any moment (also during a save) lea
 checkpoints behind, and ``latest_step`` ignores (and cleans up) unfinished ones. The last
 ``keep`` checkpoints are kept.
 
-Arrays are saved from, and restored to, host (numpy) memory and then placed like the arrays of a
-freshly created state, so a state whose optimizer lives in pinned host memory restores there.
+Arrays are saved as they lie (sharded over a mesh, possibly over several processes: orbax writes
+each shard once and coordinates the processes) and restored straight onto the shardings and
+memory kinds of the arrays of a freshly placed state, so a state whose optimizer lives in pinned
+host memory restores there, and each process reads only the shards its devices hold. Every
+process calls `save` and `restore`.
 """
 
 from __future__ import annotations
@@ -53,10 +56,17 @@ class _DataRestore(ocp.args.JsonRestore):
 
 
 def _saved(state: TrainState) -> dict[str, Any]:
-    """The parts of the state a checkpoint holds, as host arrays."""
+    """The parts of the state a checkpoint holds (jax arrays stay where they are)."""
     tree = {"step": state.step, "rng": state.rng, "trainable": state.trainable,
             "opt_state": state.opt_state}
-    return jax.tree.map(np.asarray, jax.device_get(tree))
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), tree)
+
+
+def _abstract(x: Any) -> Any:
+    """Restore target of one leaf: its shape, dtype and sharding (numpy for host leaves)."""
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return np.asarray(x)
 
 
 class Checkpointer:
@@ -98,19 +108,21 @@ class Checkpointer:
                 ) -> tuple[TrainState, dict[str, Any]]:
         """(state, data position) of checkpoint ``step`` (default: the latest).
 
-        ``like`` is a freshly created state of the same run: it gives the structure, dtypes and
-        memory placement; its frozen weights are kept.
+        ``like`` is a freshly created (and placed) state of the same run: it gives the
+        structure, dtypes, shardings and memory kinds; its frozen weights are kept.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        target = _saved(like)
+        target = jax.tree.map(_abstract, _saved(like))
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=_DataRestore()))
         tree = restored["state"]
 
         def place(new, old):
             if isinstance(old, jax.Array):
+                if isinstance(new, jax.Array) and new.sharding == old.sharding:
+                    return new
                 return jax.device_put(np.asarray(new, dtype=old.dtype), old.sharding)
             return np.asarray(new)
         placed = jax.tree.map(place, tree, {"step": like.step, "rng": like.rng,

@@ -55,8 +55,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def validate(config: Any) -> None:
+def validate(config: Any, device_count: Optional[int] = None, process_count: int = 1) -> None:
     """Checks an experiment config.
+
+    Args:
+      config: the experiment config.
+      device_count: devices of the run (``jax.device_count()``, all processes); None skips the
+        check that the mesh covers them.
+      process_count: processes of the run (``jax.process_count()``); batches split over them.
 
     Raises:
       ConfigError: a missing section or field, a value of the wrong type or out of range, or
@@ -113,10 +119,7 @@ def validate(config: Any) -> None:
     if b % a:
         raise ConfigError(f"config.train.batch_size={b} does not split into "
                           f"train.grad_accum={a} micro-batches; use a divisor of the batch size")
-    mesh = tuple(field(f"mesh.{k}") for k in ("data", "fsdp", "tensor"))
-    if mesh != (1, 1, 1):
-        raise ConfigError(f"config.mesh={mesh}: the launcher runs on one device; keep mesh.data, "
-                          "mesh.fsdp and mesh.tensor at 1")
+    _validate_mesh(config, device_count, process_count)
     if not field("model.path") and "random" not in config.model:
         raise ConfigError("config.model.path is empty and there is no config.model.random "
                           "section: give a checkpoint directory with --config.model.path=DIR")
@@ -128,6 +131,46 @@ def validate(config: Any) -> None:
     if field("data.packing") and field("model.task") == "causal_lm":
         raise ConfigError("config.data.packing=True needs a model that masks attention by "
                           "segment_ids; the Llama models do not yet: set data.packing=False")
+
+
+def batch_axes(config: Any) -> tuple[tuple[str, int], ...]:
+    """(mesh axis, size) of the mesh axes that split a batch's rows, by ``config.mesh.rules``."""
+    from qlora_jax import sharding
+
+    try:
+        rules = sharding.rules_from_config(config.mesh)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh.rules: {e}") from None
+    sizes = {k: config.mesh[k] for k in sharding.MESH_AXES}
+    return tuple((a, sizes[a]) for a in sharding._mesh_axes_for("batch", rules))  # noqa: SLF001
+
+
+def _validate_mesh(config: Any, device_count: Optional[int], process_count: int) -> None:
+    """The mesh covers the devices; batches split over the batch mesh axes and the processes."""
+    sizes = tuple(config.mesh[k] for k in ("data", "fsdp", "tensor"))
+    shown = " x ".join(map(str, sizes))
+    n = math.prod(sizes)
+    if device_count is not None and n != device_count and not (n == 1 and process_count == 1):
+        raise ConfigError(f"config.mesh data x fsdp x tensor = {shown} = {n} devices, but this "
+                          f"run has {device_count} devices (jax.device_count(), "
+                          f"{process_count} process(es)); make the product {device_count}")
+    axes = [(a, s) for a, s in batch_axes(config) if s > 1]
+    split = math.prod(s for _, s in axes)
+    over = (" x ".join(a for a, _ in axes) + " = " + " x ".join(str(s) for _, s in axes)
+            if axes else "none")
+    b, accum = config.train.batch_size, config.train.grad_accum
+    if b % (split * accum):
+        raise ConfigError(f"config.train.batch_size={b} does not split over the batch mesh axes "
+                          f"({over}) in each of train.grad_accum={accum} micro-batches; use a "
+                          f"multiple of {split * accum}")
+    eb = config.train.eval_batch_size
+    if eb % split:
+        raise ConfigError(f"config.train.eval_batch_size={eb} does not split over the batch mesh "
+                          f"axes ({over}); use a multiple of {split}")
+    for name, value in (("batch_size", b), ("eval_batch_size", eb)):
+        if value % process_count:
+            raise ConfigError(f"config.train.{name}={value} does not split over the "
+                              f"{process_count} processes; use a multiple of {process_count}")
 
 
 def resolve(config: Any) -> dict[str, Any]:

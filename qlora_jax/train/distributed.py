@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from qlora_jax import sharding as shd
 from qlora_jax.lora import params as lora_params
 from qlora_jax.lora.trainable import Trainable
+from qlora_jax.train.step import StepShardings
 
 
 def _keystr(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -40,8 +41,10 @@ class Placement:
     rules: tuple
 
     @classmethod
-    def from_config(cls, mesh_cfg: Any) -> "Placement":
-        mesh = shd.make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor))
+    def from_config(cls, mesh_cfg: Any, devices: Optional[Any] = None) -> "Placement":
+        """The placement of ``config.mesh`` over ``devices`` (default: all devices)."""
+        mesh = shd.make_mesh(int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor),
+                             devices)
         return cls(mesh, shd.rules_from_config(mesh_cfg))
 
     @property
@@ -97,7 +100,7 @@ class Placement:
             opt_state=self.opt_state_shardings(state.opt_state, state.trainable))
 
     def put(self, tree: Any, shardings: Any) -> Any:
-        """Places host or single-device arrays onto ``shardings`` (every process the same values)."""
+        """Places host or single-device arrays onto ``shardings`` (the same values everywhere)."""
         if jax.process_count() == 1:
             return jax.device_put(tree, shardings)
 
@@ -112,6 +115,37 @@ class Placement:
 
     def batch_shardings(self, batch: dict[str, Any]) -> dict[str, NamedSharding]:
         return {k: shd.batch_sharding(self.mesh, self.rules, np.ndim(v)) for k, v in batch.items()}
+
+    def step_shardings(self, state_shardings: Any) -> StepShardings:
+        """Shardings to jit the train and eval steps with (see `make_train_step`)."""
+        return StepShardings(state=state_shardings,
+                             batch=shd.batch_sharding(self.mesh, self.rules, ndim=1),
+                             metrics=self.replicated())
+
+    def process_rows(self, global_batch: int) -> tuple[int, int, int]:
+        """(rows, shard index, shard count) of a global batch that this process loads.
+
+        The rows are those the devices of this process hold under the batch sharding: a
+        contiguous slice ``[index * rows, (index + 1) * rows)`` (every row when the batch axes do
+        not split over processes), which is what the data loaders' shard arguments give.
+
+        Raises:
+          ValueError: the process's rows are not such a slice (a mesh whose batch axes interleave
+            the processes' devices).
+        """
+        sh = shd.batch_sharding(self.mesh, self.rules, ndim=1)
+        mine: set[int] = set()
+        for idx in sh.addressable_devices_indices_map((global_batch,)).values():
+            rows = idx[0] if idx else slice(None)
+            mine.update(range(*rows.indices(global_batch)))
+        lo, hi = min(mine), max(mine) + 1
+        n = hi - lo
+        if len(mine) != n or global_batch % n or lo % n:
+            raise ValueError(f"the devices of process {jax.process_index()} hold rows "
+                             f"{sorted(mine)} of a batch of {global_batch}, not one aligned "
+                             "contiguous slice; order the mesh so that each process's devices "
+                             "are adjacent")
+        return n, lo // n, global_batch // n
 
     def gather(self, tree: Any) -> Any:
         """Host numpy copies of (possibly sharded, multi-process) arrays; all processes call it."""

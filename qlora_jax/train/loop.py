@@ -19,6 +19,12 @@ qlora_jax.train.metrics); eval.jsonl records hold ``eval_loss``, ``eval_accuracy
 Running the same config on the same workdir again resumes from the latest complete checkpoint
 and continues exactly as the uninterrupted run would have (deterministic data order; dropout keys
 derived from the seed and the step).
+
+The run lies on the device mesh of ``config.mesh`` (data x fsdp x tensor devices, over one or
+several processes joined by ``jax.distributed``; (1, 1, 1) is one device): the state is placed by
+`Placement`, the step is jitted with its shardings, and each process loads only the rows of each
+batch its devices hold. Every process runs the same loop and takes part in checkpoints and
+gathers; only process 0 writes config.json, the logs, TensorBoard and the adapter.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from qlora_jax.lora import params as lora_params
 from qlora_jax.train import build
 from qlora_jax.train import config as train_config
 from qlora_jax.train.checkpoint import Checkpointer
-from qlora_jax.train.metrics import MetricsLogger, peak_memory
+from qlora_jax.train.distributed import Placement, describe_mesh, is_writer
+from qlora_jax.train.metrics import MetricsLogger, NullLogger, peak_memory
 from qlora_jax.train.state import create_state
 from qlora_jax.train.step import evaluate, host_metrics, make_eval_step, make_train_step
 
@@ -107,9 +114,15 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     """
     stream = stream or sys.stderr
     t_start = time.time()
-    train_config.validate(config)
+    train_config.validate(config, jax.device_count(), jax.process_count())
     resolved = train_config.resolve(config)
     resuming = check_workdir(workdir, resolved)
+    placement = make_placement(config)
+    try:  # the rows of each batch this process loads
+        _, train_shard, train_shards = placement.process_rows(config.train.batch_size)
+        _, eval_shard, eval_shards = placement.process_rows(config.train.eval_batch_size)
+    except ValueError as e:
+        raise train_config.ConfigError(f"config.mesh: {e}") from None
     build.check_paths(config)
     data = build.load_data(config)
     num_labels = config.model.num_labels
@@ -124,11 +137,16 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     adapter_dtype = build.DTYPES[config.lora.dtype]
     state = create_state(params, tx, config.train.seed, adapter_dtype, config.optim.offload_state)
     del params
+    shardings = placement.state_shardings(state)
+    state = placement.put(state, shardings)
+    step_shardings = placement.step_shardings(shardings)
+    writer = is_writer()
 
     # Bad input is behind us: from here on the workdir is written.
-    os.makedirs(workdir, exist_ok=True)
-    if not resuming:
-        _write_json(os.path.join(workdir, "config.json"), resolved)
+    if writer:
+        os.makedirs(workdir, exist_ok=True)
+        if not resuming:
+            _write_json(os.path.join(workdir, "config.json"), resolved)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     loader_state = None
     if ckpt.latest_step() is not None:
@@ -136,27 +154,32 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     start = int(state.step)
     loader = qdata.TrainLoader(data.train, config.train.batch_size, config.train.seed,
                                state=loader_state, length_buckets=tuple(config.data.length_buckets)
-                               or None)
-    train_step = make_train_step(task, tx, schedule, accum_steps=config.train.grad_accum,
+                               or None, shard_index=train_shard, shard_count=train_shards)
+    train_step = make_train_step(task, tx, schedule, shardings=step_shardings,
+                                 accum_steps=config.train.grad_accum,
                                  offload_state=config.optim.offload_state,
                                  dropout=config.lora.dropout > 0,
                                  nan_at_step=config.train.debug_nan_at_step)
-    eval_step = make_eval_step(task)
+    eval_step = make_eval_step(task, shardings=step_shardings)
     kind = config.model.task
 
     def run_eval() -> Optional[dict[str, float]]:
         if data.eval is None:
             return None
-        batches = qdata.EvalLoader(data.eval, config.train.eval_batch_size)
-        return evaluate(eval_step, state, batches, kind, config.train.eval_batches or None)
+        batches = qdata.EvalLoader(data.eval, config.train.eval_batch_size,
+                                   shard_index=eval_shard, shard_count=eval_shards)
+        return evaluate(eval_step, state, (placement.batch(b) for b in batches), kind,
+                        config.train.eval_batches or None)
 
-    log = MetricsLogger(workdir, config.train.steps, start, config.train.progress, stream)
+    log = (MetricsLogger(workdir, config.train.steps, start, config.train.progress, stream)
+           if writer else NullLogger())
     n_trainable = lora_params.count(state.trainable)
     n_frozen = lora_params.count(state.frozen)
     bits, q_bits = _bits_per_frozen_param(state.frozen)
     log.message(f"{'resuming at' if start else 'starting'} step {start} of {config.train.steps}: "
                 f"{n_trainable:,} trainable parameters, {n_frozen:,} frozen at "
-                f"{bits:.3f} bits each ({q_bits:.3f} bits in the 4-bit weights)")
+                f"{bits:.3f} bits each ({q_bits:.3f} bits in the 4-bit weights); "
+                f"{describe_mesh(placement)}")
     summary: dict[str, Any] = {"trainable_params": n_trainable, "frozen_params": n_frozen,
                                "bits_per_frozen_param": bits, "bits_per_4bit_param": q_bits,
                                "start_step": start}
@@ -170,7 +193,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
         window_tokens, window_t0, window_steps = 0.0, time.time(), 0
         pending: list[dict[str, float]] = []
         for step in range(start, config.train.steps):
-            batch = next(loader)
+            batch = placement.batch(next(loader))
             state, metrics = train_step(state, batch)
             m = host_metrics(metrics)  # one sync a step: a NaN must never reach a checkpoint
             if not math.isfinite(m["loss"]):
@@ -206,7 +229,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
             result = run_eval()  # a finished run re-run: report its final metric again
             if result is not None:
                 summary["eval_after"] = result
-        if export_adapter(model, state, workdir) is None:
+        if export_adapter(model, state, workdir, placement) is None:
             log.message("adapter/ not written: this qlora_jax has no save_peft yet")
     finally:
         log.close()
@@ -217,16 +240,33 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     return summary
 
 
-def export_adapter(model: Any, state: Any, workdir: str) -> Optional[str]:
-    """Writes the PEFT adapter of ``state`` to ``workdir/adapter`` (atomically, via a temp dir)."""
+def make_placement(config: Any) -> Placement:
+    """The run's `Placement`: ``config.mesh`` over all devices ((1, 1, 1) in one process: the
+    first device, whatever the machine has)."""
+    sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    one = sizes == (1, 1, 1) and jax.process_count() == 1
+    return Placement.from_config(config.mesh, jax.devices()[:1] if one else None)
+
+
+def export_adapter(model: Any, state: Any, workdir: str,
+                   placement: Optional[Placement] = None) -> Optional[str]:
+    """Writes the PEFT adapter of ``state`` to ``workdir/adapter`` (atomically, via a temp dir).
+
+    Every process calls it (the trainable leaves are gathered from all of them); process 0
+    writes.
+    """
     import qlora_jax as qj
 
     if not hasattr(qj, "save_peft"):
         return None
+    trainable = (placement.gather(state.trainable) if placement is not None
+                 else jax.device_get(state.trainable))
     out = os.path.join(workdir, "adapter")
+    if not is_writer():
+        return out
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    params = lora_params.combine(jax.device_get(state.trainable), state.frozen)
+    params = lora_params.combine(trainable, state.frozen)
     qj.save_peft(model, params, tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

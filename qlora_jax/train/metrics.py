@@ -126,6 +126,20 @@ class MetricsLogger:
         self._eval_file.close()
 
 
+class NullLogger:
+    """The logger of processes other than process 0: writes and prints nothing."""
+
+    def log(self, step: int, metrics: Mapping[str, Any], evaluation: bool = False
+            ) -> dict[str, Any]:
+        return {"step": int(step), **metrics}
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _plain(v: Any) -> Any:
     if hasattr(v, "item"):
         v = v.item()

@@ -5,15 +5,21 @@
 micro-batches (gradient accumulation) run in a ``lax.scan`` inside the step; the loss and the
 gradients are normalised by the loss weight of the whole batch, so accumulation changes nothing
 but memory. The state is donated.
+
+On a device mesh the makers take `StepShardings` (see qlora_jax.train.distributed.Placement):
+the step is then jitted with the state's shardings in and out, the batch's rows split over the
+batch mesh axes and the metrics replicated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qlora_jax.lora import params as lora_params
 from qlora_jax.train import optim as train_optim
@@ -21,6 +27,26 @@ from qlora_jax.train.state import TrainState
 from qlora_jax.train.task import Batch, Task, batch_tokens
 
 Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """How a jitted step's arguments and results lie on a mesh.
+
+    Attributes:
+      state: a `TrainState` whose leaves are the shardings of the state's arrays.
+      batch: the sharding of every batch array (rows split over the batch mesh axes; a
+        PartitionSpec of one entry, so it fits arrays of any rank).
+      metrics: the sharding of the metrics (replicated).
+    """
+
+    state: Any
+    batch: NamedSharding
+    metrics: NamedSharding
+
+    def micro(self) -> NamedSharding:
+        """Micro-batches ``[A, B / A, ...]``: rows of each micro-batch split like a batch's."""
+        return NamedSharding(self.batch.mesh, PartitionSpec(None, *self.batch.spec))
 
 
 def split_micro(batch: Batch, accum_steps: int) -> Batch:
@@ -35,8 +61,8 @@ def split_micro(batch: Batch, accum_steps: int) -> Batch:
 
 def train_step_fn(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                   accum_steps: int = 1, offload_state: bool = False, dropout: bool = True,
-                  nan_at_step: int = -1) -> Callable[[TrainState, Batch],
-                                                      tuple[TrainState, Metrics]]:
+                  nan_at_step: int = -1, micro_sharding: Optional[NamedSharding] = None
+                  ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The pure (not yet jitted) train step.
 
     Args:
@@ -48,6 +74,8 @@ def train_step_fn(task: Task, tx: optax.GradientTransformation, schedule: optax.
         to the device for the update only.
       dropout: run the model in train mode (dropout key ``fold_in(fold_in(rng, step), micro)``).
       nan_at_step: fault injection for tests: the loss of this step becomes NaN (-1: never).
+      micro_sharding: on a mesh, the sharding of the micro-batches ``[A, B / A, ...]`` (rows of
+        each one split over the batch axes, not whole micro-batches a device).
     """
 
     def grads_of(trainable, frozen, micro, key):
@@ -65,6 +93,8 @@ def train_step_fn(task: Task, tx: optax.GradientTransformation, schedule: optax.
                                                           key(0))
         else:
             micro = split_micro(batch, accum_steps)
+            if micro_sharding is not None:
+                micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
 
             def body(carry, xs):
@@ -104,17 +134,36 @@ def train_step_fn(task: Task, tx: optax.GradientTransformation, schedule: optax.
 
 
 def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    **kwargs: Any) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """`train_step_fn` jit-compiled with the state donated (argument 0)."""
-    return jax.jit(train_step_fn(task, tx, schedule, **kwargs), donate_argnums=0)
+                    *, shardings: Optional[StepShardings] = None, **kwargs: Any
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """`train_step_fn` jit-compiled with the state donated (argument 0).
+
+    Args:
+      task, tx, schedule, **kwargs: as for `train_step_fn`.
+      shardings: on a mesh, the shardings of state, batch and metrics; the state keeps its
+        shardings from step to step (None: let jit follow the arguments).
+    """
+    if shardings is None:
+        return jax.jit(train_step_fn(task, tx, schedule, **kwargs), donate_argnums=0)
+    fn = train_step_fn(task, tx, schedule, micro_sharding=shardings.micro(), **kwargs)
+    return jax.jit(fn, in_shardings=(shardings.state, shardings.batch),
+                   out_shardings=(shardings.state, shardings.metrics), donate_argnums=0)
 
 
-def make_eval_step(task: Task) -> Callable[[Any, Any, Batch], Metrics]:
-    """Jitted ``(trainable, frozen, batch) -> sums`` (loss, weight, correct) in eval mode."""
+def make_eval_step(task: Task, *, shardings: Optional[StepShardings] = None
+                   ) -> Callable[[Any, Any, Batch], Metrics]:
+    """Jitted ``(trainable, frozen, batch) -> sums`` (loss, weight, correct) in eval mode.
+
+    ``shardings`` (on a mesh): the state's trainable and frozen shardings and the batch's are
+    the inputs', the sums come back replicated.
+    """
     def sums(trainable, frozen, batch):
         loss_sum, weight, correct = task.sums(lora_params.combine(trainable, frozen), batch)
         return {"loss_sum": loss_sum, "weight": weight, "correct": correct}
-    return jax.jit(sums)
+    if shardings is None:
+        return jax.jit(sums)
+    return jax.jit(sums, in_shardings=(shardings.state.trainable, shardings.state.frozen,
+                                       shardings.batch), out_shardings=shardings.metrics)
 
 
 def evaluate(eval_step: Callable[[Any, Any, Batch], Metrics], state: TrainState,

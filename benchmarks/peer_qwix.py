@@ -68,6 +68,11 @@ def _model(shape: Any):
     return Llama()
 
 
+def _say(text: str) -> None:
+    import sys
+    print(f"[qwix peer {time.strftime('%X')}] {text}", file=sys.stderr, flush=True)
+
+
 def _init_params(shape: Any, rules: Any, ids: Any) -> Any:
     """Params of the full model from a one-layer model initialised on the host.
 
@@ -85,6 +90,8 @@ def _init_params(shape: Any, rules: Any, ids: Any) -> Any:
                                    qwix.LoraProvider(rules))
     with jax.default_device(jax.devices("cpu")[0]):  # init on the host: the GPU peak is training
         small = jax.jit(one.init)(jax.random.key(0), ids)["params"]
+        jax.block_until_ready(small)
+    _say("one layer initialised on the host")
     params = {k: v for k, v in small.items() if k != "layers_0"}
     gpu = jax.devices()[0]
     params = jax.device_put(params, gpu)
@@ -107,39 +114,45 @@ def run(shape: Any, batch: int, seq: int, r: int, steps: int) -> dict[str, Any]:
     ids = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, shape.vocab)
     t0 = time.perf_counter()
     params = _init_params(shape, rules, ids[:, :-1])
+    jax.block_until_ready(params)
     build_s = time.perf_counter() - t0
+    _say(f"params built in {build_s:.1f} s")
     is_lora = lambda path: "lora" in jax.tree_util.keystr(path)  # noqa: E731
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     treedef = jax.tree_util.tree_structure(params)
-    train = [x if is_lora(p) else None for p, x in flat]
-    frozen = [None if is_lora(p) else x for p, x in flat]
-    trainable = [x for x in train if x is not None]
+    lora_at = [is_lora(p) for p, _ in flat]
+    trainable = [x for (_, x), m in zip(flat, lora_at) if m]
+    frozen = [x for (_, x), m in zip(flat, lora_at) if not m]
+    del params, flat
     tx = optax.adamw(2e-4)
     opt_state = tx.init(trainable)
 
-    def join(t):
-        it = iter(t)
-        return jax.tree_util.tree_unflatten(
-            treedef, [next(it) if f is None else f for f in frozen])
+    def join(t, f):
+        it, jt = iter(t), iter(f)
+        return jax.tree_util.tree_unflatten(treedef, [next(it) if m else next(jt)
+                                                      for m in lora_at])
 
-    def loss_fn(t, ids):
-        logits = lm.apply({"params": join(t)}, ids[:, :-1]).astype(jnp.float32)
+    def loss_fn(t, f, ids):
+        logits = lm.apply({"params": join(t, f)}, ids[:, :-1]).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
+    # The frozen weights are an argument: a closure would bake gigabytes of constants into
+    # the program (as ../shared/peers/anchor_qwix.py, the script of the anchor figures, does).
     @jax.jit
-    def step(t, s, ids):
-        loss, g = jax.value_and_grad(loss_fn)(t, ids)
+    def step(t, s, f, ids):
+        loss, g = jax.value_and_grad(loss_fn)(t, f, ids)
         u, s = tx.update(g, s, t)
         return optax.apply_updates(t, u), s, loss
 
     t0 = time.perf_counter()
-    trainable, opt_state, loss = step(trainable, opt_state, ids)
+    trainable, opt_state, loss = step(trainable, opt_state, frozen, ids)
     loss0 = float(loss)
     compile_s = time.perf_counter() - t0
+    _say(f"first step (compile) {compile_s:.1f} s, loss {loss0:.4f}")
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        trainable, opt_state, loss = step(trainable, opt_state, ids)
+        trainable, opt_state, loss = step(trainable, opt_state, frozen, ids)
         loss.block_until_ready()
         times.append(time.perf_counter() - t)
     med = float(np.median(times))

@@ -315,7 +315,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="timed steps after the compiling one")
-    p.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable", "offload"))
+    p.add_argument("--remat", default="full",
+                   choices=("none", "full", "dots_saveable", "offload", "qkv", "attention"))
     p.add_argument("--loss-chunk", type=int, default=512, help="0: full logits")
     p.add_argument("--offload-state", action="store_true")
     p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"))
@@ -348,11 +349,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.offload_state:
             cmd.append("--offload-state")
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        # The child's stderr (progress, warnings, tracebacks) goes straight to ours.
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             res = dict(system=system, shape=args.shape, batch=args.batch, seq=args.seq,
-                       rank=args.rank, error=(proc.stderr or proc.stdout)[-1500:])
+                       rank=args.rank, error=f"exit code {proc.returncode} (traceback above); "
+                                             f"stdout: {proc.stdout[-500:]}")
         else:
             res = json.loads(line[len("RESULT "):])
         results.append(res)

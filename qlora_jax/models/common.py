@@ -20,7 +20,9 @@ from qlora_jax.lora.plan import ModuleSite
 from qlora_jax.quant.config import QuantConfig
 
 Path = tuple[str, ...]
-REMAT_MODES = ("none", "full", "dots_saveable", "offload")
+REMAT_MODES = ("none", "full", "dots_saveable", "offload", "qkv", "attention")
+#: ``checkpoint_name`` tags the attention block puts on its post-RoPE projections.
+QKV_NAMES = ("attn_q", "attn_k", "attn_v")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
@@ -275,10 +277,26 @@ class KVCache:
 
 # -- remat -----------------------------------------------------------------------------------
 
+def _save_attention_forward(prim: Any, *_: Any, **__: Any) -> bool:
+    """Saves the outputs of a fused (cuDNN) attention forward: its output and softmax stats."""
+    return "dot_product_attention_fwd" in getattr(prim, "name", "")
+
+
 def remat_policy(mode: str) -> Optional[Callable[..., bool]]:
-    """The ``jax.checkpoint`` policy of a remat mode (None: save nothing, recompute all)."""
+    """The ``jax.checkpoint`` policy of a remat mode (None: save nothing, recompute all).
+
+    ``"qkv"`` keeps each layer's post-RoPE queries, keys and values (``[B, T, (H + 2G) K]``
+    a layer) so the backward pass does not recompute their projections; ``"attention"`` also
+    keeps the fused attention's output and softmax statistics (``[B, T, H K]`` + ``[B, H, T]``),
+    so the attention forward is not run again either (XLA attention: only q, k, v are kept).
+    """
     if mode == "full":
         return None
+    names = jax.checkpoint_policies.save_only_these_names(*QKV_NAMES)
+    if mode == "qkv":
+        return names
+    if mode == "attention":
+        return jax.checkpoint_policies.save_from_both_policies(names, _save_attention_forward)
     if mode == "dots_saveable":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     if mode == "offload":

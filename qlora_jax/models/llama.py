@@ -29,7 +29,8 @@ Model API (stable; the training and generation code relies on it):
   normed hidden state ``[B, T, D]``; ``logits_from_hidden(hidden)``: the head alone, so
   ``logits_from_hidden(hidden_states(x)) == __call__(x)`` (chunked losses use the pair).
 - ``module_sites()``, ``lora_plan()``, ``hf_params()`` (checkpoint layout).
-- ``remat``: ``"none"``, ``"full"``, ``"dots_saveable"`` or ``"offload"`` (decoder layers
+- ``remat``: ``"none"``, ``"full"``, ``"dots_saveable"``, ``"offload"``, ``"qkv"`` or
+  ``"attention"`` (see ``models.common.remat_policy``; decoder layers
   rematerialised in the backward pass with that ``jax.checkpoint`` policy).
 """
 
@@ -42,13 +43,14 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.lora.config import LoraConfig
 from qlora_jax.lora.dense import LoraDense
 from qlora_jax.lora.plan import LoraPlan, ModuleSite
 from qlora_jax.models.base import LoraModelMixin
 from qlora_jax.models.common import (HFParam, KVCache, RMSNorm, Rope, apply_rope, causal_mask,
-                                     dot_product_attention,
+                                     QKV_NAMES, dot_product_attention,
                                      make_rope, maybe_remat, positions_from_mask, quantized_paths,
                                      rope_cos_sin)
 from qlora_jax.quant.config import QuantConfig
@@ -198,6 +200,7 @@ class _Attention(nn.Module):
         kk = self._dense(g * k, "k_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
         v = self._dense(g * k, "v_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+        q, kk, v = (checkpoint_name(a, n) for a, n in zip((q, kk, v), QKV_NAMES))
         new_cache = None
         if cache_kv is not None:
             ck, cv = cache_kv
@@ -333,7 +336,8 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
       dtype: compute dtype.
       param_dtype: dtype of float parameters created by ``init``.
       impl: 4-bit matmul implementation (``"auto"``, ``"xla"``, ``"pallas"``).
-      remat: ``"none"``, ``"full"``, ``"dots_saveable"`` or ``"offload"``.
+      remat: ``"none"``, ``"full"``, ``"dots_saveable"``, ``"offload"``, ``"qkv"`` (keep
+        q, k, v) or ``"attention"`` (q, k, v and the fused attention's output).
       float32_logits: return float32 logits.
       attention: ``"auto"`` (cuDNN flash attention on GPUs where it applies, else XLA),
         ``"xla"`` or ``"cudnn"``.

@@ -108,7 +108,9 @@ def train_step_fn(task: Task, tx: optax.GradientTransformation, schedule: optax.
             (grads, (loss_sum, weight, correct)), _ = jax.lax.scan(
                 body, (zeros, (zero, zero, zero)), (jnp.arange(accum_steps), micro))
         denom = jnp.maximum(weight, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
+        # Gradients in each parameter's dtype: bf16 adapters keep a bf16 optimizer state
+        # step after step (a float32 gradient would promote it and force a recompile).
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.trainable)
         loss = loss_sum / denom
         if nan_at_step >= 0:
             loss = jnp.where(state.step == nan_at_step, jnp.nan, loss)

@@ -51,7 +51,7 @@ def test_greedy_generate_equals_transformers_on_gpu(llama_ckpt, rng):
     np.testing.assert_array_equal(out[:, :want.shape[1]], want)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_saveable", "offload"])
+@pytest.mark.parametrize("remat", ["full", "dots_saveable", "offload", "qkv", "attention"])
 def test_qlora_gradients_with_each_remat_mode(llama_ckpt, remat, rng):
     path, _ = llama_ckpt("llama_gqa")
     lora = qj.LoraConfig(r=4, target_modules="all-linear", init="random")

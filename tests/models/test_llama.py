@@ -209,7 +209,7 @@ def test_remat_modes_give_the_same_gradients(llama_ckpt, rng):
         return jax.jit(jax.grad(loss))(trainable)
 
     g0 = grads(base)
-    for remat in ("dots_saveable",):  # "full" and "offload" only change the policy
+    for remat in ("dots_saveable", "qkv", "attention"):  # "full"/"offload": policy only
         g1 = grads(base.clone(remat=remat))
         for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
             scale = float(np.max(np.abs(np.asarray(a)))) + 1e-12

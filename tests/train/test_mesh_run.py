@@ -156,15 +156,7 @@ def test_two_processes_give_the_one_device_losses_and_only_process_0_writes(one_
                                                                               tmp_path):
     ref_wd, _ = one_device
     wd = tmp_path / "two_processes"
-    flags = ["--coordinator", f"127.0.0.1:{free_port()}", "--num_processes", "2"]
-    procs = [start(wd, 4, MESH, flags=[*flags, "--process_id", str(i)]) for i in (0, 1)]
-    try:
-        outs = [finish(p) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+    outs = run_two_processes(wd)
     assert "over 8 devices in 2 process(es)" in outs[0], outs[0][-2000:]
     np.testing.assert_allclose(losses(wd), losses(ref_wd), rtol=1e-3)
     np.testing.assert_allclose(eval_losses(wd), eval_losses(ref_wd), rtol=1e-3)
@@ -176,6 +168,32 @@ def test_two_processes_give_the_one_device_losses_and_only_process_0_writes(one_
     assert lines == [], outs[1][-2000:]
     assert len([n for n in os.listdir(wd) if n.startswith("events.out.tfevents")]) == 1
     assert sorted(int(s) for s in os.listdir(wd / "checkpoints")) == [3, 6]
+    # Run again: both processes restore the last checkpoint (each its shards) and export the
+    # same adapter again.
+    first = adapter(wd)[1]
+    outs = run_two_processes(wd)
+    assert "resuming at step 6 of 6" in outs[0], outs[0][-2000:]
+    assert adapter(wd)[1] == first
+
+
+def run_two_processes(workdir):
+    """Outputs of the two processes of a run over 2 x 4 fake devices (both must succeed)."""
+    flags = ["--coordinator", f"127.0.0.1:{free_port()}", "--num_processes", "2"]
+    procs = [start(workdir, 4, MESH, flags=[*flags, "--process_id", str(i)]) for i in (0, 1)]
+    outs, t0 = [], time.time()
+    for p in procs:  # a process that fails leaves the other waiting: the timeout ends it
+        try:
+            outs.append(p.communicate(timeout=max(TIMEOUT - (time.time() - t0), 1))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            outs.append(p.communicate()[0] + f"\n[killed after {TIMEOUT} s]")
+    for q in procs[len(outs):]:
+        outs.append(q.communicate()[0])
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(
+        f"--- process {i} (exit {p.returncode}):\n{out[-2500:]}"
+        for i, (p, out) in enumerate(zip(procs, outs)))
+    return outs
 
 
 @pytest.mark.parametrize("devices, extra, words", [

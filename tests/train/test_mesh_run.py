@@ -147,9 +147,17 @@ def test_mesh_run_killed_mid_save_resumes_to_the_same_adapter(mesh_run, tmp_path
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (where other connections may take it first)."""
+    rng = np.random.default_rng()
+    for _ in range(100):
+        port = int(rng.integers(20000, 32000))
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000..31999")
 
 
 def test_two_processes_give_the_one_device_losses_and_only_process_0_writes(one_device,
@@ -176,22 +184,38 @@ def test_two_processes_give_the_one_device_losses_and_only_process_0_writes(one_
     assert adapter(wd)[1] == first
 
 
-def run_two_processes(workdir):
-    """Outputs of the two processes of a run over 2 x 4 fake devices (both must succeed)."""
+def run_two_processes(workdir, attempts=2):
+    """Outputs of the two processes of a run over 2 x 4 fake devices (both must succeed).
+
+    When one process fails the other is killed (it would wait for its peer); a coordinator that
+    cannot bind its port (taken between the check and the bind) is tried again on another port.
+    """
     flags = ["--coordinator", f"127.0.0.1:{free_port()}", "--num_processes", "2"]
-    procs = [start(workdir, 4, MESH, flags=[*flags, "--process_id", str(i)]) for i in (0, 1)]
-    outs, t0 = [], time.time()
-    for p in procs:  # a process that fails leaves the other waiting: the timeout ends it
-        try:
-            outs.append(p.communicate(timeout=max(TIMEOUT - (time.time() - t0), 1))[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            outs.append(p.communicate()[0] + f"\n[killed after {TIMEOUT} s]")
-    for q in procs[len(outs):]:
-        outs.append(q.communicate()[0])
+    logs = [os.path.join(_CACHE_DIR[0], f"process_{i}.log") for i in (0, 1)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as f:  # files, not pipes: nobody reads while polling
+            procs.append(subprocess.Popen(
+                command(workdir, MESH, [*flags, "--process_id", str(i)]), cwd=ROOT,
+                env=environ(4), stdout=f, stderr=subprocess.STDOUT, text=True))
+    t0 = time.time()
+    while any(p.poll() is None for p in procs):
+        failed = any(p.poll() not in (None, 0) for p in procs)
+        if failed or time.time() - t0 > TIMEOUT:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            break
+        time.sleep(0.5)
+    outs = []
+    for log in logs:
+        with open(log) as f:
+            outs.append(f.read())
+    if attempts > 1 and "Failed to add port" in outs[0]:
+        return run_two_processes(workdir, attempts - 1)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(
-        f"--- process {i} (exit {p.returncode}):\n{out[-2500:]}"
+        f"--- process {i} (exit {p.returncode}, {time.time() - t0:.0f} s):\n{out[-2500:]}"
         for i, (p, out) in enumerate(zip(procs, outs)))
     return outs
 

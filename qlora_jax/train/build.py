@@ -99,7 +99,10 @@ def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
 
 
 def make_task(config: Any, model: Any) -> Task:
-    return Task(model, config.model.task, config.train.loss_chunk)
+    # The causal-LM loaders right-pad every row (packing is refused for causal LMs), so the
+    # attention mask is redundant and the model may use mask-free fused attention.
+    return Task(model, config.model.task, config.train.loss_chunk,
+                right_padded=config.model.task == "causal_lm")
 
 
 def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:

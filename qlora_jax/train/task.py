@@ -50,11 +50,18 @@ class Task:
       model: the Flax module.
       kind: ``"causal_lm"`` or ``"classification"``.
       loss_chunk: > 0: chunked causal-LM loss over this many positions at a time.
+      right_padded: causal-LM rows hold their tokens first and padding after (the layout of
+        ``qlora_jax.data``'s loaders). The attention mask is then redundant: under causal
+        attention every real token sees only earlier slots, all real, and its position is its
+        slot index, so the mask is not passed to the model and the model may use fused
+        attention that takes no mask (cuDNN flash attention on GPUs). Only padded positions,
+        which carry no loss, see different values. Rows with left padding must not use this.
     """
 
     model: nn.Module
     kind: str
     loss_chunk: int = 0
+    right_padded: bool = False
 
     def __post_init__(self):
         if self.kind not in TASKS:
@@ -73,7 +80,9 @@ class Task:
         ok = _accepted(fn)
         has = lambda name: "*" in ok or name in ok  # noqa: E731
         kw: dict[str, Any] = {}
-        if "attention_mask" in batch:
+        packed = "segment_ids" in batch or "positions" in batch
+        drop_mask = self.right_padded and self.kind == "causal_lm" and not packed
+        if "attention_mask" in batch and not drop_mask:
             kw["attention_mask"] = batch["attention_mask"]
         for name in ("segment_ids", "positions"):
             if name in batch and has(name):

@@ -56,3 +56,37 @@ def test_xla_attention_matches_float64(masked):
     rows = valid if masked else np.ones_like(valid)
     err = np.abs(np.asarray(out, np.float64) - want)[rows]
     assert err.max() < 1e-5, err.max()
+
+
+def test_right_padded_task_drops_the_mask_and_keeps_the_loss(rng):
+    """A right-padded causal-LM batch scores the same with and without its attention mask."""
+    import optax  # noqa: F401  (the train package imports it)
+
+    import qlora_jax as qj
+    from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    from qlora_jax.train.task import Task
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg, lora=qj.LoraConfig(r=2, target_modules="all-linear",
+                                                     init="random"))
+    b, t = 3, 12
+    params = model.init(jax.random.key(int(rng.integers(1 << 30))),
+                        jnp.ones((1, t), jnp.int32))["params"]
+    ids = rng.integers(1, cfg.vocab_size, (b, t)).astype(np.int32)
+    lengths = np.array([t, t - 4, t // 2])
+    attn = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    loss_mask = (np.arange(t)[None] < lengths[:, None] - 1).astype(np.float32)
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask,
+             "targets": np.roll(ids, -1, axis=1)}
+    masked, unmasked = Task(model, "causal_lm"), Task(model, "causal_lm", right_padded=True)
+    want = [float(x) for x in masked.sums(params, batch)]
+    got = [float(x) for x in unmasked.sums(params, batch)]
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    # The mask really was dropped: padded slots (no loss) now see the padding before them.
+    a = np.asarray(masked.logits(params, batch))
+    c = np.asarray(unmasked.logits(params, batch))
+    real = attn.astype(bool)
+    np.testing.assert_allclose(c[real], a[real], rtol=1e-5, atol=1e-5)
+    assert np.abs(c[~real] - a[~real]).max() > 1e-3

@@ -3,8 +3,11 @@
 An experiment config (``experiments/NAME.py``, ``get_config()``) is an ``ml_collections.ConfigDict``
 with the sections ``model``, ``quant``, ``lora``, ``data``, ``optim``, ``train`` and ``mesh``.
 ``validate`` checks every field's type and range and the relations between fields, and raises a
-`ConfigError` naming the field, the value and what is allowed. ``resolve`` gives the plain JSON
-dict written to ``config.json``.
+`ConfigError` naming the field, the value and what is allowed. Given the run's device and process
+counts it also checks the mesh: data x fsdp x tensor must be the number of devices (the trivial
+mesh (1, 1, 1) in one process runs on the first device of any machine), and the batch sizes must
+split over the batch mesh axes (times the micro-batches) and over the processes. ``resolve``
+gives the plain JSON dict written to ``config.json``.
 """
 
 from __future__ import annotations

@@ -40,8 +40,12 @@ def command(workdir, extra=None, flags=()):
             str(workdir), *[f"--config.{k}={v}" for k, v in items.items()], *flags]
 
 
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
 def environ(devices, extra=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **(extra or {}))
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env.update(JAX_PLATFORMS="cpu", **(extra or {}))
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
                         + f" --xla_force_host_platform_device_count={devices}")
     # One persistent compilation cache for all runs of the module (a resumed run compiles
@@ -187,17 +191,24 @@ def test_two_processes_give_the_one_device_losses_and_only_process_0_writes(one_
 def run_two_processes(workdir, attempts=2):
     """Outputs of the two processes of a run over 2 x 4 fake devices (both must succeed).
 
+    Process 0 is told about the other by ``--coordinator/--num_processes/--process_id``,
+    process 1 by ``JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID``.
+
     When one process fails the other is killed (it would wait for its peer); a coordinator that
     cannot bind its port (taken between the check and the bind) is tried again on another port.
     """
-    flags = ["--coordinator", f"127.0.0.1:{free_port()}", "--num_processes", "2"]
+    address = f"127.0.0.1:{free_port()}"
+    # Process 0 gets the launcher's flags, process 1 the environment variables.
+    how = [(["--coordinator", address, "--num_processes", "2", "--process_id", "0"], {}),
+           ([], {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
+                 "JAX_PROCESS_ID": "1"})]
     logs = [os.path.join(_CACHE_DIR[0], f"process_{i}.log") for i in (0, 1)]
     procs = []
-    for i, log in enumerate(logs):
+    for (flags, env), log in zip(how, logs):
         with open(log, "w") as f:  # files, not pipes: nobody reads while polling
             procs.append(subprocess.Popen(
-                command(workdir, MESH, [*flags, "--process_id", str(i)]), cwd=ROOT,
-                env=environ(4), stdout=f, stderr=subprocess.STDOUT, text=True))
+                command(workdir, MESH, flags), cwd=ROOT, env=environ(4, env), stdout=f,
+                stderr=subprocess.STDOUT, text=True))
     t0 = time.time()
     while any(p.poll() is None for p in procs):
         failed = any(p.poll() not in (None, 0) for p in procs)

@@ -207,6 +207,8 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     task = Task(model, "causal_lm", loss_chunk=loss_chunk)
     fn = tstep.train_step_fn(task, tx, optax.constant_schedule(2e-4), dropout=False,
                              offload_state=offload_state)
+    # Traced under the mesh: activation hints and per-layer weight gathers (FSDP_NOTES.md).
+    fn = shd.within_mesh(fn, placement.mesh, placement.rules)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, shape.vocab, (batch, seq + 1), dtype=np.int32)
     b = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],

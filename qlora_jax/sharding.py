@@ -7,8 +7,9 @@ The mesh has three axes, sized by the experiment config (``config.mesh``):
 - ``tensor``: heads, MLP width and vocabulary split inside each matmul.
 
 Model code names axes logically (``batch``, ``length``, ``embed``, ``heads``, ``kv``, ``mlp``,
-``vocab``, ``layers``, ``rank``, ``qblocks``) and never names a mesh axis; ``DEFAULT_RULES`` (or
-``config.mesh.rules``) maps each logical name to mesh axes. Parameters get their logical names
+``vocab``, ``layers``, ``rank``, ``qblocks``; ``act_embed`` for the model width of activations)
+and never names a mesh axis; ``DEFAULT_RULES`` (or ``config.mesh.rules``) maps each logical name
+to mesh axes. Parameters get their logical names
 from their path (``param_logical_axes``), so the same rules shard float kernels, adapters and the
 arrays inside QTensors: a QTensor's packed codes and absmax are split along their block axis
 consistently (the flat row-major layout keeps a block's codes and its scale on one device when
@@ -16,6 +17,14 @@ the split falls on block boundaries, which ``_fit`` checks).
 
 A mesh axis that does not divide a dimension is dropped for that dimension (the dimension is
 replicated instead), so any model runs on any mesh; ``describe`` tells what was split.
+
+While a step is traced under ``use_mesh`` (``within_mesh`` wraps a step function; the train and
+eval step makers do it), the model pins its activations to the batch split (``constrain``) and
+each 4-bit weight is all-gathered over the batch axes right where it is used
+(``gather_for_compute``), i.e. one layer at a time inside the scan over layers. Without these
+hints XLA's sharding propagation copied the parameters' ``embed``-on-``fsdp`` layout onto the
+activations and moved whole-batch activations between devices instead of weights
+(benchmarks/FSDP_NOTES.md).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("rank", None),
     ("qblocks", ("fsdp", "tensor")),
     ("norm", None),
+    ("act_embed", None),
 )
 
 # Float kernels [..., in, out] by module name: the logical names of (in, out).
@@ -241,13 +251,93 @@ def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEF
 
 
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
-    """Activation sharding hint by logical names (a no-op outside ``use_mesh``)."""
+    """Activation sharding hint by logical names (a no-op outside ``use_mesh``).
+
+    Model code calls it on the activations it produces (e.g. ``("batch", "length",
+    "act_embed")`` for a hidden state ``[B, T, D]``) so that XLA keeps the batch split over
+    the batch mesh axes; without such hints, sharding propagation may take the layout of a
+    parameter (``embed`` on ``fsdp``) for the activations and replicate the batch instead.
+    """
     ctx = _CONTEXT.get("mesh")
     if ctx is None:
         return x
     mesh, rules = ctx
+    if len(names) != x.ndim:
+        raise ValueError(f"constrain: {len(names)} logical names {tuple(names)} for an array "
+                         f"of rank {x.ndim} (shape {x.shape})")
     spec = _fit(tuple(x.shape), names, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _compute_rules(rules: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """``rules`` without the mesh axes that split the batch (how a weight is laid out for use).
+
+    A weight split over a batch axis (``fsdp``) must be whole on every device of that axis
+    when it multiplies the device's rows; splits over the other axes (``tensor``) stay.
+    """
+    batch_axes = set(_mesh_axes_for("batch", rules))
+    out = []
+    for name, axes in rules:
+        if name == "batch" or axes is None:
+            out.append((name, axes))
+            continue
+        kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,))
+                     if a not in batch_axes)
+        out.append((name, kept if len(kept) > 1 else (kept[0] if kept else None)))
+    return tuple(out)
+
+
+def gather_for_compute(q: QTensor) -> QTensor:
+    """A (one-layer) QTensor all-gathered over the batch mesh axes, right where it is used.
+
+    Under ``use_mesh``, the packed codes and absmax are constrained to their parameter split
+    minus the batch axes (``fsdp``): XLA then gathers the 4-bit codes of this one weight
+    (inside the scan over layers, one layer at a time) and dequantizes and multiplies locally,
+    with the activations' batch split untouched. Without the constraint XLA dequantized each
+    device's share of the weight and moved activations instead (all-gathers of the whole
+    batch's ``[B * T, D]`` hidden states, all-reduces of whole-batch logits). A no-op outside
+    ``use_mesh``.
+    """
+    ctx = _CONTEXT.get("mesh")
+    if ctx is None:
+        return q
+    mesh, rules = ctx
+    rules = _compute_rules(rules)
+    lead = ("layers",) * len(q.stack_shape)
+    spec = _fit(tuple(q.packed.shape), lead + ("qblocks",), mesh, rules, q.block_size // 2)
+    rep = NamedSharding(mesh, P())
+
+    def put(a, s):
+        return None if a is None else jax.lax.with_sharding_constraint(a, s)
+    return q.replace(packed=put(q.packed, NamedSharding(mesh, spec)),
+                     absmax=put(q.absmax, NamedSharding(mesh, spec)),
+                     nested_absmax=put(q.nested_absmax, rep), offset=put(q.offset, rep))
+
+
+def gather_array_for_compute(w: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """A float weight with logical ``names`` laid out for use (batch mesh axes gathered)."""
+    ctx = _CONTEXT.get("mesh")
+    if ctx is None:
+        return w
+    mesh, rules = ctx
+    spec = _fit(tuple(w.shape), names, mesh, _compute_rules(rules))
+    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, spec))
+
+
+def within_mesh(fn: Callable[..., Any], mesh: Mesh,
+                rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Callable[..., Any]:
+    """``fn`` traced under ``use_mesh(mesh, rules)`` (wrap a step before ``jax.jit``).
+
+    The activation hints (``constrain``) and per-use weight gathers (``gather_for_compute``)
+    of the model only exist when a mesh is in context while the step is traced.
+    """
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with use_mesh(mesh, rules):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 _CONTEXT: dict[str, Any] = {}
@@ -343,6 +433,7 @@ def map_shardings(fn: Callable[[NamedSharding], NamedSharding], shardings: Any) 
 
 __all__ = [
     "DEFAULT_RULES", "MESH_AXES", "batch_sharding", "constrain", "describe",
+    "gather_array_for_compute", "gather_for_compute", "within_mesh",
     "distributed_initialize", "make_mesh", "map_shardings", "param_logical_axes",
     "param_shardings", "replicated", "rules_from_config", "shard_batch", "shard_params",
     "tree_memory_kind", "use_mesh",

@@ -54,6 +54,11 @@ from qlora_jax.models.common import (HFParam, KVCache, RMSNorm, Rope, apply_rope
                                      make_rope, maybe_remat, positions_from_mask, quantized_paths,
                                      rope_cos_sin)
 from qlora_jax.quant.config import QuantConfig
+from qlora_jax.sharding import constrain
+
+# Logical layouts of the activations (mapped to mesh axes by qlora_jax.sharding's rules; the
+# hints are no-ops without a mesh in context). The batch stays split over the batch axes.
+_HIDDEN = ("batch", "length", "act_embed")
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ACTS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -200,6 +205,8 @@ class _Attention(nn.Module):
         kk = self._dense(g * k, "k_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
         v = self._dense(g * k, "v_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+        q = constrain(q, ("batch", "length", "heads", None))
+        kk, v = (constrain(a, ("batch", "length", "kv", None)) for a in (kk, v))
         q, kk, v = (checkpoint_name(a, n) for a, n in zip((q, kk, v), QKV_NAMES))
         new_cache = None
         if cache_kv is not None:
@@ -209,7 +216,7 @@ class _Attention(nn.Module):
             new_cache = (ck, cv)
             kk, v = ck.astype(q.dtype), cv.astype(q.dtype)
         out = dot_product_attention(q, kk, v, mask, k ** -0.5, self.attention)
-        out = out.reshape(b, t, h * k)
+        out = constrain(out.reshape(b, t, h * k), ("batch", "length", "heads"))
         return self._dense(c.hidden_size, "o_proj", c.o_bias)(out, det), new_cache
 
 
@@ -231,7 +238,7 @@ class _MLP(nn.Module):
         c, det = self.config, self.deterministic
         gate = self._dense(c.intermediate_size, "gate_proj", c.mlp_bias)(x, det)
         up = self._dense(c.intermediate_size, "up_proj", c.mlp_bias)(x, det)
-        act = _ACTS[c.hidden_act](gate) * up
+        act = constrain(_ACTS[c.hidden_act](gate) * up, ("batch", "length", "mlp"))
         return self._dense(c.hidden_size, "down_proj", c.mlp_bias)(act, det)
 
 
@@ -252,6 +259,7 @@ class LlamaDecoderLayer(nn.Module):
     def __call__(self, h, cache_kv, shared):
         cos, sin, mask, index = shared
         c = self.config
+        h = constrain(h, _HIDDEN)
         kw = dict(config=c, plan=self.plan, quant=self.quant, quant_paths=self.quant_paths,
                   dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
                   deterministic=self.deterministic, attention=self.attention)
@@ -260,7 +268,7 @@ class LlamaDecoderLayer(nn.Module):
             RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index)
         h = h + a
         h = h + _MLP(**kw, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h))
-        return h, new_cache
+        return constrain(h, _HIDDEN), new_cache
 
 
 class LlamaModel(nn.Module):
@@ -293,7 +301,7 @@ class LlamaModel(nn.Module):
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         c = self.config
         b, t = input_ids.shape
-        h = self.embed_tokens(input_ids)
+        h = constrain(self.embed_tokens(input_ids), _HIDDEN)
         if cache is None:
             if attention_mask is None:
                 valid = jnp.ones((b, t), bool)
@@ -313,10 +321,11 @@ class LlamaModel(nn.Module):
         if position_ids is None:
             all_pos = positions_from_mask(full_valid)
             position_ids = jnp.take_along_axis(all_pos, jnp.broadcast_to(slots, (b, t)), axis=1)
-        cos, sin = rope_cos_sin(c.rope(), position_ids, h.dtype)
+        cos, sin = (constrain(a, ("batch", "length", None))
+                    for a in rope_cos_sin(c.rope(), position_ids, h.dtype))
         caches = None if cache is None else (cache.k, cache.v)
         h, new_kv = self.layers(h, caches, (cos, sin, mask, index))
-        h = self.norm(h)
+        h = constrain(self.norm(h), _HIDDEN)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(new_kv[0], new_kv[1], full_valid, index + t)
@@ -382,6 +391,7 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
 
     def _head(self, backbone, h, deterministic):
         c = self.config
+        h = constrain(h, _HIDDEN)
         if c.tie_word_embeddings:
             logits = backbone.attend(h)
         else:
@@ -389,6 +399,7 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
             logits = LoraDense(c.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
                                lora=self.lora_plan(), quant=quant, impl=self.impl,
                                name="lm_head")(h, deterministic)
+        logits = constrain(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32) if self.float32_logits else logits
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,

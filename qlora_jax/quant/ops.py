@@ -91,7 +91,19 @@ def linear(x: jax.Array, q: QTensor, impl: str = "auto") -> jax.Array:
     return y.reshape(lead + (q.shape[0],))
 
 
+def _for_compute(q: QTensor) -> QTensor:
+    """The weight gathered over the batch mesh axes where it is used (see
+    ``qlora_jax.sharding.gather_for_compute``; a no-op without a mesh in context).
+
+    Called inside the forward and the backward rule, so the residual the custom VJP keeps
+    between them is the sharded weight, not the gathered one.
+    """
+    from qlora_jax import sharding  # noqa: WPS433 - sharding imports the lora package
+    return sharding.gather_for_compute(q)
+
+
 def _matmul_t(x2: jax.Array, q: QTensor, impl: str) -> jax.Array:
+    q = _for_compute(q)
     if impl == "pallas":
         return _kernels().linear(x2, q)
     w = dequantize_xla(q, x2.dtype)
@@ -99,6 +111,7 @@ def _matmul_t(x2: jax.Array, q: QTensor, impl: str) -> jax.Array:
 
 
 def _matmul(dy: jax.Array, q: QTensor, impl: str) -> jax.Array:
+    q = _for_compute(q)
     if impl == "pallas":
         return _kernels().linear_grad_input(dy, q)
     w = dequantize_xla(q, dy.dtype)

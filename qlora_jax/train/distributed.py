@@ -120,7 +120,7 @@ class Placement:
         """Shardings to jit the train and eval steps with (see `make_train_step`)."""
         return StepShardings(state=state_shardings,
                              batch=shd.batch_sharding(self.mesh, self.rules, ndim=1),
-                             metrics=self.replicated())
+                             metrics=self.replicated(), rules=tuple(self.rules))
 
     def process_rows(self, global_batch: int) -> tuple[int, int, int]:
         """(rows, shard index, shard count) of a global batch that this process loads.

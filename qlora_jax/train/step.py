@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from qlora_jax import sharding
 from qlora_jax.lora import params as lora_params
 from qlora_jax.train import optim as train_optim
 from qlora_jax.train.state import TrainState
@@ -38,11 +39,19 @@ class StepShardings:
       batch: the sharding of every batch array (rows split over the batch mesh axes; a
         PartitionSpec of one entry, so it fits arrays of any rank).
       metrics: the sharding of the metrics (replicated).
+      rules: the logical-to-mesh rules; the steps are traced under
+        ``qlora_jax.sharding.use_mesh(mesh, rules)`` so the model's activation hints and
+        per-use weight gathers apply (None: the default rules).
     """
 
     state: Any
     batch: NamedSharding
     metrics: NamedSharding
+    rules: Optional[tuple] = None
+
+    def within_mesh(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` traced under this mesh and these rules (see ``qlora_jax.sharding``)."""
+        return sharding.within_mesh(fn, self.batch.mesh, self.rules or sharding.DEFAULT_RULES)
 
     def micro(self) -> NamedSharding:
         """Micro-batches ``[A, B / A, ...]``: rows of each micro-batch split like a batch's."""
@@ -148,7 +157,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     if shardings is None:
         return jax.jit(train_step_fn(task, tx, schedule, **kwargs), donate_argnums=0)
     fn = train_step_fn(task, tx, schedule, micro_sharding=shardings.micro(), **kwargs)
-    return jax.jit(fn, in_shardings=(shardings.state, shardings.batch),
+    return jax.jit(shardings.within_mesh(fn), in_shardings=(shardings.state, shardings.batch),
                    out_shardings=(shardings.state, shardings.metrics), donate_argnums=0)
 
 
@@ -164,7 +173,7 @@ def make_eval_step(task: Task, *, shardings: Optional[StepShardings] = None
         return {"loss_sum": loss_sum, "weight": weight, "correct": correct}
     if shardings is None:
         return jax.jit(sums)
-    return jax.jit(sums, in_shardings=(shardings.state.trainable, shardings.state.frozen,
+    return jax.jit(shardings.within_mesh(sums), in_shardings=(shardings.state.trainable, shardings.state.frozen,
                                        shardings.batch), out_shardings=shardings.metrics)
 
 

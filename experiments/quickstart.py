@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.task = "classification"
     # Compute dtype and dtype of the frozen float weights: float32, bfloat16 or float16.
     c.model.dtype = "float32"
-    # Layer rematerialisation: none, full, dots_saveable or offload (saved activations on host).
+    # Layer rematerialisation: none, full, dots_saveable, offload (saved activations on host),
+    # qkv (also keeps each layer's q, k, v) or attention (also the fused attention output).
     c.model.remat = "none"
     # 4-bit matmul implementation: auto (Pallas on GPU/TPU, XLA on CPU), xla or pallas.
     c.model.impl = "auto"

@@ -21,7 +21,7 @@ SECTIONS = ("model", "quant", "lora", "data", "optim", "train", "mesh")
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.task": ("causal_lm", "classification"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": ("none", "full", "dots_saveable", "offload"),
+    "model.remat": ("none", "full", "dots_saveable", "offload", "qkv", "attention"),
     "model.impl": ("auto", "xla", "pallas"),
     "quant.qtype": ("nf4", "fp4", "int4"),
     "quant.block_size": (32, 64, 128, 256, 512, 1024, 2048, 4096),

@@ -18,7 +18,8 @@ qlora_jax.train.metrics); eval.jsonl records hold ``eval_loss``, ``eval_accuracy
 
 Running the same config on the same workdir again resumes from the latest complete checkpoint
 and continues exactly as the uninterrupted run would have (deterministic data order; dropout keys
-derived from the seed and the step).
+derived from the seed and the step). The mesh may change between runs of a workdir (e.g. resume
+on fewer devices): the checkpoint is restored onto the new shardings.
 
 The run lies on the device mesh of ``config.mesh`` (data x fsdp x tensor devices, over one or
 several processes joined by ``jax.distributed``; (1, 1, 1) is one device): the state is placed by
@@ -59,8 +60,17 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+#: Config sections that say where a run lies, not what it computes: a run may resume on another
+#: mesh (its checkpoints are restored onto the new shardings; config.json then records the new
+#: mesh).
+PLACEMENT_SECTIONS = ("mesh",)
+
+
 def check_workdir(workdir: str, resolved: dict[str, Any]) -> bool:
-    """True when ``workdir`` already holds this experiment (resume); raises for another one."""
+    """True when ``workdir`` already holds this experiment (resume); raises for another one.
+
+    The experiment is the config without `PLACEMENT_SECTIONS`.
+    """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return False
@@ -69,8 +79,11 @@ def check_workdir(workdir: str, resolved: dict[str, Any]) -> bool:
             existing = json.load(f)
         except json.JSONDecodeError:
             raise WorkdirError(f"{path} is not valid JSON; use a new --workdir") from None
-    if existing != resolved:
-        diff = train_config.differences(existing, resolved)
+    def what(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if k not in PLACEMENT_SECTIONS}
+
+    if what(existing) != what(resolved):
+        diff = train_config.differences(what(existing), what(resolved))
         shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise WorkdirError(f"workdir {workdir} holds another experiment (its config.json differs "
                            f"in {shown}); use a new --workdir, or the same config to resume")
@@ -116,7 +129,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     t_start = time.time()
     train_config.validate(config, jax.device_count(), jax.process_count())
     resolved = train_config.resolve(config)
-    resuming = check_workdir(workdir, resolved)
+    check_workdir(workdir, resolved)  # a workdir of another experiment fails here
     placement = make_placement(config)
     try:  # the rows of each batch this process loads
         _, train_shard, train_shards = placement.process_rows(config.train.batch_size)
@@ -143,10 +156,9 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     writer = is_writer()
 
     # Bad input is behind us: from here on the workdir is written.
-    if writer:
+    if writer:  # also when resuming: the experiment on another mesh records the new one
         os.makedirs(workdir, exist_ok=True)
-        if not resuming:
-            _write_json(os.path.join(workdir, "config.json"), resolved)
+        _write_json(os.path.join(workdir, "config.json"), resolved)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
     loader_state = None
     if ckpt.latest_step() is not None:

@@ -6,13 +6,15 @@ Each run is ``python -m qlora_jax.launch`` in a subprocess (the fake devices,
 steps 3 and 6, evaluation before and after. A 2x2x2 mesh in one process and the same mesh over
 two processes joined by ``jax.distributed`` (gloo collectives on CPU) must log the one-device
 run's losses, resume after a SIGKILL to the uninterrupted adapter's bytes, and only process 0
-writes the workdir's files. Bad meshes fail before any file is written.
+writes the workdir's files. A mesh run resumes on one device. Bad meshes fail before any file
+is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -148,6 +150,23 @@ def test_mesh_run_killed_mid_save_resumes_to_the_same_adapter(mesh_run, tmp_path
     assert "resuming at step 3" in out, out[-2000:]
     assert adapter(wd)[1] == adapter(ref_wd)[1]  # the same bytes
     np.testing.assert_array_equal(losses(wd), losses(ref_wd))
+
+
+def test_a_mesh_run_resumes_on_one_device(one_device, mesh_run, tmp_path):
+    (ref_wd, _), (mesh_wd, _) = one_device, mesh_run
+    wd = tmp_path / "moved"
+    shutil.copytree(mesh_wd, wd)
+    # Back to the state after step 3 (as if stopped there), then resumed without a mesh.
+    shutil.rmtree(wd / "checkpoints" / "6")
+    shutil.rmtree(wd / "adapter")
+    out = finish(start(wd, 1))
+    assert "resuming at step 3" in out and "over 1 devices" in out, out[-2000:]
+    np.testing.assert_allclose(losses(wd), losses(ref_wd), rtol=1e-3)
+    with open(wd / "config.json") as f:
+        assert json.load(f)["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    got, ref_tensors = adapter(wd)[0], adapter(ref_wd)[0]
+    for k, v in ref_tensors.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-3, atol=3e-5, err_msg=k)
 
 
 def free_port():

@@ -8,9 +8,11 @@ imported). The train step is built as ``benchmarks.train_step.run_ours`` builds 
 weights with double quantization, LoRA on every linear layer, AdamW, chunked loss, the state's
 shardings from ``Placement``), but only compiled (``--run`` also executes it once).
 
-For each mesh it prints one JSON line: XLA's argument/temp sizes, and every all-gather (and
-reduce-scatter / all-reduce) of the HLO: its result shape, whether it sits inside a while loop
-body (the scan over layers or the loss chunks) or outside, and how many bytes it produces.
+For each mesh it prints one JSON line: XLA's argument/temp sizes, XLA's FLOP count of the
+per-device program, and every all-gather (and reduce-scatter / all-reduce) of the HLO: its result
+shape, whether it sits inside a while loop body (the scan over layers or the loss chunks) or
+outside, and how many bytes it produces. (XLA counts a while body once, not once an iteration,
+so the FLOPs compare meshes, they are not the step's total.)
 """
 
 from __future__ import annotations
@@ -181,6 +183,18 @@ def build_step(shape: Any, mesh: tuple[int, int, int], batch: int, seq: int, r: 
     return step.lower(state, b).compile(), state, b
 
 
+def _gflops(compiled: Any) -> Optional[float]:
+    """XLA's FLOP count of the partitioned (per-device) program, in GFLOP."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports costs
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = (cost or {}).get("flops")
+    return None if flops is None else round(flops / 1e9, 3)
+
+
 def probe(mesh: tuple[int, int, int], impl: str = "xla", batch: int = 8, seq: int = 256,
           shape: Any = None, run: bool = False, hlo_out: Optional[str] = None,
           **kw: Any) -> dict[str, Any]:
@@ -207,6 +221,7 @@ def probe(mesh: tuple[int, int, int], impl: str = "xla", batch: int = 8, seq: in
                temp_mib=round(mem.temp_size_in_bytes / 2**20, 2),
                argument_mib=round(mem.argument_size_in_bytes / 2**20, 2),
                output_mib=round(mem.output_size_in_bytes / 2**20, 2),
+               gflops_per_device=_gflops(compiled),
                compile_s=round(compile_s, 1), **summarize(text))
     if run:
         t0 = time.perf_counter()

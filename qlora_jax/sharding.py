@@ -55,7 +55,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
-    ("rank", None),
+    # LoRA B [R, out]: its out axis is heads/kv/mlp (tensor); the rank axis takes fsdp so
+    # adapters and their optimizer state are split over fsdp too (A splits on embed).
+    ("rank", "fsdp"),
     ("qblocks", ("fsdp", "tensor")),
     ("norm", None),
     ("act_embed", None),

@@ -121,8 +121,9 @@ class Checkpointer:
 
         def place(new, old):
             if isinstance(old, jax.Array):
-                if isinstance(new, jax.Array) and new.sharding == old.sharding:
-                    return new
+                if isinstance(new, jax.Array):  # (a memory kind orbax did not keep, if any)
+                    return new if new.sharding == old.sharding else jax.device_put(
+                        new, old.sharding)
                 return jax.device_put(np.asarray(new, dtype=old.dtype), old.sharding)
             return np.asarray(new)
         placed = jax.tree.map(place, tree, {"step": like.step, "rng": like.rng,

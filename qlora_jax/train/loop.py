@@ -79,6 +79,7 @@ def check_workdir(workdir: str, resolved: dict[str, Any]) -> bool:
             existing = json.load(f)
         except json.JSONDecodeError:
             raise WorkdirError(f"{path} is not valid JSON; use a new --workdir") from None
+
     def what(config: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in config.items() if k not in PLACEMENT_SECTIONS}
 

@@ -6,8 +6,8 @@ Each run is ``python -m qlora_jax.launch`` in a subprocess (the fake devices,
 steps 3 and 6, evaluation before and after. A 2x2x2 mesh in one process and the same mesh over
 two processes joined by ``jax.distributed`` (gloo collectives on CPU) must log the one-device
 run's losses, resume after a SIGKILL to the uninterrupted adapter's bytes, and only process 0
-writes the workdir's files. A mesh run resumes on one device. Bad meshes fail before any file
-is written.
+writes the workdir's files. A checkpoint of the one-process mesh run resumes on another mesh over
+two processes. Bad meshes fail before any file is written.
 """
 
 from __future__ import annotations
@@ -152,23 +152,6 @@ def test_mesh_run_killed_mid_save_resumes_to_the_same_adapter(mesh_run, tmp_path
     np.testing.assert_array_equal(losses(wd), losses(ref_wd))
 
 
-def test_a_mesh_run_resumes_on_one_device(one_device, mesh_run, tmp_path):
-    (ref_wd, _), (mesh_wd, _) = one_device, mesh_run
-    wd = tmp_path / "moved"
-    shutil.copytree(mesh_wd, wd)
-    # Back to the state after step 3 (as if stopped there), then resumed without a mesh.
-    shutil.rmtree(wd / "checkpoints" / "6")
-    shutil.rmtree(wd / "adapter")
-    out = finish(start(wd, 1))
-    assert "resuming at step 3" in out and "over 1 devices" in out, out[-2000:]
-    np.testing.assert_allclose(losses(wd), losses(ref_wd), rtol=1e-3)
-    with open(wd / "config.json") as f:
-        assert json.load(f)["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
-    got, ref_tensors = adapter(wd)[0], adapter(ref_wd)[0]
-    for k, v in ref_tensors.items():
-        np.testing.assert_allclose(got[k], v, rtol=1e-3, atol=3e-5, err_msg=k)
-
-
 def free_port():
     """A free port below Linux's ephemeral range (where other connections may take it first)."""
     rng = np.random.default_rng()
@@ -199,15 +182,28 @@ def test_two_processes_give_the_one_device_losses_and_only_process_0_writes(one_
     assert lines == [], outs[1][-2000:]
     assert len([n for n in os.listdir(wd) if n.startswith("events.out.tfevents")]) == 1
     assert sorted(int(s) for s in os.listdir(wd / "checkpoints")) == [3, 6]
-    # Run again: both processes restore the last checkpoint (each its shards) and export the
-    # same adapter again.
-    first = adapter(wd)[1]
-    outs = run_two_processes(wd)
-    assert "resuming at step 6 of 6" in outs[0], outs[0][-2000:]
-    assert adapter(wd)[1] == first
 
 
-def run_two_processes(workdir, attempts=2):
+def test_a_mesh_run_resumes_on_another_mesh_over_two_processes(one_device, mesh_run, tmp_path):
+    (ref_wd, _), (mesh_wd, _) = one_device, mesh_run
+    wd = tmp_path / "moved"
+    shutil.copytree(mesh_wd, wd)
+    # Back to the state after step 3 of the 2x2x2 run in one process (as if stopped there),
+    # then resumed on a 1x4x2 mesh over two processes: each restores its own shards.
+    shutil.rmtree(wd / "checkpoints" / "6")
+    shutil.rmtree(wd / "adapter")
+    other = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}
+    outs = run_two_processes(wd, other)
+    assert "resuming at step 3" in outs[0] and "fsdp=4, tensor=2" in outs[0], outs[0][-2000:]
+    np.testing.assert_allclose(losses(wd), losses(ref_wd), rtol=1e-3)
+    with open(wd / "config.json") as f:
+        assert json.load(f)["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
+    got, ref_tensors = adapter(wd)[0], adapter(ref_wd)[0]
+    for k, v in ref_tensors.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-3, atol=3e-5, err_msg=k)
+
+
+def run_two_processes(workdir, mesh=MESH, attempts=2):
     """Outputs of the two processes of a run over 2 x 4 fake devices (both must succeed).
 
     Process 0 is told about the other by ``--coordinator/--num_processes/--process_id``,
@@ -226,7 +222,7 @@ def run_two_processes(workdir, attempts=2):
     for (flags, env), log in zip(how, logs):
         with open(log, "w") as f:  # files, not pipes: nobody reads while polling
             procs.append(subprocess.Popen(
-                command(workdir, MESH, flags), cwd=ROOT, env=environ(4, env), stdout=f,
+                command(workdir, mesh, flags), cwd=ROOT, env=environ(4, env), stdout=f,
                 stderr=subprocess.STDOUT, text=True))
     t0 = time.time()
     while any(p.poll() is None for p in procs):
@@ -243,7 +239,7 @@ def run_two_processes(workdir, attempts=2):
         with open(log) as f:
             outs.append(f.read())
     if attempts > 1 and "Failed to add port" in outs[0]:
-        return run_two_processes(workdir, attempts - 1)
+        return run_two_processes(workdir, mesh, attempts - 1)
     assert [p.returncode for p in procs] == [0, 0], "\n".join(
         f"--- process {i} (exit {p.returncode}, {time.time() - t0:.0f} s):\n{out[-2500:]}"
         for i, (p, out) in enumerate(zip(procs, outs)))

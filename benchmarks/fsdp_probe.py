@@ -133,11 +133,14 @@ def summarize(text: str) -> dict[str, Any]:
 
 def build_step(shape: Any, mesh: tuple[int, int, int], batch: int, seq: int, r: int = 16,
                remat: str = "full", loss_chunk: int = 128, impl: str = "xla",
-               rules: Any = None, hints: bool = True) -> tuple[Any, Any, Any]:
+               rules: Any = None, hints: bool = True, abstract: bool = False
+               ) -> tuple[Any, Any, Any]:
     """(compiled step, state, batch) as ``run_ours`` builds them, on the first devices.
 
     ``hints``: trace the step under ``sharding.use_mesh`` (activation hints and per-use weight
     gathers on); False shows what XLA does without them (the state before the FSDP fix).
+    ``abstract``: compile from shapes only (no array is built: any model size compiles; the
+    returned state and batch are ShapeDtypeStructs and the step cannot run).
     """
     import jax
     import jax.numpy as jnp
@@ -164,17 +167,33 @@ def build_step(shape: Any, mesh: tuple[int, int, int], batch: int, seq: int, r: 
     model = LlamaForCausalLM(cfg, lora=qj.LoraConfig(r=r, alpha=16, target_modules="all-linear"),
                              quant=qj.QuantConfig(), dtype=jnp.bfloat16,
                              param_dtype=jnp.bfloat16, impl=impl, remat=remat, attention="xla")
-    params = random_params(model, shape, r, seed=0, placement=placement)
     tx = optax.adamw(2e-4)
-    state = tstate.create_state(params, tx, seed=0, adapter_dtype=jnp.float32)
-    state_sh = placement.state_shardings(state)
-    state = placement.put(state, state_sh)
+    if abstract:
+        params = jax.eval_shape(model.init, jax.random.key(0),
+                                jnp.ones((1, 8), jnp.int32))["params"]
+        state = jax.eval_shape(
+            lambda p: tstate.create_state(p, tx, seed=0, adapter_dtype=jnp.float32), params)
+        state_sh = placement.state_shardings(state)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             state, state_sh)
+    else:
+        params = random_params(model, shape, r, seed=0, placement=placement)
+        state = tstate.create_state(params, tx, seed=0, adapter_dtype=jnp.float32)
+        state_sh = placement.state_shardings(state)
+        state = placement.put(state, state_sh)
     task = Task(model, "causal_lm", loss_chunk=loss_chunk)
     fn = tstep.train_step_fn(task, tx, optax.constant_schedule(2e-4), dropout=False)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, shape.vocab, (batch, seq + 1), dtype=np.int32)
-    b = placement.batch({"input_ids": ids[:, :-1], "targets": ids[:, 1:],
-                         "loss_mask": np.ones((batch, seq), np.float32)})
+    b = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
+         "loss_mask": np.ones((batch, seq), np.float32)}
+    if abstract:
+        b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                     sharding=shd.batch_sharding(placement.mesh, placement.rules,
+                                                                 v.ndim))
+             for k, v in b.items()}
+    else:
+        b = placement.batch(b)
     if hints:
         fn = shd.within_mesh(fn, placement.mesh, placement.rules)
     step = jax.jit(fn, donate_argnums=0,
@@ -241,11 +260,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--remat", default="full")
     p.add_argument("--run", action="store_true", help="also execute the step once")
+    p.add_argument("--shape", default=None,
+                   help="a benchmarks.train_step shape (e.g. llama-70b): compiled from shapes "
+                        "only (no arrays; --run is ignored)")
+    p.add_argument("--loss-chunk", type=int, default=128)
     p.add_argument("--no-hints", action="store_true",
                    help="trace without the mesh context (no activation hints, no gathers)")
     p.add_argument("--hlo-dir", default=None, help="write each mesh's optimized HLO here")
     p.add_argument("--top", type=int, default=12, help="collective groups to print")
     args = p.parse_args(argv)
+    from benchmarks.train_step import Shape
     for m in args.mesh or ["1,1,1", "8,1,1", "1,8,1"]:
         mesh = tuple(int(v) for v in m.split(","))
         hlo = None
@@ -254,8 +278,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             tag = "_nohints" if args.no_hints else ""
             hlo = os.path.join(args.hlo_dir,
                                f"step_{'x'.join(map(str, mesh))}_{args.impl}{tag}.hlo")
-        res = probe(mesh, args.impl, args.batch, args.seq, run=args.run, hlo_out=hlo,
-                    remat=args.remat, hints=not args.no_hints)
+        shape = Shape.get(args.shape) if args.shape else None
+        res = probe(mesh, args.impl, args.batch, args.seq, shape=shape,
+                    run=args.run and shape is None, hlo_out=hlo, remat=args.remat,
+                    hints=not args.no_hints, abstract=shape is not None,
+                    loss_chunk=args.loss_chunk)
         res["collectives"] = res["collectives"][:args.top]
         print(json.dumps(res), flush=True)
 

@@ -9,6 +9,7 @@ before the FSDP fix, to check that the test fails on it.
 
 import json
 import os
+import re
 import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -59,12 +60,15 @@ def main(seed: int, impl: str) -> None:
         text = compiled.as_text()
         _, metrics = compiled(state, b)
         q = params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+        # Copies of a whole stacked 4-bit array (e.g. into a transposed layout).
+        stack_copies = re.findall(rf"= u8\[{L},\d+\]\S* copy\(", text)
         print(json.dumps(dict(
             mesh=list(mesh), impl=impl, temp=compiled.memory_analysis().temp_size_in_bytes,
             loss=float(metrics["loss"]), collectives=collectives(text),
             layer_packed=[int(np.prod(x["kernel"].packed.shape[1:]))
                           for g in ("self_attn", "mlp")
                           for x in params["model"]["layers"][g].values()],
+            stack_copies=len(stack_copies),
             tokens=B * T, hidden=D, stack=int(q.packed.shape[0]))), flush=True)
 
 

@@ -72,6 +72,17 @@ def test_unknown_mesh_axis_in_rules():
         sharding.rules_from_config(M())
 
 
+def test_tensor_major_code_split_is_refused():
+    class M:
+        rules = [["qblocks", ["tensor", "fsdp"]]]
+    with pytest.raises(ValueError, match="tensor before fsdp gives wrong updates"):
+        sharding.rules_from_config(M())
+
+    class Ok:
+        rules = [["qblocks", ["fsdp", "tensor"]], ["batch", ["data", "fsdp"]]]
+    assert dict(sharding.rules_from_config(Ok()))["qblocks"] == ("fsdp", "tensor")
+
+
 def test_train_steps_on_meshes_give_the_one_device_losses():
     seed = np.random.randint(1 << 20)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

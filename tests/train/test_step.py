@@ -188,7 +188,12 @@ def test_gradient_accumulation_equals_full_batch(rng, base_params):
     acc = run(rng, batches, params=base_params, accum=4)
     np.testing.assert_allclose(acc[0], ref[0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ref[1]), jax.tree.leaves(acc[1])):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        # Summation order differs (micro-batches), and Adam divides by sqrt(v): an element with
+        # a near-zero gradient can move by a few 1e-5 after two steps (seen: 3.4e-5 on 0.2).
+        # So: the whole leaf to 1e-5, every element to 2e-4 of the leaf's largest value.
+        assert np.linalg.norm(b - a) <= 1e-5 * np.linalg.norm(a)
+        np.testing.assert_allclose(b, a, rtol=0, atol=2e-4 * np.abs(a).max())
 
 
 def test_offloaded_optimizer_state_equals_device_run_exactly(rng, base_params):

@@ -135,6 +135,7 @@ def _random_qtensor(abstract: Any, key: Any, sharding: Any = None) -> Any:
 
     from qlora_jax.quant.blockwise import _quantize_flat
     from qlora_jax.quant.qtensor import QTensor
+    from qlora_jax.sharding import replicated
 
     out_f, in_f = abstract.logical_shape
     settings = dict(qtype=abstract.qtype, block_size=abstract.block_size,
@@ -142,8 +143,7 @@ def _random_qtensor(abstract: Any, key: Any, sharding: Any = None) -> Any:
 
     outs = None
     if sharding is not None:
-        rep = sharding.packed.mesh and jax.sharding.NamedSharding(sharding.packed.mesh,
-                                                                   jax.sharding.PartitionSpec())
+        rep = replicated(sharding.packed.mesh)
         outs = (sharding.packed, sharding.absmax, sharding.nested_absmax or rep,
                 sharding.offset or rep)
 
@@ -205,18 +205,16 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     state_sh = placement.state_shardings(state)
     state = placement.put(state, state_sh)
     task = Task(model, "causal_lm", loss_chunk=loss_chunk)
-    fn = tstep.train_step_fn(task, tx, optax.constant_schedule(2e-4), dropout=False,
-                             offload_state=offload_state)
-    # Traced under the mesh: activation hints and per-layer weight gathers (FSDP_NOTES.md).
-    fn = shd.within_mesh(fn, placement.mesh, placement.rules)
+    # The trainer's own jit: state shardings in and out, batch rows split over the batch axes,
+    # traced under the mesh (activation hints and per-layer weight gathers, FSDP_NOTES.md).
+    step = tstep.make_train_step(task, tx, optax.constant_schedule(2e-4), dropout=False,
+                                 offload_state=offload_state,
+                                 shardings=placement.step_shardings(state_sh))
     rng = np.random.default_rng(0)
     ids = rng.integers(0, shape.vocab, (batch, seq + 1), dtype=np.int32)
     b = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
          "loss_mask": np.ones((batch, seq), np.float32)}
     b = placement.batch(b)
-    step = jax.jit(fn, donate_argnums=0,
-                   in_shardings=(state_sh, placement.batch_shardings(b)),
-                   out_shardings=(state_sh, placement.replicated()))
     t0 = time.perf_counter()
     compiled = step.lower(state, b).compile()
     compile_s = time.perf_counter() - t0

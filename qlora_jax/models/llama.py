@@ -229,7 +229,6 @@ class _MLP(nn.Module):
     param_dtype: Any
     impl: str
     deterministic: bool
-    attention: str = "auto"
 
     _dense = _Attention._dense
 
@@ -262,9 +261,9 @@ class LlamaDecoderLayer(nn.Module):
         h = constrain(h, _HIDDEN)
         kw = dict(config=c, plan=self.plan, quant=self.quant, quant_paths=self.quant_paths,
                   dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
-                  deterministic=self.deterministic, attention=self.attention)
+                  deterministic=self.deterministic)
         norm = dict(epsilon=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-        a, new_cache = _Attention(**kw, name="self_attn")(
+        a, new_cache = _Attention(**kw, attention=self.attention, name="self_attn")(
             RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index)
         h = h + a
         h = h + _MLP(**kw, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h))

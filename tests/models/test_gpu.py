@@ -52,12 +52,18 @@ def test_greedy_generate_equals_transformers_on_gpu(llama_ckpt, rng):
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_saveable", "offload", "qkv", "attention"])
-def test_qlora_gradients_with_each_remat_mode(llama_ckpt, remat, rng):
+def _qlora_llama(llama_ckpt):
+    """(model, trainable, frozen): the GQA test Llama, bf16, NF4 base, random r=4 adapters."""
     path, _ = llama_ckpt("llama_gqa")
     lora = qj.LoraConfig(r=4, target_modules="all-linear", init="random")
-    base, params = qj.from_pretrained(path, dtype=jnp.bfloat16, quant=qj.QuantConfig(),
-                                      lora=lora)
+    model, params = qj.from_pretrained(path, dtype=jnp.bfloat16, quant=qj.QuantConfig(),
+                                       lora=lora)
     trainable, frozen = qj.lora.partition(params)
+    return model, trainable, frozen
+
+
+def test_qlora_gradients_with_each_remat_mode(llama_ckpt, remat, rng):
+    base, trainable, frozen = _qlora_llama(llama_ckpt)
     ids = jnp.asarray(rng.integers(3, tiny.VOCAB, (2, 16)))
 
     def grads(model):
@@ -74,11 +80,7 @@ def test_qlora_gradients_with_each_remat_mode(llama_ckpt, remat, rng):
 
 
 def test_cudnn_attention_equals_xla_forward_and_gradients(llama_ckpt, rng):
-    path, _ = llama_ckpt("llama_gqa")
-    lora = qj.LoraConfig(r=4, target_modules="all-linear", init="random")
-    model, params = qj.from_pretrained(path, dtype=jnp.bfloat16, quant=qj.QuantConfig(),
-                                       lora=lora)
-    trainable, frozen = qj.lora.partition(params)
+    model, trainable, frozen = _qlora_llama(llama_ckpt)
     ids = jnp.asarray(rng.integers(3, tiny.VOCAB, (2, 32)))
 
     def run(m):

@@ -92,12 +92,21 @@ def test_fixed_shapes_and_buckets(write_jsonl, llama_tok, rng):
         assert {k: v.shape for k, v in batch.items()} == {
             **{k: (4, 48) for k in ("input_ids", "targets", "loss_mask", "segment_ids",
                                     "positions", "attention_mask")}, "weights": (4,)}
+    # 20 examples of 4 tokens, 20 longer than 24: one sorted window makes each batch short or long.
+    records = [{"prompt": random_sentence(rng, 1, 2), "response": random_sentence(rng, 1, 2)}
+               for _ in range(20)]
+    records += [{"prompt": random_sentence(rng, 12, 16), "response": random_sentence(rng, 12, 16)}
+                for _ in range(20)]
+    mixed = data.build_dataset(write_jsonl(records, "mixed.jsonl"), llama_tok, 48, packing=False)
+    assert max(mixed.lengths[:20]) <= 8 and min(mixed.lengths[20:]) > 24
     shapes = set()
-    for batch in _take(data.TrainLoader(ds, 4, 0, length_buckets=(8, 24)), 30):
+    for batch in _take(data.TrainLoader(mixed, 4, int(rng.integers(1 << 30)),
+                                        length_buckets=(8, 24)), 30):
         t = batch["input_ids"].shape[1]
+        longest = int(batch["attention_mask"].sum(1).max())
         shapes.add(t)
-        assert t in (8, 24, 48) and batch["attention_mask"].sum(1).max() <= t
-    assert len(shapes) >= 2
+        assert t == min(b for b in (8, 24, 48) if b >= longest), (t, longest)
+    assert shapes == {8, 48}, shapes   # every batch is all short or all long (one sorted window)
 
 
 @pytest.mark.parametrize("buckets", [None, (10, 20)])

@@ -163,7 +163,8 @@ def _random_qtensor(abstract: Any, key: Any, sharding: Any = None) -> Any:
 def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
              loss_chunk: int, offload_state: bool, impl: str,
              adapter_dtype: str = "float32", mesh: tuple[int, int, int] = (1, 1, 1),
-             profile: Optional[str] = None, attention: str = "auto") -> dict[str, Any]:
+             profile: Optional[str] = None, attention: str = "auto",
+             in_place: bool = True) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -192,7 +193,7 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     lora = qj.LoraConfig(r=r, alpha=16, target_modules="all-linear")
     model = LlamaForCausalLM(cfg, lora=lora, quant=qj.QuantConfig(), dtype=jnp.bfloat16,
                              param_dtype=jnp.bfloat16, impl=impl, remat=remat,
-                             attention=attention)
+                             attention=attention, in_place=in_place)
     t0 = time.perf_counter()
     params = random_params(model, shape, r, seed=0, placement=placement)
     jax.block_until_ready(params)
@@ -238,7 +239,7 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     result = dict(system="qlora_jax", remat=remat, loss_chunk=loss_chunk,
                   adapter_dtype=adapter_dtype, offload_state=offload_state,
                   impl=qj.quant.resolve_impl(impl), mesh="x".join(map(str, mesh)),
-                  attention=attention, xla_memory_gib=xla_memory,
+                  attention=attention, in_place=in_place, xla_memory_gib=xla_memory,
                   devices=n_dev, step_s=round(med, 4), tokens_per_s=round(tps, 1),
                   tokens_per_s_per_device=round(tps / n_dev, 1),
                   mfu=_ratio(tps * shape.flops_per_token(r, seq) / pf),
@@ -293,7 +294,7 @@ def _child(args: argparse.Namespace) -> None:
     if args.system == "ours":
         res = run_ours(shape, args.batch, args.seq, args.rank, args.steps, args.remat,
                        args.loss_chunk, args.offload_state, args.impl, args.adapter_dtype,
-                       _mesh(args.mesh), args.profile, args.attention)
+                       _mesh(args.mesh), args.profile, args.attention, not args.no_in_place)
     elif args.system == "bnb":
         from benchmarks import peer_bnb
         res = peer_bnb.run(shape, args.batch, args.seq, args.rank, args.steps)
@@ -322,6 +323,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+    p.add_argument("--no-in-place", action="store_true",
+                   help="ours: nn.scan slices each layer's 4-bit kernels (the pre-LayerView loop)")
     p.add_argument("--mesh", default="1,1,1",
                    help="data,fsdp,tensor device counts for ours (--batch is the global batch)")
     p.add_argument("--profile", default=None,
@@ -348,6 +351,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             cmd += ["--profile", args.profile]
         if args.offload_state:
             cmd.append("--offload-state")
+        if args.no_in_place:
+            cmd.append("--no-in-place")
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         # The child's stderr (progress, warnings, tracebacks) goes straight to ours.
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)

@@ -339,6 +339,19 @@ def gather_for_compute(q: QTensor) -> QTensor:
                      nested_absmax=put(q.nested_absmax, rep), offset=put(q.offset, rep))
 
 
+def splits_4bit_codes(q: QTensor) -> bool:
+    """True when, under ``use_mesh``, the stored split of ``q``'s packed codes cuts them over
+    devices (then a kernel cannot read one layer of a stack in place; it is gathered instead).
+    False outside ``use_mesh``."""
+    ctx = _CONTEXT.get("mesh")
+    if ctx is None:
+        return False
+    mesh, rules = ctx
+    names = ("layers",) * len(q.stack_shape) + ("qblocks",)
+    spec = _fit(tuple(q.packed.shape), names, mesh, rules, q.block_size // 2)
+    return any(s is not None for s in spec)
+
+
 def within_mesh(fn: Callable[..., Any], mesh: Mesh,
                 rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Callable[..., Any]:
     """``fn`` traced under ``use_mesh(mesh, rules)`` (wrap a step before ``jax.jit``).

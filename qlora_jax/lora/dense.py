@@ -26,6 +26,7 @@ from qlora_jax.lora.plan import LoraPlan
 from qlora_jax.quant import ops as qops
 from qlora_jax.quant.blockwise import quantize
 from qlora_jax.quant.config import QuantConfig
+from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
 
 Initializer = Callable[..., jax.Array]
@@ -88,7 +89,7 @@ class LoraDense(nn.Module):
             kernel = meta.unbox(self.get_variable("params", "kernel"))
         else:
             kernel = self.param("kernel", self._init_kernel, (in_features, self.features))
-        if isinstance(kernel, QTensor):
+        if isinstance(kernel, (QTensor, LayerView)):  # a view: one layer of a stack, in place
             if kernel.shape != (self.features, in_features):
                 raise ValueError(f"{'.'.join(self.scope.path)}: 4-bit kernel is {kernel.shape}, "
                                  f"expected [out, in] = {(self.features, in_features)}")

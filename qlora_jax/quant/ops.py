@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.quant.blockwise import dequantize_xla
+from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
 
 IMPLS = ("auto", "xla", "pallas")
@@ -75,8 +76,12 @@ def linear(x: jax.Array, q: QTensor, impl: str = "auto") -> jax.Array:
       ``[..., out]``. Differentiable in ``x`` only: the backward pass computes
       ``dy @ W`` from the 4-bit weight again (nothing of W's size is kept for
       it) and the QTensor gets a zero cotangent.
+
+    ``q`` may also be a ``LayerView`` (one layer of a stacked QTensor): with the Pallas
+    kernels and more than ``FUSED_MAX_TOKENS`` rows it is dequantized in place, otherwise
+    its layer is sliced out first.
     """
-    if not isinstance(q, QTensor):
+    if not isinstance(q, (QTensor, LayerView)):
         raise TypeError(f"linear expects a QTensor weight, got {type(q).__name__}")
     if len(q.shape) != 2:
         raise ValueError(f"linear expects a 2-D [out, in] QTensor, got shape {q.shape}")
@@ -102,16 +107,28 @@ def _for_compute(q: QTensor) -> QTensor:
     return sharding.gather_for_compute(q)
 
 
-def _matmul_t(x2: jax.Array, q: QTensor, impl: str) -> jax.Array:
-    q = _for_compute(q)
+def _in_place(a: jax.Array, q: Any, impl: str) -> bool:
+    """True when a LayerView's layer is dequantized in place (else it is sliced first)."""
+    if impl != "pallas" or not isinstance(q, LayerView):
+        return False
+    from qlora_jax import sharding  # noqa: WPS433 - sharding imports the lora package
+    return _kernels().reads_layer_in_place(a, q) and not sharding.splits_4bit_codes(q.stacked)
+
+
+def _matmul_t(x2: jax.Array, q: Any, impl: str) -> jax.Array:
+    if _in_place(x2, q, impl):
+        return _kernels().dot_dequantized(x2, _kernels().dequantize_layer(q, x2.dtype), False)
+    q = _for_compute(q.materialize() if isinstance(q, LayerView) else q)
     if impl == "pallas":
         return _kernels().linear(x2, q)
     w = dequantize_xla(q, x2.dtype)
     return jnp.dot(x2, w.T, preferred_element_type=jnp.float32).astype(x2.dtype)
 
 
-def _matmul(dy: jax.Array, q: QTensor, impl: str) -> jax.Array:
-    q = _for_compute(q)
+def _matmul(dy: jax.Array, q: Any, impl: str) -> jax.Array:
+    if _in_place(dy, q, impl):
+        return _kernels().dot_dequantized(dy, _kernels().dequantize_layer(q, dy.dtype), True)
+    q = _for_compute(q.materialize() if isinstance(q, LayerView) else q)
     if impl == "pallas":
         return _kernels().linear_grad_input(dy, q)
     w = dequantize_xla(q, dy.dtype)

@@ -18,9 +18,11 @@ from typing import Any
 import jax
 
 from qlora_jax.quant.kernels import gpu
+from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
 
-__all__ = ["dequantize", "linear", "linear_grad_input"]
+__all__ = ["dequantize", "dequantize_layer", "dot_dequantized", "linear", "linear_grad_input",
+           "reads_layer_in_place"]
 
 
 def _tpu():
@@ -51,3 +53,25 @@ def linear_grad_input(dy2d: jax.Array, q: QTensor) -> jax.Array:
     if _on_tpu():
         return _tpu().linear_grad_input(dy2d, q)
     return gpu.linear_grad_input(dy2d, q)
+
+
+# -- one layer of a stacked weight, read in place (quant.layer_view) ---------------------------
+
+def reads_layer_in_place(a2d: jax.Array, view: LayerView) -> bool:
+    """True when ``linear(a2d, view)`` dequantizes the layer in place: the GPU kernels (and
+    their interpret mode) with more rows than the fused kernels take and int32-sized arrays.
+    Elsewhere the layer is sliced out of the stack first."""
+    return not _on_tpu() and a2d.shape[0] > gpu.FUSED_MAX_TOKENS and view.fits_int32()
+
+
+def dequantize_layer(view: LayerView, dtype: Any = None) -> jax.Array:
+    """Layer ``view.index`` of a stacked QTensor dequantized to ``dtype``, read in place."""
+    if _on_tpu():
+        return _tpu().dequantize(view.materialize(), dtype)
+    return gpu.dequantize_layer(view, dtype)
+
+
+def dot_dequantized(a2d: jax.Array, w: jax.Array, transpose: bool) -> jax.Array:
+    """``a2d @ w.T`` (``transpose=False``) or ``a2d @ w`` for a dequantized ``[out, in]`` weight,
+    with the two-pass path's precision (float32 accumulation)."""
+    return gpu.dot_dequantized(a2d, w, transpose)

@@ -173,8 +173,8 @@ def decode_absmax(raw: jax.Array, flat_index: jax.Array, qrefs: "QRefs") -> jax.
     dyn = qrefs.dyn_ref[raw.astype(jnp.int32)]
     nested_index = jnp.minimum(jax.lax.div(flat_index, jnp.int32(qrefs.nested_block_size)),
                                jnp.int32(qrefs.n_nested - 1))
-    nested = qrefs.nested_ref[nested_index]
-    offset = qrefs.offset_ref[0]
+    nested = qrefs.nested_ref[qrefs.nested_base + nested_index]
+    offset = qrefs.offset_ref[qrefs.offset_index]
     return mul_rn(dyn, nested, qrefs.exact) + offset
 
 
@@ -189,6 +189,10 @@ class QRefs:
         self.table = table
         self.lut = lut
         self.exact = exact
+        # Where this weight starts in the nested-absmax and offset refs (a layer of a stack
+        # read in place moves them; see kernels.gpu.dequantize_layer).
+        self.nested_base = 0
+        self.offset_index = 0
         if double_quant:
             (self.packed_ref, self.absmax_ref, self.nested_ref, self.offset_ref,
              self.table_ref, self.dyn_ref) = refs

@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 
 from qlora_jax.quant import codebooks
 from qlora_jax.quant.kernels import _decode as dec
+from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
 
 try:
@@ -128,22 +129,29 @@ def _with_out(inputs: list, out_shape: jax.ShapeDtypeStruct, out: Optional[jax.A
 # ---------------------------------------------------------------------------------------------
 
 def _dequant_kernel(*refs, n, n_packed, n_blocks, block_size, tb, q_static, lut, exact,
-                    out_dtype, aliased):
+                    out_dtype, aliased, layered=False):
     # Tiles that divide the element count exactly need no bound checks (a static fact).
     masked = n % (tb * block_size) != 0
     nq = dec.num_qrefs(q_static[1])
     qrefs = _qrefs(list(refs[:nq]), q_static, lut, exact)
     out_ref = refs[-1]
+    # A layer of a stacked weight (``layered``): the refs hold every layer, flat, and the
+    # layer index arrives in a one-element ref; offsets move to that layer's slice.
+    p_base = a_base = 0
+    if layered:
+        layer = refs[nq][0]
+        p_base, a_base = layer * n_packed, layer * n_blocks
+        qrefs.nested_base, qrefs.offset_index = layer * q_static[3], layer
     b0 = pl.program_id(0) * tb
     half = block_size // 2
     p_idx = b0 * half + jnp.arange(tb * half, dtype=jnp.int32)
-    packed = dec.load(qrefs.packed_ref.at[pl.ds(b0 * half, tb * half)],
+    packed = dec.load(qrefs.packed_ref.at[pl.ds(p_base + b0 * half, tb * half)],
                       mask=(p_idx < n_packed) if masked else None, other=0)
     codes = dec.unpack_codes(packed.reshape(tb, half), dec.code_dtype(lut, exact))
     values = dec.lookup(codes, qrefs.table_ref, qrefs.table, lut, exact)
     b_idx = b0 + jnp.arange(tb, dtype=jnp.int32)
-    raw = dec.load(qrefs.absmax_ref.at[pl.ds(b0, tb)], mask=(b_idx < n_blocks) if masked else None,
-                   other=0)
+    raw = dec.load(qrefs.absmax_ref.at[pl.ds(a_base + b0, tb)],
+                   mask=(b_idx < n_blocks) if masked else None, other=0)
     absmax = dec.decode_absmax(raw, b_idx, qrefs)
     out = (values * absmax[:, None]).astype(out_dtype).reshape(tb * block_size)
     o_idx = b0 * block_size + jnp.arange(tb * block_size, dtype=jnp.int32)
@@ -182,6 +190,45 @@ def dequantize(q: QTensor, dtype: Any = None, config: DequantConfig = DequantCon
                              interpret=interpret)
              for i in range(int(np.prod(q.stack_shape)))]
     return jnp.stack(parts).reshape(q.shape)
+
+
+def dequantize_layer(view: LayerView, dtype: Any = None, config: DequantConfig = DequantConfig(),
+                     out: Optional[jax.Array] = None, interpret: Optional[bool] = None
+                     ) -> jax.Array:
+    """Dequantizes layer ``view.index`` of a stacked QTensor in place (no slice is copied).
+
+    Equals ``dequantize(view.materialize(), dtype)`` bit for bit; the result has the
+    layer's logical shape. The stack's arrays must fit int32 offsets (``view.fits_int32()``).
+    """
+    if not view.fits_int32():
+        raise ValueError(f"{view!r}: a stacked array exceeds 2**31 elements; the in-place "
+                         "kernel indexes with int32 (use view.materialize())")
+    interpret = _interpret() if interpret is None else interpret
+    q = view.stacked
+    dtype = q.dtype if dtype is None else jnp.dtype(dtype)
+    n, bs = q.num_elements, q.block_size
+    tb = max(config.elements // bs, 1)
+    out_shape = jax.ShapeDtypeStruct((n,), jnp.dtype(dtype))
+    table = jnp.asarray(codebooks.codebook(q.qtype))
+    inputs = [q.packed.reshape(-1), q.absmax.reshape(-1)]
+    if q.double_quant:
+        inputs += [q.nested_absmax.astype(jnp.float32).reshape(-1),
+                   q.offset.astype(jnp.float32).reshape(-1), table,
+                   jnp.asarray(codebooks.DYNAMIC_MAP)]
+    else:
+        inputs += [table]
+    inputs.append(jnp.reshape(jnp.asarray(view.index, jnp.int32), (1,)))
+    inputs, aliases = _with_out(inputs, out_shape, out)
+    kernel = functools.partial(
+        _dequant_kernel, n=n, n_packed=int(q.packed.shape[-1]), n_blocks=q.num_blocks,
+        block_size=bs, tb=tb, q_static=_q_static(q),
+        lut=config.lut or DEFAULT_LUT["dequant"], exact=not interpret,
+        out_dtype=jnp.dtype(dtype), aliased=out is not None, layered=True)
+    flat = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(pl.cdiv(q.num_blocks, tb),),
+        input_output_aliases=aliases, name="qlora_dequantize_4bit_layer",
+        **_params(config.num_warps, config.num_stages, interpret))(*inputs)
+    return flat.reshape(q.logical_shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +436,13 @@ def _two_pass(a: jax.Array, q: QTensor, transpose: bool, interpret: Optional[boo
     """
     interpret = _interpret() if interpret is None else interpret
     w = dequantize(q, a.dtype, interpret=interpret)
+    return dot_dequantized(a, w, transpose, interpret)
+
+
+def dot_dequantized(a: jax.Array, w: jax.Array, transpose: bool,
+                    interpret: Optional[bool] = None) -> jax.Array:
+    """The second pass: ``a @ w.T`` (``transpose=False``) or ``a @ w``, float32 accumulation."""
+    interpret = _interpret() if interpret is None else interpret
     w = w if transpose else w.T
     if a.dtype == jnp.float32:
         return jnp.dot(a, w, precision=jax.lax.Precision.HIGHEST)

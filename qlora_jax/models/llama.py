@@ -42,9 +42,9 @@ from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import meta
-import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax.lora.config import LoraConfig

@@ -13,7 +13,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$W/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$W/gpu.txt"
+# The host CPU too: the bitsandbytes peer launches its kernels from eager PyTorch, so its speed
+# may follow the host (session 3 saw it 1.3-1.9x faster than in earlier sessions).
+lscpu 2>/dev/null | grep -E 'Model name|^CPU\(s\)' | tee -a "$W/gpu.txt"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tee -a "$W/gpu.txt"
 i=0
 while IFS= read -r line; do

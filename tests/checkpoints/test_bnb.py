@@ -13,11 +13,13 @@ import transformers
 import qlora_jax as qj
 from qlora_jax.checkpoints import CheckpointReader
 from qlora_jax.checkpoints.hf_save import layer_of
+from qlora_jax.quant import codebooks
 from qlora_jax.quant.blockwise import dequantize_absmax
 from tests.models import tiny
 
 LINEARS = [("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
           [("mlp", n) for n in ("gate_proj", "up_proj", "down_proj")]
+DYN = np.asarray(codebooks.DYNAMIC_MAP, np.float64)
 DTYPES = {"float32": (torch.float32, jnp.float32), "bfloat16": (torch.bfloat16, jnp.bfloat16)}
 
 
@@ -59,7 +61,7 @@ def test_quantize_on_load_gives_bitsandbytes_bytes(bnb_dirs, dtype, rng):
     model, params = qj.from_pretrained(path, dtype=DTYPES[dtype][1], quant=qj.QuantConfig())
     reader = CheckpointReader(saved)
     layers = model.config.num_hidden_layers
-    equal = []
+    equal, w_err = [], 0.0
     for group, name in LINEARS:
         q = params["model"]["layers"][group][name]["kernel"]
         assert isinstance(q, qj.quant.QTensor) and q.dtype == DTYPES[dtype][1]
@@ -69,23 +71,30 @@ def test_quantize_on_load_gives_bitsandbytes_bytes(bnb_dirs, dtype, rng):
             assert sorted(ours) == sorted(k for k in reader if k.startswith(key))
             np.testing.assert_array_equal(ours[key], reader[key], err_msg=key)
             # Double-quantized absmax: exact nearest here; bnb's CPU lookup table is off for a
-            # few codes (formats.md): those may differ, by one step of the dynamic map only.
+            # few codes (formats.md): those may differ by one step of the dynamic map, or by
+            # a few near its zero (codes 127 and 131 are 0 and 2.1e-5 of the nested absmax).
             a, b = ours[key + ".absmax"].astype(int), reader[key + ".absmax"].astype(int)
-            assert np.all(np.abs(a - b) <= 1), key
+            near = (np.abs(a - b) <= 1) | (np.abs(DYN[a] - DYN[b]) <= 1e-4)
+            assert np.all(near), (key, a[~near], b[~near])
             equal.append(a == b)
             np.testing.assert_allclose(ours[key + ".nested_absmax"],
                                        reader[key + ".nested_absmax"], rtol=1e-6)
             theirs = qj.quant.from_bnb_state_dict(reader, key)
             np.testing.assert_allclose(np.asarray(dequantize_absmax(layer_of(q, i))),
                                        np.asarray(dequantize_absmax(theirs)), rtol=2e-2)
+            w_ours, w_theirs = (np.asarray(qj.quant.dequantize(t, jnp.float32))
+                                for t in (layer_of(q, i), theirs))
+            w_err = max(w_err, np.linalg.norm(w_ours - w_theirs) / np.linalg.norm(w_theirs))
     assert np.mean(np.concatenate(equal)) > 0.95
+    assert w_err < 5e-3, w_err   # seen: <= 6.5e-4 (float32), 1.6e-3 (bfloat16)
     # lm_head is skipped by the default QuantConfig, as bitsandbytes does.
     assert not isinstance(params["lm_head"]["kernel"], qj.quant.QTensor)
     ids, mask = tiny.left_padded(rng, 2, 9)
     err = tiny.rel_err(_apply(model, params, ids, mask), _logits(qm, ids, mask), mask)
-    # Up to 5% of the codes may sit one step apart (checked above), so the logits differ by
-    # about 1e-3 (seen: 1.08e-3 in CI with seed 5405803650518973106).
-    assert err < (2e-3 if dtype == "float32" else 2e-2), err
+    # The logits differ as much as the weights do (the absmax codes bitsandbytes' CPU table
+    # rounds differently, checked above): 0.3-4.8x the weights' relative error in 20 float32
+    # draws, over a floor of ~7e-7; bfloat16 compute adds ~1.0-1.3e-2 whatever the weights.
+    assert err < (1e-5 if dtype == "float32" else 2e-2) + 8 * w_err, (err, w_err)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 
 import pytest
@@ -16,7 +17,10 @@ def llama_ckpt(tmp_path_factory):
 
     def get(variant: str):
         if variant not in cache:
-            seed = secrets.randbits(31)
+            # Replayable like the rng fixture: QLORA_JAX_SEED fixes the checkpoints too.
+            env = os.environ.get("QLORA_JAX_SEED")
+            seed = int(env) % (1 << 31) if env else secrets.randbits(31)
+            print(f"llama_ckpt {variant}: weights seed {seed}")
             d = str(tmp_path_factory.mktemp(f"{variant}_{seed}"))
             cache[variant] = (d, tiny.write_llama(d, variant, seed))
         return cache[variant]

@@ -312,10 +312,8 @@ def gather_for_compute(q: QTensor) -> QTensor:
     if ctx is None:
         return q
     mesh, rules = ctx
-    names = ("layers",) * len(q.stack_shape) + ("qblocks",)
-    block = q.block_size // 2
-    stored = _fit(tuple(q.packed.shape), names, mesh, rules, block)
-    used = _fit(tuple(q.packed.shape), names, mesh, _compute_rules(rules), block)
+    stored = _codes_spec(q, mesh, rules)
+    used = _codes_spec(q, mesh, _compute_rules(rules))
     rep = NamedSharding(mesh, P())
 
     def put(a, s):
@@ -346,10 +344,13 @@ def splits_4bit_codes(q: QTensor) -> bool:
     ctx = _CONTEXT.get("mesh")
     if ctx is None:
         return False
-    mesh, rules = ctx
+    return any(s is not None for s in _codes_spec(q, *ctx))
+
+
+def _codes_spec(q: QTensor, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> P:
+    """The PartitionSpec ``rules`` give ``q``'s packed codes (split on whole blocks)."""
     names = ("layers",) * len(q.stack_shape) + ("qblocks",)
-    spec = _fit(tuple(q.packed.shape), names, mesh, rules, q.block_size // 2)
-    return any(s is not None for s in spec)
+    return _fit(tuple(q.packed.shape), names, mesh, rules, q.block_size // 2)
 
 
 def within_mesh(fn: Callable[..., Any], mesh: Mesh,

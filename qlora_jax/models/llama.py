@@ -59,7 +59,7 @@ from qlora_jax.quant import ops as qops
 from qlora_jax.quant.config import QuantConfig
 from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
-from qlora_jax.sharding import constrain, splits_4bit_codes
+from qlora_jax.sharding import constrain
 
 # Logical layouts of the activations (mapped to mesh axes by qlora_jax.sharding's rules; the
 # hints are no-ops without a mesh in context). The batch stays split over the batch axes.
@@ -309,10 +309,9 @@ class LlamaModel(nn.Module):
         scanned = nn.scan(layer, variable_axes={"params": 0},
                           split_rngs={"params": True, "dropout": True},
                           in_axes=(0, nn.broadcast), length=c.num_hidden_layers)
-        self.layers = scanned(c, self.plan, self.quant, self.quant_paths, self.dtype,
-                              self.param_dtype, self.impl, self.deterministic, self.attention)
         self.layer_args = (c, self.plan, self.quant, self.quant_paths, self.dtype,
                            self.param_dtype, self.impl, self.deterministic, self.attention)
+        self.layers = scanned(*self.layer_args)
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):
@@ -365,16 +364,14 @@ class LlamaModel(nn.Module):
 
     def _stacked_4bit_in_place(self) -> dict:
         """The stacked QTensors of the layers the loop can read in place, by flat path; {}
-        (the ``nn.scan`` loop) at init, without the Pallas kernels or when none qualifies.
-        A QTensor whose codes a mesh splits, or too large for int32 offsets, is sliced."""
+        (the ``nn.scan`` loop) at init or when none qualifies (``quant.ops.reads_in_place``:
+        the Pallas kernels; stacks too large for int32 offsets or split by a mesh are sliced)."""
         if (not self.in_place or self.is_initializing()
-                or qops.resolve_impl(self.impl) != "pallas"
                 or not self.has_variable("params", "layers")):
             return {}
         flat = traverse_util.flatten_dict(meta.unbox(self.variables["params"]["layers"]))
         return {k: v for k, v in flat.items()
-                if isinstance(v, QTensor) and len(v.stack_shape) == 1
-                and LayerView(v, 0).fits_int32() and not splits_4bit_codes(v)}
+                if isinstance(v, QTensor) and qops.reads_in_place(v, self.impl)}
 
     def _layers_in_place(self, h, shared, qs: dict):
         prefix = tuple(self.scope.path) + ("layers",)

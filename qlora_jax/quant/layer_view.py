@@ -59,10 +59,6 @@ class LayerView:
     def dtype(self):
         return self.stacked.dtype
 
-    @property
-    def num_layers(self) -> int:
-        return int(self.stacked.stack_shape[0])
-
     def materialize(self) -> QTensor:
         """The layer as a QTensor of its own (a dynamic slice of every array)."""
         i = jnp.asarray(self.index, jnp.int32)
@@ -71,11 +67,12 @@ class LayerView:
 
     def fits_int32(self) -> bool:
         """True when every stacked array is small enough for the kernels' int32 offsets."""
-        return all(a.size <= MAX_IN_PLACE_ELEMENTS for a in jax.tree.leaves(self.stacked))
+        return fits_int32(self.stacked)
 
     def __repr__(self) -> str:
         return f"LayerView({self.stacked!r}, index={self.index})"
 
 
-def is_layer_view(x) -> bool:
-    return isinstance(x, LayerView)
+def fits_int32(stacked: QTensor) -> bool:
+    """True when every array of ``stacked`` is small enough for the kernels' int32 offsets."""
+    return all(a.size <= MAX_IN_PLACE_ELEMENTS for a in jax.tree.leaves(stacked))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.quant.blockwise import dequantize_xla
-from qlora_jax.quant.layer_view import LayerView
+from qlora_jax.quant.layer_view import LayerView, fits_int32
 from qlora_jax.quant.qtensor import QTensor
 
 IMPLS = ("auto", "xla", "pallas")
@@ -107,12 +107,19 @@ def _for_compute(q: QTensor) -> QTensor:
     return sharding.gather_for_compute(q)
 
 
+def reads_in_place(stacked: QTensor, impl: str = "auto") -> bool:
+    """True when layers of ``stacked`` (a QTensor stacked along one layer axis) can be read in
+    place as ``LayerView``s: the Pallas kernels, arrays within int32 offsets, and codes that
+    no mesh in context splits over devices (those are sliced and gathered instead)."""
+    from qlora_jax import sharding  # noqa: WPS433 - sharding imports the lora package
+    return (resolve_impl(impl) == "pallas" and len(stacked.stack_shape) == 1
+            and fits_int32(stacked) and not sharding.splits_4bit_codes(stacked))
+
+
 def _in_place(a: jax.Array, q: Any, impl: str) -> bool:
     """True when a LayerView's layer is dequantized in place (else it is sliced first)."""
-    if impl != "pallas" or not isinstance(q, LayerView):
-        return False
-    from qlora_jax import sharding  # noqa: WPS433 - sharding imports the lora package
-    return _kernels().reads_layer_in_place(a, q) and not sharding.splits_4bit_codes(q.stacked)
+    return (isinstance(q, LayerView) and reads_in_place(q.stacked, impl)
+            and _kernels().reads_layer_in_place(a))
 
 
 def _matmul_t(x2: jax.Array, q: Any, impl: str) -> jax.Array:

@@ -57,11 +57,11 @@ def linear_grad_input(dy2d: jax.Array, q: QTensor) -> jax.Array:
 
 # -- one layer of a stacked weight, read in place (quant.layer_view) ---------------------------
 
-def reads_layer_in_place(a2d: jax.Array, view: LayerView) -> bool:
-    """True when ``linear(a2d, view)`` dequantizes the layer in place: the GPU kernels (and
-    their interpret mode) with more rows than the fused kernels take and int32-sized arrays.
-    Elsewhere the layer is sliced out of the stack first."""
-    return not _on_tpu() and a2d.shape[0] > gpu.FUSED_MAX_TOKENS and view.fits_int32()
+def reads_layer_in_place(a2d: jax.Array) -> bool:
+    """True when ``linear`` of ``a2d`` with a ``LayerView`` dequantizes the layer in place: the
+    GPU kernels (and their interpret mode) with more rows than the fused kernels take.
+    Elsewhere the layer is sliced out of the stack first (``quant.ops`` checks the stack)."""
+    return not _on_tpu() and a2d.shape[0] > gpu.FUSED_MAX_TOKENS
 
 
 def dequantize_layer(view: LayerView, dtype: Any = None) -> jax.Array:

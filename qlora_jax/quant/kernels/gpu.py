@@ -94,12 +94,13 @@ def _num_sms() -> int:
 
 
 def _q_inputs(q: QTensor, packed: jax.Array, absmax: jax.Array) -> list:
-    """The kernel inputs for a weight (packed and absmax already laid out)."""
+    """The kernel inputs for a weight (packed and absmax already laid out; the nested absmax
+    and offset flat, so a stack of layers passes every layer's)."""
     table = jnp.asarray(codebooks.codebook(q.qtype))
     if not q.double_quant:
         return [packed, absmax, table]
-    return [packed, absmax, q.nested_absmax.astype(jnp.float32),
-            jnp.reshape(q.offset, (1,)).astype(jnp.float32), table,
+    return [packed, absmax, q.nested_absmax.astype(jnp.float32).reshape(-1),
+            jnp.reshape(q.offset, (-1,)).astype(jnp.float32), table,
             jnp.asarray(codebooks.DYNAMIC_MAP)]
 
 
@@ -160,22 +161,27 @@ def _dequant_kernel(*refs, n, n_packed, n_blocks, block_size, tb, q_static, lut,
 
 
 def dequantize_flat(q: QTensor, dtype: Any, config: DequantConfig = DequantConfig(),
-                    out: Optional[jax.Array] = None, interpret: Optional[bool] = None
-                    ) -> jax.Array:
-    """Dequantizes an unstacked QTensor to a flat ``[n]`` array of ``dtype``."""
+                    out: Optional[jax.Array] = None, interpret: Optional[bool] = None,
+                    layer: Optional[jax.Array] = None) -> jax.Array:
+    """Dequantizes an unstacked QTensor to a flat ``[n]`` array of ``dtype``; with ``layer``
+    (int32 scalar), layer ``layer`` of a QTensor stacked along one axis, read in place."""
     interpret = _interpret() if interpret is None else interpret
     n, bs = q.num_elements, q.block_size
     tb = max(config.elements // bs, 1)
     out_shape = jax.ShapeDtypeStruct((n,), jnp.dtype(dtype))
-    inputs, aliases = _with_out(_q_inputs(q, q.packed, q.absmax), out_shape, out)
+    inputs = _q_inputs(q, q.packed.reshape(-1), q.absmax.reshape(-1))
+    if layer is not None:
+        inputs.append(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
+    inputs, aliases = _with_out(inputs, out_shape, out)
     kernel = functools.partial(
         _dequant_kernel, n=n, n_packed=int(q.packed.shape[-1]), n_blocks=q.num_blocks,
         block_size=bs, tb=tb, q_static=_q_static(q),
         lut=config.lut or DEFAULT_LUT["dequant"], exact=not interpret,
-        out_dtype=jnp.dtype(dtype), aliased=out is not None)
+        out_dtype=jnp.dtype(dtype), aliased=out is not None, layered=layer is not None)
+    name = "qlora_dequantize_4bit" if layer is None else "qlora_dequantize_4bit_layer"
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(pl.cdiv(q.num_blocks, tb),),
-        input_output_aliases=aliases, name="qlora_dequantize_4bit",
+        input_output_aliases=aliases, name=name,
         **_params(config.num_warps, config.num_stages, interpret))(*inputs)
 
 
@@ -203,32 +209,10 @@ def dequantize_layer(view: LayerView, dtype: Any = None, config: DequantConfig =
     if not view.fits_int32():
         raise ValueError(f"{view!r}: a stacked array exceeds 2**31 elements; the in-place "
                          "kernel indexes with int32 (use view.materialize())")
-    interpret = _interpret() if interpret is None else interpret
     q = view.stacked
     dtype = q.dtype if dtype is None else jnp.dtype(dtype)
-    n, bs = q.num_elements, q.block_size
-    tb = max(config.elements // bs, 1)
-    out_shape = jax.ShapeDtypeStruct((n,), jnp.dtype(dtype))
-    table = jnp.asarray(codebooks.codebook(q.qtype))
-    inputs = [q.packed.reshape(-1), q.absmax.reshape(-1)]
-    if q.double_quant:
-        inputs += [q.nested_absmax.astype(jnp.float32).reshape(-1),
-                   q.offset.astype(jnp.float32).reshape(-1), table,
-                   jnp.asarray(codebooks.DYNAMIC_MAP)]
-    else:
-        inputs += [table]
-    inputs.append(jnp.reshape(jnp.asarray(view.index, jnp.int32), (1,)))
-    inputs, aliases = _with_out(inputs, out_shape, out)
-    kernel = functools.partial(
-        _dequant_kernel, n=n, n_packed=int(q.packed.shape[-1]), n_blocks=q.num_blocks,
-        block_size=bs, tb=tb, q_static=_q_static(q),
-        lut=config.lut or DEFAULT_LUT["dequant"], exact=not interpret,
-        out_dtype=jnp.dtype(dtype), aliased=out is not None, layered=True)
-    flat = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(pl.cdiv(q.num_blocks, tb),),
-        input_output_aliases=aliases, name="qlora_dequantize_4bit_layer",
-        **_params(config.num_warps, config.num_stages, interpret))(*inputs)
-    return flat.reshape(q.logical_shape)
+    return dequantize_flat(q, dtype, config, out, interpret,
+                           layer=view.index).reshape(q.logical_shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-
 import pytest
 
+from tests.conftest import run_seed
 from tests.models import tiny
 
 
@@ -18,8 +16,7 @@ def llama_ckpt(tmp_path_factory):
     def get(variant: str):
         if variant not in cache:
             # Replayable like the rng fixture: QLORA_JAX_SEED fixes the checkpoints too.
-            env = os.environ.get("QLORA_JAX_SEED")
-            seed = int(env) % (1 << 31) if env else secrets.randbits(31)
+            seed = run_seed() % (1 << 31)
             print(f"llama_ckpt {variant}: weights seed {seed}")
             d = str(tmp_path_factory.mktemp(f"{variant}_{seed}"))
             cache[variant] = (d, tiny.write_llama(d, variant, seed))

@@ -242,8 +242,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
             result = run_eval()  # a finished run re-run: report its final metric again
             if result is not None:
                 summary["eval_after"] = result
-        if export_adapter(model, state, workdir, placement) is None:
-            log.message("adapter/ not written: this qlora_jax has no save_peft yet")
+        export_adapter(model, state, workdir, placement)
     finally:
         log.close()
         ckpt.close()
@@ -262,16 +261,14 @@ def make_placement(config: Any) -> Placement:
 
 
 def export_adapter(model: Any, state: Any, workdir: str,
-                   placement: Optional[Placement] = None) -> Optional[str]:
+                   placement: Optional[Placement] = None) -> str:
     """Writes the PEFT adapter of ``state`` to ``workdir/adapter`` (atomically, via a temp dir).
 
     Every process calls it (the trainable leaves are gathered from all of them); process 0
     writes.
     """
-    import qlora_jax as qj
+    from qlora_jax.checkpoints.peft import save_peft
 
-    if not hasattr(qj, "save_peft"):
-        return None
     trainable = (placement.gather(state.trainable) if placement is not None
                  else jax.device_get(state.trainable))
     out = os.path.join(workdir, "adapter")
@@ -280,7 +277,7 @@ def export_adapter(model: Any, state: Any, workdir: str,
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     params = lora_params.combine(trainable, state.frozen)
-    qj.save_peft(model, params, tmp)
+    save_peft(model, params, tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

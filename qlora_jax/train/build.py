@@ -11,17 +11,15 @@ import os
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from qlora_jax import data as qdata
 from qlora_jax.lora.config import LoraConfig
+from qlora_jax.models.common import DTYPES
 from qlora_jax.quant.config import QuantConfig
 from qlora_jax.train import optim as train_optim
 from qlora_jax.train.config import ConfigError
 from qlora_jax.train.task import Task
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass

@@ -60,6 +60,9 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+#: Test hook (not a config field): ``QLORA_JAX_TEST_NAN_AT_STEP=N`` makes the loss of step N NaN.
+NAN_AT_STEP_ENV = "QLORA_JAX_TEST_NAN_AT_STEP"
+
 #: Config sections that say where a run lies, not what it computes: a run may resume on another
 #: mesh (its checkpoints are restored onto the new shardings; config.json then records the new
 #: mesh).
@@ -172,7 +175,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                                  accum_steps=config.train.grad_accum,
                                  offload_state=config.optim.offload_state,
                                  dropout=config.lora.dropout > 0,
-                                 nan_at_step=config.train.debug_nan_at_step)
+                                 nan_at_step=int(os.environ.get(NAN_AT_STEP_ENV, -1)))
     eval_step = make_eval_step(task, shardings=step_shardings)
     kind = config.model.task
 

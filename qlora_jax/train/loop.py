@@ -72,8 +72,20 @@ PLACEMENT_SECTIONS = ("mesh",)
 def check_workdir(workdir: str, resolved: dict[str, Any]) -> bool:
     """True when ``workdir`` already holds this experiment (resume); raises for another one.
 
-    The experiment is the config without `PLACEMENT_SECTIONS`.
+    The experiment is the config without `PLACEMENT_SECTIONS`. A workdir that is a file, or
+    lies under a file or a directory this process cannot write, is refused too.
     """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"--workdir {workdir} is an existing file, not a directory; give a "
+                           "directory path (it is created when missing)")
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise WorkdirError(f"--workdir {workdir} lies under {parent}, which is a file; give a "
+                           "directory path")
+    if not os.path.isdir(workdir) and not os.access(parent, os.W_OK | os.X_OK):
+        raise WorkdirError(f"--workdir {workdir} cannot be created: {parent} is not writable")
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return False
@@ -141,6 +153,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     except ValueError as e:
         raise train_config.ConfigError(f"config.mesh: {e}") from None
     build.check_paths(config)
+    build.check_positions(config)
     data = build.load_data(config)
     num_labels = config.model.num_labels
     if config.model.task == "classification" and not num_labels:

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.checkpoints.safetensors_io import CheckpointReader
-from qlora_jax.lora.config import LoraConfig
+from qlora_jax.lora.config import LoraConfig, data_aware
 from qlora_jax.lora.dense import lora_a_init, lora_b_init
+from qlora_jax.lora.init import init_kernel
 from qlora_jax.lora.params import flatten, unflatten
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.models.common import HFParam
@@ -235,6 +236,8 @@ def add_adapters(model: Any, params: dict, seed: int = 0) -> dict:
         kernel = flat.get(path + ("kernel",))
         if kernel is None:
             raise KeyError(f"params lack {'/'.join(path)}/kernel, which the LoraConfig targets")
+        if path + ("lora_a",) in flat:  # a data-aware init made it while loading
+            continue
         kernel = getattr(kernel, "value", kernel)
         if isinstance(kernel, QTensor):
             out_f, in_f = kernel.logical_shape
@@ -270,7 +273,12 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
       dtype: compute dtype and dtype of the float parameters.
       quant: quantize linear weights while reading (ignored for a bitsandbytes
         checkpoint, whose 4-bit weights are kept as stored).
-      lora: add freshly initialised adapters (and box modules_to_save leaves).
+      lora: add freshly initialised adapters (and box modules_to_save leaves). Data-aware
+        inits (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``, ``"loftq"``) read each
+        adapted weight in float (one stacked entry at a time), decompose it and quantize
+        the new base (the residual ``W - s B A``; LoftQ's own 4-bit base) with ``quant``;
+        on a bitsandbytes checkpoint PiSSA/OLoRA dequantize, decompose and requantize the
+        residual, and LoftQ (which needs the float weights) raises.
       impl: 4-bit matmul implementation; remat: remat mode of the layers.
       num_labels: encoders only: > 0 adds a classification head (read from the
         checkpoint when present, else freshly initialised).
@@ -302,12 +310,24 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
     plan = _Plan(model, reader, shapes, bnb is not None)
     flat: dict[tuple[str, ...], Any] = {}
     root = jax.random.PRNGKey(seed)
+    lora_plan = model.lora_plan()
+    decompose = {p: s for p, s in (lora_plan.specs if lora_plan else ()) if data_aware(s.init)}
     for entry, keys in plan.items:
         if keys is None:
             flat[entry.path] = _fresh(entry.path, shapes[entry.path], dtype,
                                       _path_key(root, entry.path))
             continue
         q = quant if entry.linear and entry.module_path in quant_paths else None
-        flat[entry.path] = _load_entry(reader, entry, keys, dtype, q)
+        spec = decompose.get(entry.module_path) if entry.path[-1] == "kernel" else None
+        if spec is None:
+            flat[entry.path] = _load_entry(reader, entry, keys, dtype, q)
+            continue
+        # Data-aware init: the float weight (or a bnb QTensor), decomposed, then quantized.
+        kernel, a, b = init_kernel(spec, _load_entry(reader, entry, keys, dtype, None),
+                                   _path_key(root, entry.module_path), q, lora.loftq_iter,
+                                   ".".join(entry.module_path))
+        flat[entry.path] = kernel
+        flat[entry.module_path + ("lora_a",)] = a
+        flat[entry.module_path + ("lora_b",)] = b
     params = add_adapters(model, unflatten(flat), seed)
     return model, params

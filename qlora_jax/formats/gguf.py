@@ -27,7 +27,7 @@ import numpy as np
 
 #: GGUF architectures read as Llama-family models: architecture -> HF model_type.
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
-#: Architectures whose q/k rows llama.cpp's converter permutes (Qwen2 uses NeoX rope: no permutation).
+#: Architectures whose q/k rows llama.cpp's converter permutes (Qwen2's NeoX rope needs none).
 PERMUTED = ("llama",)
 
 _GLOBAL_NAMES = {
@@ -152,8 +152,9 @@ def llama3_factors(head_dim: int, theta: float, factor: float, low: float, high:
     freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * np.pi / freqs
     smooth = (original / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
     out = np.where(wavelen < original / high, 1.0,
-                   np.where(wavelen > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+                   np.where(wavelen > original / low, factor, mid))
     return out.astype(np.float32)
 
 
@@ -219,11 +220,17 @@ def hf_config(reader: Any, file: str = "") -> dict[str, Any]:
     scaling = _rope_scaling(meta, arch, reader, file)
     if scaling:
         cfg["rope_scaling"] = scaling
-    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
-                      ("pad", "padding_token_id")):
+    for role, key in (("bos", "bos_token_id"), ("pad", "padding_token_id")):
         value = meta.get(f"tokenizer.ggml.{key}")
         if value is not None:
             cfg[f"{role}_token_id"] = int(value)
+    # generate stops at every end id: eos, and end-of-turn / end-of-message ids when named.
+    ends = [int(meta[f"tokenizer.ggml.{k}"]) for k in ("eos_token_id", "eot_token_id",
+                                                         "eom_token_id")
+            if meta.get(f"tokenizer.ggml.{k}") is not None]
+    ends = list(dict.fromkeys(ends))
+    if ends:
+        cfg["eos_token_id"] = ends[0] if len(ends) == 1 else ends
     return cfg
 
 

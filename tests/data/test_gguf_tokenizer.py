@@ -66,7 +66,8 @@ def test_smollm2_specials_and_template(smollm2_tokenizers):
 
 # A small SentencePiece BPE vocabulary: specials, the 256 byte tokens, then pieces by score.
 _PIECES = ["\u2581", "e", "t", "h", "a", "i", "n", "s", "o", "r", "l", "d", "w", "\u2581t", "he",
-           "\u2581the", "in", "\u2581a", "er", "\u2581w", "or", "ing", "\u2581s", "re", "on", "\u2581o",
+           "\u2581the", "in", "\u2581a", "er", "\u2581w", "or", "ing", "\u2581s", "re", "on",
+           "\u2581o",
            "is", "\u2581th", "ll", "\u2581in", "\u2581is", "ld", "\u2581wor", "\u2581world",
            "\u2581he", "llo", "\u2581hello", "H", "W", "!", ","]
 

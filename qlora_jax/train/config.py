@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Mapping, Optional
 
 SECTIONS = ("model", "quant", "lora", "data", "optim", "train", "mesh")
@@ -26,7 +27,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "quant.qtype": ("nf4", "fp4", "int4"),
     "quant.block_size": (32, 64, 128, 256, 512, 1024, 2048, 4096),
     "quant.nested_block_size": (256,),
-    "lora.init": ("default", "gaussian", "random"),
+    # "pissa_niter_K" (K an integer) is accepted besides these.
+    "lora.init": ("default", "gaussian", "random", "pissa", "olora", "loftq"),
     "lora.dtype": ("float32", "bfloat16"),
     "data.format": ("auto", "alpaca", "prompt_response", "chat", "classification"),
     "optim.name": ("adamw", "sgd"),
@@ -84,6 +86,9 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
 
     for dotted, allowed in CHOICES.items():
         value = field(dotted)
+        if dotted == "lora.init" and isinstance(value, str) and re.fullmatch(
+                r"pissa_niter_\d+", value):
+            continue
         if value not in allowed or isinstance(value, bool):
             raise ConfigError(f"config.{dotted}={value!r} is not allowed; use one of "
                               f"{', '.join(map(repr, allowed))}")
@@ -113,6 +118,18 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
     for dotted in ("model.path", "model.tokenizer", "data.path", "data.eval_path"):
         if not isinstance(field(dotted), str):
             raise ConfigError(f"config.{dotted}={field(dotted)!r} must be a string")
+    # Fields newer than some configs (default_config() gives them): checked when present.
+    optional = {"lora.use_dora": bool, "lora.loftq_iter": int, "optim.loraplus_lr_ratio": float}
+    for dotted, kind in optional.items():
+        section, name = dotted.split(".")
+        if name not in config[section]:
+            continue
+        value = config[section][name]
+        ok = isinstance(value, bool) if kind is bool else (
+            _number(value) and value > 0 and (kind is float or isinstance(value, int)))
+        if not ok:
+            raise ConfigError(f"config.{dotted}={value!r} must be "
+                              + ("True or False" if kind is bool else f"a positive {kind.__name__}"))
     tm = field("lora.target_modules")
     if not (isinstance(tm, str) or (isinstance(tm, (tuple, list))
                                     and all(isinstance(t, str) for t in tm))):

@@ -16,6 +16,7 @@ Order of work (every user error is raised before any weight is read):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -57,6 +58,26 @@ def read_config(path: str) -> dict[str, Any]:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+
+
+def end_token_ids(path: str, hf_config: dict[str, Any]) -> tuple[int, ...]:
+    """Every end id the checkpoint names: config.json's ``eos_token_id`` (an id or a list), then
+    generation_config.json's (Llama-3 instruct models list ``<|eot_id|>`` there), in order."""
+    out: list[int] = []
+    gen_path = os.path.join(path, "generation_config.json")
+    gen = {}
+    if os.path.isfile(gen_path):
+        try:
+            with open(gen_path, encoding="utf-8") as f:
+                gen = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            warnings.warn(f"{gen_path} is not valid JSON; its end ids are ignored", stacklevel=3)
+    for value in (hf_config.get("eos_token_id"), gen.get("eos_token_id") if isinstance(
+            gen, dict) else None):
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool) and i not in out:
+                out.append(i)
+    return tuple(out)
 
 
 def bnb_quant_config(hf_config: dict[str, Any]) -> Optional[QuantConfig]:
@@ -279,6 +300,9 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
     model = build_model(hf_config, dtype=dtype, param_dtype=dtype, impl=impl, remat=remat,
                         num_labels=num_labels, **model_attrs)
     model = model.clone(quant=bnb if bnb is not None else quant, lora=lora)
+    ends = end_token_ids(path, hf_config)
+    if len(ends) > 1 and hasattr(model.config, "eos_token_id"):  # generate stops at each
+        model = model.clone(config=dataclasses.replace(model.config, eos_token_id=ends))
     model.lora_plan()  # unmatched targets fail here, before reading anything
     quant_paths = set(model.quantized_paths()) if (quant is not None and bnb is None) else set()
     reader = CheckpointReader(path)

@@ -166,6 +166,10 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     tx, schedule = build.make_optimizer(config)
     adapter_dtype = build.DTYPES[config.lora.dtype]
     state = create_state(params, tx, config.train.seed, adapter_dtype, config.optim.offload_state)
+    # PiSSA/OLoRA: the adapter file is converted against the initial adapters (a LoRA on the
+    # original base); a resumed run rebuilds the same ones from the checkpoint and seed.
+    initial = (jax.device_get(lora_params.adapters(params))
+               if str(config.lora.init).startswith(("pissa", "olora")) else None)
     del params
     shardings = placement.state_shardings(state)
     state = placement.put(state, shardings)
@@ -258,7 +262,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
             result = run_eval()  # a finished run re-run: report its final metric again
             if result is not None:
                 summary["eval_after"] = result
-        if export_adapter(model, state, workdir, placement) is None:
+        if export_adapter(model, state, workdir, placement, initial) is None:
             log.message("adapter/ not written: this qlora_jax has no save_peft yet")
     finally:
         log.close()
@@ -278,8 +282,11 @@ def make_placement(config: Any) -> Placement:
 
 
 def export_adapter(model: Any, state: Any, workdir: str,
-                   placement: Optional[Placement] = None) -> Optional[str]:
+                   placement: Optional[Placement] = None,
+                   initial_adapters: Optional[Any] = None) -> Optional[str]:
     """Writes the PEFT adapter of ``state`` to ``workdir/adapter`` (atomically, via a temp dir).
+
+    ``initial_adapters``: PiSSA/OLoRA adapters at initialisation (see ``qj.save_peft``).
 
     Every process calls it (the trainable leaves are gathered from all of them); process 0
     writes.
@@ -296,7 +303,7 @@ def export_adapter(model: Any, state: Any, workdir: str,
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     params = lora_params.combine(trainable, state.frozen)
-    qj.save_peft(model, params, tmp)
+    qj.save_peft(model, params, tmp, initial_adapters=initial_adapters)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

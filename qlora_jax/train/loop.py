@@ -21,6 +21,11 @@ and continues exactly as the uninterrupted run would have (deterministic data or
 derived from the seed and the step). The mesh may change between runs of a workdir (e.g. resume
 on fewer devices): the checkpoint is restored onto the new shardings.
 
+A SIGTERM or a first Ctrl-C (to any process) stops the run after the step in flight, which all
+processes agree on, with a checkpoint of that step: `run` raises `preemption.Preempted` (see
+qlora_jax.train.preemption). Checkpoints are saved every ``train.checkpoint_every`` steps, every
+``train.checkpoint_every_minutes`` of wall time, at such a stop and at the end.
+
 The run lies on the device mesh of ``config.mesh`` (data x fsdp x tensor devices, over one or
 several processes joined by ``jax.distributed``; (1, 1, 1) is one device): the state is placed by
 `Placement`, the step is jitted with its shardings, and each process loads only the rows of each

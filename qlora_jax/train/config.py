@@ -54,7 +54,7 @@ NONNEGATIVE_INTS = ("model.num_labels", "train.checkpoint_every", "train.eval_ev
                     "train.eval_batches", "train.loss_chunk")
 NONNEGATIVE_FLOATS = ("lora.alpha", "optim.loraplus_lr_ratio", "optim.warmup_ratio", "optim.end_lr_ratio",
                       "optim.weight_decay", "optim.max_grad_norm", "optim.b1", "optim.b2",
-                      "optim.eps")
+                      "optim.eps", "train.checkpoint_every_minutes")
 
 
 class ConfigError(ValueError):

@@ -138,6 +138,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     # Save a checkpoint every this many steps (0 = only at the end).
     c.train.checkpoint_every = 0
+    # Also save when this many minutes of wall time passed since the last save (0 = off).
+    c.train.checkpoint_every_minutes = 0.0
     # Checkpoints kept.
     c.train.keep_checkpoints = 2
     # Evaluate every this many steps (0 = never; else also before training and at the end).

@@ -105,7 +105,7 @@ def _in_place(a: jax.Array, q: Any, impl: str) -> bool:
 
 def _matmul_t(x2: jax.Array, q: Any, impl: str) -> jax.Array:
     if _in_place(x2, q, impl):
-        return kernels.dot_dequantized(x2, kernels.dequantize_layer(q, x2.dtype), False)
+        return kernels.linear_layer(x2, q)
     q = _for_compute(q.materialize() if isinstance(q, LayerView) else q)
     if impl == "pallas":
         return kernels.linear(x2, q)
@@ -115,7 +115,7 @@ def _matmul_t(x2: jax.Array, q: Any, impl: str) -> jax.Array:
 
 def _matmul(dy: jax.Array, q: Any, impl: str) -> jax.Array:
     if _in_place(dy, q, impl):
-        return kernels.dot_dequantized(dy, kernels.dequantize_layer(q, dy.dtype), True)
+        return kernels.linear_grad_input_layer(dy, q)
     q = _for_compute(q.materialize() if isinstance(q, LayerView) else q)
     if impl == "pallas":
         return kernels.linear_grad_input(dy, q)

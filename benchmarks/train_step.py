@@ -108,7 +108,8 @@ def random_params(model: Any, shape: Shape, r: int, seed: int, placement: Any = 
     from qlora_jax.quant.qtensor import QTensor
 
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
-    shardings = lp.flatten(placement.tree_shardings(abstract)) if placement is not None else {}
+    shardings = (lp.flatten(placement.tree_shardings(abstract, model.param_axes()))
+                 if placement is not None else {})
     key = jax.random.key(seed)
     out = {}
     for i, (path, leaf) in enumerate(lp.flatten(abstract).items()):
@@ -203,7 +204,7 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     state = tstate.create_state(params, tx, seed=0, adapter_dtype=jnp.dtype(adapter_dtype),
                                 offload_state=offload_state)
     del params
-    state_sh = placement.state_shardings(state)
+    state_sh = placement.state_shardings(state, model.param_axes())
     state = placement.put(state, state_sh)
     task = Task(model, "causal_lm", loss_chunk=loss_chunk)
     # The trainer's own jit: state shardings in and out, batch rows split over the batch axes,

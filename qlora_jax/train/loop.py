@@ -190,7 +190,7 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
     initial = (jax.device_get(lora_params.adapters(params))
                if str(config.lora.init).startswith(("pissa", "olora")) else None)
     del params
-    shardings = placement.state_shardings(state)
+    shardings = placement.state_shardings(state, model.param_axes())
     state = placement.put(state, shardings)
     step_shardings = placement.step_shardings(shardings)
     writer = is_writer()

@@ -139,12 +139,11 @@ def logical_axes(params: Any, axes: Any) -> Any:
         a QTensor kernel named like the float kernel it stands for.
 
     A QTensor maps to a QTensor whose array fields hold their names (its stack axes, then
-    ``"qblocks"``); boxes keep their box. Leading dimensions the declaration does not name
-    (adapters stacked for several tasks) are replicated.
+    ``"qblocks"``); boxes keep their box.
 
     Raises:
-      ValueError: a parameter the model does not declare, or a declaration longer than its
-        parameter's rank.
+      ValueError: a parameter the model does not declare, or one whose rank differs from its
+        declaration's (e.g. adapters stacked for several tasks).
     """
     flat_axes = _flatten(axes)
     out = {}
@@ -160,10 +159,10 @@ def logical_axes(params: Any, axes: Any) -> Any:
             continue
         ndim = np.ndim(value)
         names = (None,) * ndim if names is None else tuple(names)
-        if len(names) > ndim:
+        if len(names) != ndim:
             raise ValueError(f"parameter {'/'.join(path)} of shape {np.shape(value)} is declared "
                              f"with {len(names)} logical axes {names}")
-        out[path] = _rebox(leaf, (None,) * (ndim - len(names)) + names)
+        out[path] = _rebox(leaf, names)
     return traverse_util.unflatten_dict(out)
 
 

@@ -7,7 +7,8 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 from qlora_jax.lora.config import LoraConfig
-from qlora_jax.lora.params import (Params, adapters as get_adapters, flatten, unbox, unflatten)
+from qlora_jax.lora.params import adapters as get_adapters
+from qlora_jax.lora.tree import Params, flatten, unbox, unflatten
 from qlora_jax.lora.plan import LoraPlan
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.quant.blockwise import dequantize_xla, quantize_like

@@ -7,8 +7,9 @@ the config against them once (cached), and every ``LoraDense`` of the model
 receives its adapter's spec.
 
 Its modules declare the logical axes of the parameters they create (``models.axes``);
-``init`` returns plain arrays and ``param_axes()`` the declared names, so sharding needs no
-knowledge of any model family.
+``init`` returns plain arrays and ``param_axes()`` the declared names (from ``init`` on
+``dummy_inputs()``), so sharding needs no knowledge of any model family. ``hf_architecture()``
+names the transformers class a saved checkpoint declares.
 """
 
 from __future__ import annotations

@@ -397,5 +397,10 @@ class BertModel(LoraModelMixin, nn.Module):
         return tuple(p for p in quantized_paths(self.quant, self.module_sites())
                      if p[0] != "classifier")
 
+    def hf_architecture(self) -> str:
+        """The transformers class this model is (``config.json``'s ``architectures``)."""
+        stem = "Bert" if self.config.model_type == "bert" else "Roberta"
+        return f"{stem}ForSequenceClassification" if self.num_labels > 0 else f"{stem}Model"
+
     def dummy_inputs(self) -> tuple[jax.Array, ...]:
         return (jnp.ones((1, 2), jnp.int32),)

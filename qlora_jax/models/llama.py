@@ -161,7 +161,7 @@ class LlamaConfig:
                  max_position_embeddings=self.max_position_embeddings)
         if self.model_type == "qwen2":
             d.pop("head_dim", None)
-        d.setdefault("architectures", [_ARCH[self.model_type]])
+        d.setdefault("architectures", [ARCHITECTURES[self.model_type]])
         if "rope_parameters" not in d and "rope_theta" not in d:
             d["rope_parameters"] = dict(rope_theta=self.rope_theta, **dict(self.rope_scaling)) \
                 if self.rope_scaling else {"rope_theta": self.rope_theta, "rope_type": "default"}
@@ -172,8 +172,9 @@ class LlamaConfig:
                          self.max_position_embeddings)
 
 
-_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-         "qwen2": "Qwen2ForCausalLM"}
+#: The transformers class of each model_type (``config.json``'s ``architectures``).
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM"}
 
 
 def _hashable(v: Any) -> Any:
@@ -528,6 +529,10 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
     def quantized_paths(self) -> tuple[tuple[str, ...], ...]:
         """Flax paths of the linear modules ``quant`` turns into QTensors."""
         return quantized_paths(self.quant, self.module_sites())
+
+    def hf_architecture(self) -> str:
+        """The transformers class this model is (``config.json``'s ``architectures``)."""
+        return ARCHITECTURES[self.config.model_type]
 
     def dummy_inputs(self) -> tuple[jax.Array, ...]:
         return (jnp.ones((1, 2), jnp.int32),)

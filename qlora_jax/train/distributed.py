@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from qlora_jax import sharding as shd
-from qlora_jax.lora import params as lora_params
+from qlora_jax.lora import tree as lora_tree
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.train.step import StepShardings
 
@@ -71,12 +71,12 @@ class Placement:
         optax states hold trees shaped like the params (``mu``, ``nu``...), so the path of such a
         leaf ends with the path of the parameter it belongs to.
         """
-        flat_sh = lora_params.flatten(self.tree_shardings(trainable, axes))
+        flat_sh = lora_tree.flatten(self.tree_shardings(trainable, axes))
         by_path = {}
         for p, s in flat_sh.items():
             by_path[p] = s.value if isinstance(s, Trainable) else s
         shapes = {p: np.shape(v.value if isinstance(v, Trainable) else v)
-                  for p, v in lora_params.flatten(trainable).items()}
+                  for p, v in lora_tree.flatten(trainable).items()}
 
         def pick(path, leaf):
             keys = tuple(k for k in _keystr(path) if k not in ("value",))
@@ -194,14 +194,6 @@ def distributed_initialize(coordinator: Optional[str] = None, num_processes: Opt
 def is_writer() -> bool:
     """Only process 0 writes the workdir's files (orbax coordinates its own writes)."""
     return jax.process_index() == 0
-
-
-def local_rows(global_batch: int) -> tuple[int, int, int]:
-    """(rows of this process, shard index, shard count) of a global batch."""
-    n = jax.process_count()
-    if global_batch % n:
-        raise ValueError(f"train.batch_size={global_batch} does not split over {n} processes")
-    return global_batch // n, jax.process_index(), n
 
 
 def describe_mesh(placement: Optional[Placement]) -> str:

@@ -23,10 +23,12 @@ the kernels the model's LoraConfig targets.
 Model API (stable; the training and generation code relies on it):
 
 - ``__call__(input_ids [B, T] int, attention_mask [B, T] 0/1 or None, deterministic=True,
-  position_ids=None, cache=None)``: logits ``[B, T, V]`` (compute dtype, float32 with
-  ``float32_logits``); with a ``KVCache`` it returns ``(logits, new_cache)``.
+  position_ids=None, cache=None, segment_ids=None)``: logits ``[B, T, V]`` (compute dtype,
+  float32 with ``float32_logits``); with a ``KVCache`` it returns ``(logits, new_cache)``.
+  Packed rows: ``segment_ids`` int32 ``[B, T]`` (0 = padding) and ``position_ids`` restarting
+  at 0 in each segment; each example's logits equal its logits alone (``models.segments``).
 - ``init_cache(batch, max_len)``: an empty KVCache for ``generate``.
-- ``hidden_states(input_ids, attention_mask, deterministic, position_ids)`` (method): the final
+- ``hidden_states(input_ids, attention_mask, deterministic, position_ids, segment_ids)``: the final
   normed hidden state ``[B, T, D]``; ``logits_from_hidden(hidden)``: the head alone, so
   ``logits_from_hidden(hidden_states(x)) == __call__(x)`` (chunked losses use the pair).
 - ``module_sites()``, ``lora_plan()``, ``hf_params()`` (checkpoint layout).
@@ -52,6 +54,8 @@ from qlora_jax.lora.config import LoraConfig, LoraSpec
 from qlora_jax.lora.dense import LoraDense
 from qlora_jax.lora.plan import ModuleSite
 from qlora_jax.models.base import LoraModelMixin
+from qlora_jax.models.segments import (positions_from_segments, segment_attention_impl,
+                                       segment_mask)
 from qlora_jax.models.common import (HFParam, KVCache, RMSNorm, Rope, apply_rope, causal_mask,
                                      QKV_NAMES, dot_product_attention,
                                      REMAT_MODES, make_rope, positions_from_mask, quantized_paths,
@@ -221,7 +225,7 @@ class _Attention(nn.Module):
     settings: LayerSettings
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv, index):
+    def __call__(self, x, cos, sin, mask, cache_kv, index, segment_ids=None):
         s = self.settings
         c, det = s.config, s.deterministic
         b, t, _ = x.shape
@@ -240,7 +244,7 @@ class _Attention(nn.Module):
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
             new_cache = (ck, cv)
             kk, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        out = dot_product_attention(q, kk, v, mask, k ** -0.5, s.attention)
+        out = dot_product_attention(q, kk, v, mask, k ** -0.5, s.attention, segment_ids)
         out = constrain(out.reshape(b, t, h * k), ("batch", "length", "heads"))
         return s.dense(c.hidden_size, "o_proj", c.o_bias)(out, det), new_cache
 
@@ -265,13 +269,14 @@ class LlamaDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h, cache_kv, shared):
-        cos, sin, mask, index = shared
+        cos, sin, mask, index, segment_ids = shared
         s = self.settings
         c = s.config
         h = constrain(h, _HIDDEN)
         norm = dict(epsilon=c.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
         a, new_cache = _Attention(s, name="self_attn")(
-            RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index)
+            RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index,
+            segment_ids)
         h = h + a
         h = h + _MLP(s, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h))
         return constrain(h, _HIDDEN), new_cache
@@ -303,11 +308,27 @@ class LlamaModel(nn.Module):
                               length=c.num_hidden_layers)(s)
         self.norm = RMSNorm(c.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
-        c = self.settings.config
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
+        s = self.settings
+        c = s.config
         b, t = input_ids.shape
         h = constrain(self.embed_tokens(input_ids), _HIDDEN)
-        if cache is None:
+        fused_segments = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for training and scoring; "
+                                 "decode with a KV cache one example a row, without them")
+            segment_ids = segment_ids.astype(jnp.int32)
+            valid = None if attention_mask is None else attention_mask.astype(bool)
+            index = jnp.zeros((), jnp.int32)
+            if position_ids is None:
+                position_ids = positions_from_segments(segment_ids)
+            if segment_attention_impl(s.attention, t, c.head_dim, s.dtype or h.dtype,
+                                      c.sliding_window) == "pallas":
+                mask, fused_segments = None, segment_ids
+            else:
+                mask = segment_mask(segment_ids, valid, c.sliding_window)
+        elif cache is None:
             if attention_mask is None:
                 valid = jnp.ones((b, t), bool)
             else:
@@ -328,7 +349,7 @@ class LlamaModel(nn.Module):
             position_ids = jnp.take_along_axis(all_pos, jnp.broadcast_to(slots, (b, t)), axis=1)
         cos, sin = (constrain(a, ("batch", "length", None))
                     for a in rope_cos_sin(c.rope(), position_ids, h.dtype))
-        shared = (cos, sin, mask, index)
+        shared = (cos, sin, mask, index, fused_segments)
         caches = None if cache is None else (cache.k, cache.v)
         if self.is_initializing():
             h, new_kv = self.layers(h, caches, shared)
@@ -425,16 +446,20 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
                  deterministic: bool = True, position_ids: Optional[jax.Array] = None,
                  cache: Optional[KVCache] = None, return_hidden: bool = False,
-                 hidden: Optional[jax.Array] = None) -> Any:
+                 hidden: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None) -> Any:
         """Logits ``[B, T, V]``; ``(logits, new_cache)`` when a cache is given.
 
         With ``return_hidden`` the final normed hidden state ``[B, T, D]`` replaces the
         logits; with ``hidden`` (``[B, T, D]``) only the output head runs (``input_ids`` unused).
+        ``segment_ids`` (int32 ``[B, T]``, 0 = padding) packs several examples a row: a token
+        attends only to earlier tokens of its segment, and ``position_ids`` default to restart
+        at 0 in each segment (``models.segments``); not with a cache.
         """
         backbone = self._backbone(deterministic)
         if hidden is not None:
             return self._head(backbone, hidden, deterministic)
-        h, new_cache = backbone(input_ids, attention_mask, position_ids, cache)
+        h, new_cache = backbone(input_ids, attention_mask, position_ids, cache, segment_ids)
         out = h if return_hidden else self._head(backbone, h, deterministic)
         return out if cache is None else (out, new_cache)
 
@@ -469,9 +494,11 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
                       deterministic: bool = True,
-                      position_ids: Optional[jax.Array] = None) -> jax.Array:
+                      position_ids: Optional[jax.Array] = None,
+                      segment_ids: Optional[jax.Array] = None) -> jax.Array:
         """The final normed hidden state ``[B, T, D]`` (``apply(..., method="hidden_states")``)."""
-        return self(input_ids, attention_mask, deterministic, position_ids, return_hidden=True)
+        return self(input_ids, attention_mask, deterministic, position_ids, return_hidden=True,
+                    segment_ids=segment_ids)
 
     def logits_from_hidden(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
         """The output head alone: ``[B, T, D]`` -> logits ``[B, T, V]`` (for chunked losses)."""

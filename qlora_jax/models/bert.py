@@ -116,8 +116,9 @@ class _Common(nn.Module):
 
     def dense(self, features: int, name: str) -> LoraDense:
         path = tuple(self.scope.path) + (name,)
+        spec = None if self.plan is None else self.plan.spec_at(path)
         return LoraDense(features, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                         lora=self.plan, quant=self.quant if path in self.quant_paths else None,
+                         lora=spec, quant=self.quant if path in self.quant_paths else None,
                          impl=self.impl, kernel_init=nn.initializers.normal(0.02), name=name)
 
     def kw(self) -> dict[str, Any]:
@@ -269,6 +270,11 @@ class BertModel(LoraModelMixin, nn.Module):
         or logits ``[B, num_labels]`` when the model has a head."""
         c = self.config
         b, t = input_ids.shape
+        limit = c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "roberta" else 0)
+        if position_ids is None and t > limit:  # the table lookup would give NaN rows
+            raise ValueError(f"{t} tokens exceed the {limit} learned positions of this "
+                             f"{c.model_type} model (max_position_embeddings="
+                             f"{c.max_position_embeddings}); use at most {limit}")
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         if token_type_ids is None:
@@ -294,7 +300,9 @@ class BertModel(LoraModelMixin, nn.Module):
                 else c.hidden_dropout_prob
             x = nn.Dropout(rate)(pooled, deterministic=deterministic)
             return LoraDense(self.num_labels, use_bias=True, dtype=self.dtype,
-                             param_dtype=self.param_dtype, lora=kw["plan"],
+                             param_dtype=self.param_dtype,
+                             lora=None if kw["plan"] is None else kw["plan"].spec_at(
+                                 ("classifier",)),
                              kernel_init=nn.initializers.normal(0.02), impl=self.impl,
                              name="classifier")(x, deterministic)
         return (h, pooled) if return_pooled else h

@@ -22,7 +22,8 @@ class Wrap(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic=True):
-        return LoraDense(self.features, use_bias=self.use_bias, lora=self.plan, name="lin",
+        spec = None if self.plan is None else self.plan.spec_at(("lin",))
+        return LoraDense(self.features, use_bias=self.use_bias, lora=spec, name="lin",
                          impl="xla")(x, deterministic)
 
 

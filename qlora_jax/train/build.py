@@ -51,7 +51,7 @@ def check_paths(config: Any) -> None:
 def load_data(config: Any) -> Data:
     """Tokenizer, training set and evaluation set (DataError on bad files or records)."""
     tokenizer = qdata.load_tokenizer(config.model.tokenizer or config.model.path)
-    section = {k: config.data[k] for k in qdata.default_config().keys()}
+    section = {k: config.data[k] for k in qdata.default_config().keys() if k in config.data}
     train, evaluation = qdata.datasets_from_config(section, tokenizer, config.train.seq_len)
     if train.kind != config.model.task:
         raise ConfigError(f"config.data.path={config.data.path} holds {train.kind} data but "

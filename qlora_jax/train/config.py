@@ -21,7 +21,7 @@ SECTIONS = ("model", "quant", "lora", "data", "optim", "train", "mesh")
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.task": ("causal_lm", "classification"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": ("none", "full", "dots_saveable", "offload", "qkv", "attention"),
+    "model.remat": ("none", "full", "dots_saveable", "offload", "qkv", "attention", "auto"),
     "model.impl": ("auto", "xla", "pallas"),
     "quant.qtype": ("nf4", "fp4", "int4"),
     "quant.block_size": (32, 64, 128, 256, 512, 1024, 2048, 4096),
@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "lora.init": ("default", "gaussian", "random"),
     "lora.dtype": ("float32", "bfloat16"),
     "data.format": ("auto", "alpaca", "prompt_response", "chat", "classification"),
+    "data.overlong": ("truncate", "error"),
     "optim.name": ("adamw", "sgd"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "train.progress": ("auto", "bar", "lines"),
@@ -40,7 +41,7 @@ NONNEGATIVE_INTS = ("model.num_labels", "train.checkpoint_every", "train.eval_ev
                     "train.eval_batches", "train.loss_chunk")
 NONNEGATIVE_FLOATS = ("lora.alpha", "optim.warmup_ratio", "optim.end_lr_ratio",
                       "optim.weight_decay", "optim.max_grad_norm", "optim.b1", "optim.b2",
-                      "optim.eps")
+                      "optim.eps", "train.memory_budget_gib")
 
 
 class ConfigError(ValueError):
@@ -131,9 +132,6 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
                           "with --config.data.path=...")
     if field("train.loss_chunk") and field("model.task") != "causal_lm":
         raise ConfigError("config.train.loss_chunk applies to causal_lm models only; set it to 0")
-    if field("data.packing") and field("model.task") == "causal_lm":
-        raise ConfigError("config.data.packing=True needs a model that masks attention by "
-                          "segment_ids; the Llama models do not yet: set data.packing=False")
 
 
 def batch_axes(config: Any) -> tuple[tuple[str, int], ...]:

@@ -12,7 +12,8 @@ Workdir layout::
 metrics.jsonl records of training steps hold ``step``, ``loss`` (mean over the logged window),
 ``grad_norm`` (before clipping), ``accuracy`` (next-token or label accuracy on the loss positions),
 ``learning_rate``, ``tokens_per_s`` (non-padding tokens a second over the window, compilation
-included in the first), ``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
+included in the first), ``padding_fraction`` (share of the window's token slots that are padding),
+``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
 qlora_jax.train.metrics); eval.jsonl records hold ``eval_loss``, ``eval_accuracy``,
 ``eval_perplexity`` (causal LMs) and ``eval_count``.
 
@@ -45,6 +46,7 @@ from qlora_jax import data as qdata
 from qlora_jax.lora import params as lora_params
 from qlora_jax.train import build
 from qlora_jax.train import config as train_config
+from qlora_jax.train import remat as remat_auto
 from qlora_jax.train.checkpoint import Checkpointer
 from qlora_jax.train.distributed import Placement, describe_mesh, is_writer
 from qlora_jax.train.metrics import MetricsLogger, NullLogger, peak_memory
@@ -154,6 +156,24 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     shardings = placement.state_shardings(state)
     state = placement.put(state, shardings)
     step_shardings = placement.step_shardings(shardings)
+
+    def make_step(task: Any) -> Any:
+        return make_train_step(task, tx, schedule, shardings=step_shardings,
+                               accum_steps=config.train.grad_accum,
+                               offload_state=config.optim.offload_state,
+                               dropout=config.lora.dropout > 0,
+                               nan_at_step=config.train.debug_nan_at_step)
+
+    notes = [data.train.summary()] if hasattr(data.train, "summary") else []
+    if config.model.remat == "auto":  # compiles the step per policy until one fits
+        rows = config.train.batch_size // train_shards
+        sample = placement.batch(data.train.collate([], rows, config.train.seq_len))
+        try:
+            model, choice = remat_auto.resolve(config, model, make_step, state, sample)
+        except remat_auto.RematError as e:
+            raise train_config.ConfigError(str(e)) from None
+        task = build.make_task(config, model)
+        notes.append(choice.describe())
     writer = is_writer()
 
     # Bad input is behind us: from here on the workdir is written.
@@ -168,11 +188,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     loader = qdata.TrainLoader(data.train, config.train.batch_size, config.train.seed,
                                state=loader_state, length_buckets=tuple(config.data.length_buckets)
                                or None, shard_index=train_shard, shard_count=train_shards)
-    train_step = make_train_step(task, tx, schedule, shardings=step_shardings,
-                                 accum_steps=config.train.grad_accum,
-                                 offload_state=config.optim.offload_state,
-                                 dropout=config.lora.dropout > 0,
-                                 nan_at_step=config.train.debug_nan_at_step)
+    train_step = make_step(task)
     eval_step = make_eval_step(task, shardings=step_shardings)
     kind = config.model.task
 
@@ -193,6 +209,8 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                 f"{n_trainable:,} trainable parameters, {n_frozen:,} frozen at "
                 f"{bits:.3f} bits each ({q_bits:.3f} bits in the 4-bit weights); "
                 f"{describe_mesh(placement)}")
+    for note in notes:
+        log.message(note)
     summary: dict[str, Any] = {"trainable_params": n_trainable, "frozen_params": n_frozen,
                                "bits_per_frozen_param": bits, "bits_per_4bit_param": q_bits,
                                "start_step": start}
@@ -203,7 +221,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
             summary["eval_before"] = before
     last_loss = math.nan
     try:
-        window_tokens, window_t0, window_steps = 0.0, time.time(), 0
+        window_tokens, window_slots, window_t0, window_steps = 0.0, 0.0, time.time(), 0
         pending: list[dict[str, float]] = []
         for step in range(start, config.train.steps):
             batch = placement.batch(next(loader))
@@ -217,6 +235,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                     f"loss is {m['loss']} at step {step + 1}; stopping (no checkpoint yet)")
             last_loss = m["loss"]
             window_tokens += m["tokens"]
+            window_slots += m["slots"]
             window_steps += 1
             pending.append(m)
             done = step + 1
@@ -226,9 +245,11 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                           for k in ("loss", "grad_norm", "accuracy")}
                 record["learning_rate"] = m["learning_rate"]
                 record["tokens_per_s"] = window_tokens / dt
+                record["padding_fraction"] = 1.0 - window_tokens / max(window_slots, 1.0)
                 record["steps_per_s"] = window_steps / dt
                 log.log(done, record)
-                window_tokens, window_t0, window_steps, pending = 0.0, time.time(), 0, []
+                window_tokens, window_slots, window_t0, window_steps, pending = (
+                    0.0, 0.0, time.time(), 0, [])
             if config.train.eval_every and (done % config.train.eval_every == 0
                                             or done == config.train.steps):
                 result = run_eval()

@@ -95,7 +95,8 @@ def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
       top_p: nucleus sampling mass (1.0: off); used only when sampling.
       seed: seed of the sampling key.
       attention_mask: ``[B, T]`` 1 for tokens, 0 for left padding (default: all ones).
-      eos_token_id: id or ids that end a row (default: the model config's eos_token_id).
+      eos_token_id: id or ids that end a row (default: every end id the checkpoint names:
+        config.json's eos_token_id, an id or a list, and generation_config.json's).
       pad_token_id: fills a row after its EOS (default: config pad, else the first EOS, else 0).
 
     Returns:

@@ -98,3 +98,45 @@ def test_perplexity_equals_transformers_cross_entropy(llama_ckpt, rng):
     got = qj.eval.perplexity(model, params, [{"input_ids": i, "attention_mask": m}
                                              for i, m in batches])
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_stops_at_every_end_id_the_checkpoint_names(llama_ckpt, rng, tmp_path):
+    import json
+    import shutil
+
+    import transformers
+
+    path, _ = llama_ckpt("llama_gqa")
+    model, params = qj.from_pretrained(path, dtype=jnp.float32)
+    ids = rng.integers(3, tiny.VOCAB, (1, 5))
+    free = np.asarray(qj.generate(model, params, ids, 12, eos_token_id=[]))[0, 5:]
+    # Two end ids of the free continuation: the later one named in config.json, the earlier one
+    # only in generation_config.json, so only a decoder that reads both stops at the earlier.
+    first = next(i for i in range(1, 12) if free[i] not in free[:i])
+    late = next((i for i in range(first + 1, 12) if free[i] not in free[:i]), None)
+    assert late is not None, f"continuation too repetitive: {free}"
+    early_id, late_id = int(free[first]), int(free[late])
+    d = shutil.copytree(path, tmp_path / "ckpt")
+    with open(d / "config.json") as f:
+        cfg = json.load(f)
+    cfg["eos_token_id"] = late_id
+    with open(d / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with open(d / "generation_config.json", "w") as f:
+        json.dump({"eos_token_id": [late_id, early_id], "pad_token_id": 0}, f)
+    model, params = qj.from_pretrained(str(d), dtype=jnp.float32)
+    assert model.config.eos_token_id == (late_id, early_id)
+    out = np.asarray(qj.generate(model, params, ids, 12, pad_token_id=0))[0, 5:]
+    np.testing.assert_array_equal(out[:first + 1], free[:first + 1])
+    assert (out[first + 1:] == 0).all()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    with torch.no_grad():  # transformers reads generation_config.json too, and stops there
+        want = ref.generate(torch.as_tensor(ids), max_new_tokens=12, do_sample=False).numpy()
+    np.testing.assert_array_equal(want[0, 5:], free[:first + 1])
+    # config.json's list alone is honoured as well.
+    cfg["eos_token_id"] = [late_id, early_id]
+    with open(d / "config.json", "w") as f:
+        json.dump(cfg, f)
+    (d / "generation_config.json").unlink()
+    model, _ = qj.from_pretrained(str(d), dtype=jnp.float32)
+    assert model.config.eos_token_id == (late_id, early_id)

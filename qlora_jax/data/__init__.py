@@ -5,6 +5,7 @@ API (what qlora_jax.train and users call)::
     from qlora_jax import data
 
     tok = data.load_tokenizer(model_dir)            # tokenizer.json + special tokens, no transformers
+    ids, loss_mask = data.apply_chat_template(tok, messages)  # the checkpoint's chat template
     train_ds = data.build_dataset("stdlib_docstrings", tok, seq_len=128, split="train")
     eval_ds = data.build_dataset("stdlib_docstrings", tok, seq_len=128, split="validation")
     # or, from the `data` section of an experiment config (see `default_config`):
@@ -46,9 +47,11 @@ from typing import Any
 import ml_collections
 
 from qlora_jax.data.builtin import BUILTINS, builtin_labels, builtin_path
+from qlora_jax.data.chat_template import apply_chat_template
 from qlora_jax.data.classification import ClassificationDataset, resolve_labels
 from qlora_jax.data.errors import DataError
-from qlora_jax.data.instruct import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, InstructDataset,
+from qlora_jax.data.instruct import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, OVERLONG,
+                                     InstructDataset,
                                      encode_prompt, to_hf_labels,
                                      tokenize_records)
 from qlora_jax.data.jsonl import FORMATS, load_records
@@ -154,8 +157,8 @@ def datasets_from_config(config: Mapping[str, Any] | ml_collections.ConfigDict,
 
 
 __all__ = [
-    "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "BUILTINS", "ClassificationDataset", "DataError",
-    "Dataset", "EvalLoader", "FORMATS", "InstructDataset", "Tokenizer", "TrainLoader",
+    "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "BUILTINS", "apply_chat_template", "ClassificationDataset", "DataError",
+    "Dataset", "EvalLoader", "FORMATS", "OVERLONG", "InstructDataset", "Tokenizer", "TrainLoader",
     "build_dataset", "encode_prompt", "datasets_from_config", "default_config", "load_tokenizer",
     "to_hf_labels",
 ]

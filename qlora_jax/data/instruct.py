@@ -16,12 +16,16 @@ Templates:
   the Stanford Alpaca prompt, followed by ``output``.
 - ``prompt_response``: ``prompt`` verbatim, then ``response`` verbatim (put any separator you
   want in the prompt).
-- ``chat``: each message is rendered as ``"<|{role}|>\\n{content}\\n"``, except that an
-  assistant message is ``"<|assistant|>\\n{content}"`` followed by the end token; loss is on
-  the content and end token of every assistant message. A checkpoint's Jinja
-  ``chat_template`` is not rendered (no `transformers` or `jinja2` at runtime).
+- ``chat``: the checkpoint's own Jinja chat template, rendered and tokenised as transformers
+  does (`qlora_jax.data.chat_template`; no start token is added: the template writes its
+  own), with loss on the content and end-of-turn token(s) of every assistant message. Only a
+  checkpoint without a chat template falls back, with a warning, to `FALLBACK_CHAT`: each
+  message as ``"<|{role}|>\\n{content}\\n"``, except that an assistant message is
+  ``"<|assistant|>\\n{content}"`` followed by the end token (a format no checkpoint was
+  trained on, so serve the adapter with the same fallback).
 
-`encode_prompt` gives the ids of a prompt for generation, exactly as training saw them.
+`encode_prompt` gives the ids of a prompt for generation, exactly as training saw them (for chat
+with a template: the template with ``add_generation_prompt=True``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from qlora_jax.data.chat_template import apply_chat_template
 from qlora_jax.data.errors import DataError
 from qlora_jax.data.packing import fill_fraction, pack_rows
 from qlora_jax.data.tokenizer import Tokenizer
@@ -46,6 +51,15 @@ ALPACA_PROMPT_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
 _END = object()  # marks the position of the end token in a list of segments
+#: The made-up chat format used only for checkpoints without a chat template.
+FALLBACK_CHAT = "<|{role}|>\n{content}\n"
+
+
+def _warn_fallback(tokenizer: Tokenizer) -> None:
+    warnings.warn("the tokenizer has no chat template (tokenizer_config.json chat_template, "
+                  "chat_template.jinja or GGUF metadata): chat records are rendered with "
+                  "qlora_jax's fallback '<|role|>' format, which the checkpoint never saw; give "
+                  "the checkpoint's chat template for serving-compatible adapters", stacklevel=3)
 
 
 def segments(record: dict[str, Any], fmt: str) -> list[tuple[Any, bool]]:
@@ -72,7 +86,7 @@ def segments(record: dict[str, Any], fmt: str) -> list[tuple[Any, bool]]:
             if role == "assistant":
                 out += [("<|assistant|>\n", False), (content, True), (_END, True)]
             else:
-                out.append((f"<|{role}|>\n{content}\n", False))
+                out.append((FALLBACK_CHAT.format(role=role, content=content), False))
         return out
     raise DataError(f"{fmt!r} is not an instruction format; use alpaca, prompt_response or chat")
 
@@ -88,9 +102,13 @@ def encode_prompt(record: dict[str, Any], fmt: str, tokenizer: Tokenizer) -> lis
         tokenizer: the tokenizer the data was built with.
 
     Returns:
-        [start] + prompt ids (for chat, ending with the ``<|assistant|>`` header).
+        [start] + prompt ids; for chat, the chat template's rendering with the generation prompt
+        (the fallback: ending with the ``<|assistant|>`` header).
     """
+    if fmt == "chat" and tokenizer.chat_template:
+        return apply_chat_template(tokenizer, record["messages"], add_generation_prompt=True)[0]
     if fmt == "chat":
+        _warn_fallback(tokenizer)
         segs = segments({"messages": record["messages"]}, fmt) + [("<|assistant|>\n", False)]
     else:
         segs = segments({"output": "", "response": "", **record}, fmt)[:1]
@@ -125,20 +143,27 @@ def tokenize_records(records: Sequence[dict[str, Any]], fmt: str, tokenizer: Tok
         and the number of examples cut to seq_len.
 
     Raises:
-        DataError: the tokenizer has no end token; ``overlong="error"`` and an example is longer
+        DataError: the tokenizer has no end token (and, for chat, no chat template), or the
+            chat template refuses a conversation; ``overlong="error"`` and an example is longer
             than seq_len; an unknown ``overlong``.
     """
     if overlong not in OVERLONG:
         raise DataError(f"overlong={overlong!r} is not allowed; use one of {OVERLONG}")
+    if fmt == "chat" and tokenizer.chat_template:  # the template writes its end-of-turn tokens
+        pairs = [apply_chat_template(tokenizer, r["messages"]) for r in records]
+        return _truncate([np.asarray(i, np.int32) for i, _ in pairs],
+                         [np.asarray(m, np.bool_) for _, m in pairs], seq_len, overlong)
     end = tokenizer.end_id
     if end is None:
         raise DataError("the tokenizer names no eos (or [SEP]) token, so responses cannot be "
                         "terminated; pass eos_token=... to load_tokenizer")
+    if fmt == "chat":
+        _warn_fallback(tokenizer)
     start = tokenizer.start_id
     pieces = [segments(r, fmt) for r in records]
     texts = [text for segs in pieces for text, _ in segs if text is not _END]
     encoded = iter(tokenizer.encode_batch(texts, add_special_tokens=False))
-    all_ids, all_learned, dropped, truncated, longest = [], [], 0, 0, 0
+    all_ids, all_learned = [], []
     for segs in pieces:
         ids: list[int] = [] if start is None else [start]
         learned: list[bool] = [] if start is None else [False]
@@ -146,25 +171,34 @@ def tokenize_records(records: Sequence[dict[str, Any]], fmt: str, tokenizer: Tok
             chunk = [end] if text is _END else next(encoded)
             ids += chunk
             learned += [is_learned] * len(chunk)
-        if len(ids) > seq_len:
-            truncated += 1
-            longest = max(longest, len(ids))
-        ids, learned = ids[:seq_len], learned[:seq_len]
-        # Token 0 is never predicted, so at least one learned token after it must remain.
-        if not any(learned[1:]):
-            dropped += 1
-            continue
         all_ids.append(np.asarray(ids, np.int32))
         all_learned.append(np.asarray(learned, np.bool_))
-    if truncated and overlong == "error":
-        raise DataError(f"{truncated} of {len(records)} examples are longer than seq_len={seq_len}"
-                        f" tokens (the longest has {longest}); raise train.seq_len, or set "
+    return _truncate(all_ids, all_learned, seq_len, overlong)
+
+
+def _truncate(ids: list[np.ndarray], learned: list[np.ndarray], seq_len: int,
+              overlong: str = "truncate") -> tuple[list[np.ndarray], list[np.ndarray], int, int]:
+    """Cuts examples to seq_len (or refuses them, ``overlong="error"``) and drops those left
+    without a learned token after the first; returns (ids, learned, dropped, truncated)."""
+    longer = [len(i) for i in ids if len(i) > seq_len]
+    if longer and overlong == "error":
+        raise DataError(f"{len(longer)} of {len(ids)} examples are longer than seq_len={seq_len}"
+                        f" tokens (the longest has {max(longer)}); raise train.seq_len, or set "
                         "data.overlong='truncate' to cut them")
+    kept_ids, kept_learned, dropped = [], [], 0
+    for i, flags in zip(ids, learned):
+        i, flags = i[:seq_len], flags[:seq_len]
+        # Token 0 is never predicted, so at least one learned token after it must remain.
+        if not flags[1:].any():
+            dropped += 1
+            continue
+        kept_ids.append(i)
+        kept_learned.append(flags)
     if dropped:
-        warnings.warn(f"{dropped} of {len(records)} examples have no response token within "
+        warnings.warn(f"{dropped} of {len(ids)} examples have no response token within "
                       f"seq_len={seq_len} and were dropped; raise seq_len to keep them",
-                      stacklevel=2)
-    return all_ids, all_learned, dropped, truncated
+                      stacklevel=3)
+    return kept_ids, kept_learned, dropped, len(longer)
 
 
 class InstructDataset:

@@ -4,6 +4,11 @@ No `transformers` at runtime: the special tokens come from the files a Hugging F
 ships beside tokenizer.json, in this order of precedence: explicit arguments,
 tokenizer_config.json, special_tokens_map.json, config.json (`*_token_id`), the template of the
 tokenizer.json post-processor, and finally well-known token names found in the vocabulary.
+
+The chat template comes from chat_template.jinja (transformers >= 4.50 writes it), else
+chat_template.json, else tokenizer_config.json's ``chat_template`` (a string, or a list of
+``{"name", "template"}`` of which "default" is used); it is rendered by
+`qlora_jax.data.chat_template`.
 """
 
 from __future__ import annotations
@@ -41,11 +46,14 @@ class Tokenizer:
         sep_id: BERT's [SEP] id, or None.
         vocab_size: size of the vocabulary including added tokens.
         model_max_length: tokenizer_config.json's `model_max_length` when sane, else None.
-        chat_template: tokenizer_config.json's `chat_template` string, or None (not rendered here).
+        chat_template: the checkpoint's Jinja chat template, or None.
+        special_tokens: the named special tokens as strings, ``{"bos_token": "<s>", ...}``: the
+            variables a chat template sees (transformers' ``special_tokens_map``).
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, special: dict[str, int | None],
-                 model_max_length: int | None = None, chat_template: str | None = None):
+                 model_max_length: int | None = None, chat_template: str | None = None,
+                 special_tokens: dict[str, str] | None = None):
         self._tok = tokenizer
         self._tok.no_padding()
         self._tok.no_truncation()
@@ -59,6 +67,10 @@ class Tokenizer:
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.model_max_length = model_max_length
         self.chat_template = chat_template
+        if special_tokens is None:  # named from the ids (e.g. a GGUF's metadata)
+            special_tokens = {f"{role}_token": tokenizer.id_to_token(i)
+                              for role, i in special.items() if i is not None}
+        self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
 
     @property
     def start_id(self) -> int | None:
@@ -235,5 +247,28 @@ def load_tokenizer(path: str, bos_token: str | None = None, eos_token: str | Non
         special[role] = ident
     max_len = tok_config.get("model_max_length")
     max_len = max_len if isinstance(max_len, int) and 0 < max_len < 10**7 else None
-    template = tok_config.get("chat_template")
-    return Tokenizer(tok, special, max_len, template if isinstance(template, str) else None)
+    named = {}
+    for role in _ROLES + ("mask",):
+        name = explicit.get(role) or _content(tok_config.get(f"{role}_token")) or _content(
+            special_map.get(f"{role}_token"))
+        if name is not None:
+            named[f"{role}_token"] = name
+    return Tokenizer(tok, special, max_len, _chat_template(directory, tok_config), named)
+
+
+def _chat_template(directory: str, tok_config: dict[str, Any]) -> str | None:
+    """The checkpoint's chat template (see the module doc), or None."""
+    jinja_file = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            return f.read()
+    template = _read_json(os.path.join(directory, "chat_template.json")).get("chat_template")
+    if template is None:
+        template = tok_config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+        if template is None and named:
+            raise DataError(f"the tokenizer_config.json in {directory} has chat templates "
+                            f"{sorted(map(str, named))} but none named 'default'")
+    return template if isinstance(template, str) and template else None

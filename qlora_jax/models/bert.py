@@ -269,6 +269,11 @@ class BertModel(LoraModelMixin, nn.Module):
         or logits ``[B, num_labels]`` when the model has a head."""
         c = self.config
         b, t = input_ids.shape
+        limit = c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "roberta" else 0)
+        if position_ids is None and t > limit:  # the table lookup would give NaN rows
+            raise ValueError(f"{t} tokens exceed the {limit} learned positions of this "
+                             f"{c.model_type} model (max_position_embeddings="
+                             f"{c.max_position_embeddings}); use at most {limit}")
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         if token_type_ids is None:

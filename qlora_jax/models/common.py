@@ -21,6 +21,8 @@ from qlora_jax.quant.config import QuantConfig
 
 Path = tuple[str, ...]
 REMAT_MODES = ("none", "full", "dots_saveable", "offload", "qkv", "attention")
+#: Compute / float parameter dtypes a model is built with, by their config names.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 #: ``checkpoint_name`` tags the attention block puts on its post-RoPE projections.
 QKV_NAMES = ("attn_q", "attn_k", "attn_v")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")

@@ -124,7 +124,7 @@ def _in_place(a: jax.Array, q: Any, impl: str) -> bool:
 
 def _matmul_t(x2: jax.Array, q: Any, impl: str) -> jax.Array:
     if _in_place(x2, q, impl):
-        return _kernels().dot_dequantized(x2, _kernels().dequantize_layer(q, x2.dtype), False)
+        return _kernels().linear_layer(x2, q)
     q = _for_compute(q.materialize() if isinstance(q, LayerView) else q)
     if impl == "pallas":
         return _kernels().linear(x2, q)
@@ -134,7 +134,7 @@ def _matmul_t(x2: jax.Array, q: Any, impl: str) -> jax.Array:
 
 def _matmul(dy: jax.Array, q: Any, impl: str) -> jax.Array:
     if _in_place(dy, q, impl):
-        return _kernels().dot_dequantized(dy, _kernels().dequantize_layer(q, dy.dtype), True)
+        return _kernels().linear_grad_input_layer(dy, q)
     q = _for_compute(q.materialize() if isinstance(q, LayerView) else q)
     if impl == "pallas":
         return _kernels().linear_grad_input(dy, q)

@@ -11,17 +11,15 @@ import os
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from qlora_jax import data as qdata
 from qlora_jax.lora.config import LoraConfig
+from qlora_jax.models.common import DTYPES
 from qlora_jax.quant.config import QuantConfig
 from qlora_jax.train import optim as train_optim
 from qlora_jax.train.config import ConfigError
 from qlora_jax.train.task import Task
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -46,6 +44,37 @@ def check_paths(config: Any) -> None:
                           "the tokenizer from")
     if not os.path.exists(tok):
         raise ConfigError(f"tokenizer path {tok} does not exist (config.model.tokenizer)")
+
+
+def check_positions(config: Any) -> None:
+    """Raises ConfigError when ``train.seq_len`` exceeds a model's learned position embeddings.
+
+    BERT-family encoders (BERT, RoBERTa, MiniLM) look positions up in a table of
+    ``max_position_embeddings`` rows (RoBERTa's start after its padding id), so longer rows are
+    refused here, before any work, as transformers refuses them. RoPE models (Llama, Mistral,
+    Qwen2) compute rotations for any position, as transformers does, and take any seq_len.
+    """
+    path = config.model.path
+    cfg_path = os.path.join(path, "config.json") if path else ""
+    if path and not os.path.isfile(cfg_path):
+        return
+    if path:
+        import json
+
+        with open(cfg_path, encoding="utf-8") as f:
+            hf = json.load(f)
+    else:
+        hf = dict(config.model.random)
+    if hf.get("model_type") not in ("bert", "roberta"):
+        return
+    limit = int(hf.get("max_position_embeddings", 512))
+    if hf.get("model_type") == "roberta":
+        limit -= int(hf.get("pad_token_id") or 0) + 1
+    if config.train.seq_len > limit:
+        raise ConfigError(f"config.train.seq_len={config.train.seq_len} exceeds the {limit} "
+                          f"positions of this {hf['model_type']} model (learned position "
+                          f"embeddings, max_position_embeddings="
+                          f"{hf.get('max_position_embeddings', 512)}); use seq_len <= {limit}")
 
 
 def load_data(config: Any) -> Data:

@@ -16,23 +16,37 @@ import json
 import math
 from typing import Any, Mapping, Optional
 
+from qlora_jax.data import FORMATS as DATA_FORMATS
+from qlora_jax.data import OVERLONG
+from qlora_jax.lora.config import INITS
+from qlora_jax.models.common import DTYPES as MODEL_DTYPES
+from qlora_jax.models.common import REMAT_MODES
+from qlora_jax.quant import ALLOWED_BLOCK_SIZES, IMPLS, QTYPES
+from qlora_jax.quant.qtensor import ALLOWED_NESTED_BLOCK_SIZES
+from qlora_jax.train.defaults import OPTIONAL_FIELDS, default_config
+from qlora_jax.train.metrics import PROGRESS_MODES
+from qlora_jax.train.optim import OPTIMIZERS, SCHEDULES
+from qlora_jax.train.state import ADAPTER_DTYPES
+from qlora_jax.train.task import TASKS
+
 SECTIONS = ("model", "quant", "lora", "data", "optim", "train", "mesh")
 
+# The allowed values of the choice fields, from the code that implements them.
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.task": ("causal_lm", "classification"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": ("none", "full", "dots_saveable", "offload", "qkv", "attention", "auto"),
-    "model.impl": ("auto", "xla", "pallas"),
-    "quant.qtype": ("nf4", "fp4", "int4"),
-    "quant.block_size": (32, 64, 128, 256, 512, 1024, 2048, 4096),
-    "quant.nested_block_size": (256,),
-    "lora.init": ("default", "gaussian", "random"),
-    "lora.dtype": ("float32", "bfloat16"),
-    "data.format": ("auto", "alpaca", "prompt_response", "chat", "classification"),
-    "data.overlong": ("truncate", "error"),
-    "optim.name": ("adamw", "sgd"),
-    "optim.schedule": ("constant", "cosine", "linear"),
-    "train.progress": ("auto", "bar", "lines"),
+    "model.task": TASKS,
+    "model.dtype": tuple(MODEL_DTYPES),
+    "model.remat": REMAT_MODES + ("auto",),
+    "model.impl": IMPLS,
+    "quant.qtype": QTYPES,
+    "quant.block_size": ALLOWED_BLOCK_SIZES,
+    "quant.nested_block_size": ALLOWED_NESTED_BLOCK_SIZES,
+    "lora.init": INITS,
+    "lora.dtype": ADAPTER_DTYPES,
+    "data.format": ("auto",) + DATA_FORMATS,
+    "data.overlong": OVERLONG,
+    "optim.name": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
+    "train.progress": PROGRESS_MODES,
 }
 POSITIVE_INTS = ("lora.r", "train.steps", "train.batch_size", "train.grad_accum", "train.seq_len",
                  "train.log_every", "train.keep_checkpoints", "train.eval_batch_size",
@@ -83,6 +97,12 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
         except (KeyError, AttributeError):
             raise ConfigError(f"config field {dotted} is missing") from None
 
+    unknown = sorted(set(_dotted_keys(config)) - set(_dotted_keys(default_config())))
+    unknown = [k for k in unknown if not k.startswith(tuple(f + "." for f in OPTIONAL_FIELDS))
+               and k not in OPTIONAL_FIELDS]
+    if unknown:
+        raise ConfigError(f"config field {unknown[0]} is unknown (every field is in "
+                          "qlora_jax.train.defaults.default_config()); check its spelling")
     for dotted, allowed in CHOICES.items():
         value = field(dotted)
         if value not in allowed or isinstance(value, bool):
@@ -103,7 +123,7 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
         raise ConfigError(f"config.lora.dropout={field('lora.dropout')!r} must be in [0, 1)")
     if not field("optim.warmup_ratio") < 1:
         raise ConfigError("config.optim.warmup_ratio must be in [0, 1)")
-    for dotted in ("optim.warmup_steps", "train.debug_nan_at_step", "train.seed"):
+    for dotted in ("optim.warmup_steps", "train.seed"):
         value = field(dotted)
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"config.{dotted}={value!r} must be an integer")
@@ -132,6 +152,18 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
                           "with --config.data.path=...")
     if field("train.loss_chunk") and field("model.task") != "causal_lm":
         raise ConfigError("config.train.loss_chunk applies to causal_lm models only; set it to 0")
+
+
+def _dotted_keys(config: Any, prefix: str = "") -> list[str]:
+    """The dotted names of a config's leaf fields (``model.path``, ...)."""
+    out = []
+    for key in config.keys():
+        value = config[key]
+        if hasattr(value, "keys"):
+            out += _dotted_keys(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def batch_axes(config: Any) -> tuple[tuple[str, int], ...]:
@@ -202,16 +234,25 @@ def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") ->
 def load_experiment(spec: str, repo_root: Optional[str] = None) -> Any:
     """An experiment config from ``"experiments/NAME.py"`` or ``"experiments/NAME.py:ARG"``.
 
-    ``ARG`` is passed to ``get_config`` as the launcher does; a relative path is taken from
-    ``repo_root`` (default: the checkout holding this package). Experiments derived from another
-    one load it with this too.
+    ``ARG`` is passed to ``get_config`` as the launcher does. A relative path is taken from
+    ``repo_root`` when given, else from the current directory (as the launcher's ``--config``
+    is); when it is not there, from the source checkout holding this package, if there is one
+    (so notebooks run from ``notebooks/`` find ``experiments/``). Experiments derived from
+    another one load it with this too, by its absolute path.
+
+    Raises:
+      FileNotFoundError: no such experiment file.
     """
     import importlib.util
     import os
 
     path, _, arg = spec.partition(":")
-    root = repo_root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    full = path if os.path.isabs(path) else os.path.join(root, path)
+    full = path
+    if not os.path.isabs(path):
+        checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        bases = [repo_root] if repo_root else [os.getcwd(), checkout]
+        full = next((os.path.join(b, path) for b in bases if os.path.isfile(os.path.join(b, path))),
+                    os.path.join(bases[0], path))
     if not os.path.isfile(full):
         raise FileNotFoundError(f"experiment config {full} does not exist")
     name = "_qj_experiment_" + os.path.splitext(os.path.basename(full))[0]
@@ -219,4 +260,3 @@ def load_experiment(spec: str, repo_root: Optional[str] = None) -> Any:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
-

@@ -62,6 +62,9 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+#: Test hook (not a config field): ``QLORA_JAX_TEST_NAN_AT_STEP=N`` makes the loss of step N NaN.
+NAN_AT_STEP_ENV = "QLORA_JAX_TEST_NAN_AT_STEP"
+
 #: Config sections that say where a run lies, not what it computes: a run may resume on another
 #: mesh (its checkpoints are restored onto the new shardings; config.json then records the new
 #: mesh).
@@ -71,8 +74,20 @@ PLACEMENT_SECTIONS = ("mesh",)
 def check_workdir(workdir: str, resolved: dict[str, Any]) -> bool:
     """True when ``workdir`` already holds this experiment (resume); raises for another one.
 
-    The experiment is the config without `PLACEMENT_SECTIONS`.
+    The experiment is the config without `PLACEMENT_SECTIONS`. A workdir that is a file, or
+    lies under a file or a directory this process cannot write, is refused too.
     """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"--workdir {workdir} is an existing file, not a directory; give a "
+                           "directory path (it is created when missing)")
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise WorkdirError(f"--workdir {workdir} lies under {parent}, which is a file; give a "
+                           "directory path")
+    if not os.path.isdir(workdir) and not os.access(parent, os.W_OK | os.X_OK):
+        raise WorkdirError(f"--workdir {workdir} cannot be created: {parent} is not writable")
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return False
@@ -140,6 +155,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     except ValueError as e:
         raise train_config.ConfigError(f"config.mesh: {e}") from None
     build.check_paths(config)
+    build.check_positions(config)
     data = build.load_data(config)
     num_labels = config.model.num_labels
     if config.model.task == "classification" and not num_labels:
@@ -162,7 +178,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                                accum_steps=config.train.grad_accum,
                                offload_state=config.optim.offload_state,
                                dropout=config.lora.dropout > 0,
-                               nan_at_step=config.train.debug_nan_at_step)
+                               nan_at_step=int(os.environ.get(NAN_AT_STEP_ENV, -1)))
 
     notes = [data.train.summary()] if hasattr(data.train, "summary") else []
     if config.model.remat == "auto":  # compiles the step per policy until one fits

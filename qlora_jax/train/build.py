@@ -14,7 +14,9 @@ import jax
 import optax
 
 from qlora_jax import data as qdata
-from qlora_jax.lora.config import LoraConfig
+from qlora_jax.lora import init as lora_init
+from qlora_jax.lora import params as lp
+from qlora_jax.lora.config import LoraConfig, data_aware
 from qlora_jax.models.common import DTYPES
 from qlora_jax.quant.config import QuantConfig
 from qlora_jax.train import optim as train_optim
@@ -100,7 +102,8 @@ def lora_config(config: Any) -> LoraConfig:
     c = config.lora
     tm = c.target_modules if isinstance(c.target_modules, str) else tuple(c.target_modules)
     return LoraConfig(r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=tm, init=c.init,
-                      use_rslora=c.use_rslora, modules_to_save=tuple(c.modules_to_save))
+                      use_rslora=c.use_rslora, modules_to_save=tuple(c.modules_to_save),
+                      use_dora=c.use_dora, loftq_iter=c.loftq_iter)
 
 
 def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
@@ -125,8 +128,19 @@ def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
     model = base.clone(quant=quant, lora=lora)
     model.lora_plan()  # unmatched targets fail before any work
     init = jax.jit(base.clone(quant=quant).init)
-    params = init(jax.random.PRNGKey(config.train.seed), *base.dummy_inputs())["params"]
-    return model, hf_load.add_adapters(model, params, config.train.seed)
+    key = jax.random.PRNGKey(config.train.seed)
+    params = init(key, *base.dummy_inputs())["params"]
+    plan = model.lora_plan()
+    aware = [p for p, s in (plan.specs if plan else ()) if data_aware(s.init)]
+    if aware and quant is not None:
+        # Data-aware inits decompose the float weights the 4-bit kernels were made from.
+        floats = lp.flatten(jax.jit(base.init)(key, *base.dummy_inputs())["params"])
+        flat = lp.flatten(params)
+        for path in aware:
+            flat[path + ("kernel",)] = floats[path + ("kernel",)]
+        params = lp.unflatten(flat)
+    params = hf_load.add_adapters(model, params, config.train.seed)
+    return model, lora_init.initialize(model, params, config.train.seed, quant)
 
 
 def make_task(config: Any, model: Any) -> Task:

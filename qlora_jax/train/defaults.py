@@ -70,10 +70,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.dropout = 0.05
     # Adapted modules: "all-linear", a regex, or a tuple of names.
     c.lora.target_modules = "all-linear"
-    # Adapter init: default (Kaiming A, zero B), gaussian or random.
+    # Adapter init: default (Kaiming A, zero B), gaussian, random, or from the weights: pissa,
+    # pissa_niter_K (randomized SVD, K iterations), olora (QR), loftq (4-bit bases).
     c.lora.init = "default"
+    # Alternating quantize / low-rank-fit rounds of init="loftq".
+    c.lora.loftq_iter = 1
     # Scale by alpha / sqrt(r) instead of alpha / r.
     c.lora.use_rslora = False
+    # DoRA: a trained magnitude per output feature times the normalised W + s B A.
+    c.lora.use_dora = False
     # Modules trained in full (none: adapters only).
     c.lora.modules_to_save = ()
     # Adapter parameter dtype: float32 or bfloat16.
@@ -120,6 +125,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.max_grad_norm = 1.0
     # Keep the optimizer state in pinned host memory between steps.
     c.optim.offload_state = False
+    # LoRA+: lora_b's learning rate is this times the others' (1 = plain LoRA).
+    c.optim.loraplus_lr_ratio = 1.0
 
     c.train = ml_collections.ConfigDict()
     # Optimizer updates.
@@ -136,6 +143,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10
     # Save a checkpoint every this many steps (0 = only at the end).
     c.train.checkpoint_every = 0
+    # Also save when this many minutes of wall time passed since the last save (0 = off).
+    c.train.checkpoint_every_minutes = 0.0
     # Checkpoints kept.
     c.train.keep_checkpoints = 2
     # Evaluate every this many steps (0 = never; else also before training and at the end).

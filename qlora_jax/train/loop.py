@@ -22,6 +22,11 @@ and continues exactly as the uninterrupted run would have (deterministic data or
 derived from the seed and the step). The mesh may change between runs of a workdir (e.g. resume
 on fewer devices): the checkpoint is restored onto the new shardings.
 
+A SIGTERM or a first Ctrl-C (to any process) stops the run after the step in flight, which all
+processes agree on, with a checkpoint of that step: `run` raises `preemption.Preempted` (see
+qlora_jax.train.preemption). Checkpoints are saved every ``train.checkpoint_every`` steps, every
+``train.checkpoint_every_minutes`` of wall time, at such a stop and at the end.
+
 The run lies on the device mesh of ``config.mesh`` (data x fsdp x tensor devices, over one or
 several processes joined by ``jax.distributed``; (1, 1, 1) is one device): the state is placed by
 `Placement`, the step is jitted with its shardings, and each process loads only the rows of each
@@ -46,6 +51,7 @@ from qlora_jax import data as qdata
 from qlora_jax.lora import params as lora_params
 from qlora_jax.train import build
 from qlora_jax.train import config as train_config
+from qlora_jax.train import preemption
 from qlora_jax.train import remat as remat_auto
 from qlora_jax.train.checkpoint import Checkpointer
 from qlora_jax.train.distributed import Placement, describe_mesh, is_writer
@@ -69,6 +75,10 @@ NAN_AT_STEP_ENV = "QLORA_JAX_TEST_NAN_AT_STEP"
 #: mesh (its checkpoints are restored onto the new shardings; config.json then records the new
 #: mesh).
 PLACEMENT_SECTIONS = ("mesh",)
+
+#: Key of the checkpoint's data item that holds the per-step metrics of the steps since the last
+#: metrics record, so that a run resumed between records logs the uninterrupted run's means.
+LOG_WINDOW_KEY = "log_window"
 
 
 def check_workdir(workdir: str, resolved: dict[str, Any]) -> bool:
@@ -142,8 +152,17 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
       ConfigError, WorkdirError, DataError, FileNotFoundError: bad input, before any file is
         written.
       TrainingDiverged: a NaN/Inf loss (the run stops; checkpoints keep the last good state).
+      preemption.Preempted: a SIGTERM or Ctrl-C (to any process) stopped the run after a
+        checkpoint of the step it stopped at; the same call resumes (see
+        qlora_jax.train.preemption).
     """
     stream = stream or sys.stderr
+    with preemption.StopSignals(stream) as signals:  # only for the run; restored after
+        return _run(config, workdir, stream, signals)
+
+
+def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSignals
+         ) -> dict[str, Any]:
     t_start = time.time()
     train_config.validate(config, jax.device_count(), jax.process_count())
     resolved = train_config.resolve(config)
@@ -168,6 +187,10 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     tx, schedule = build.make_optimizer(config)
     adapter_dtype = build.DTYPES[config.lora.dtype]
     state = create_state(params, tx, config.train.seed, adapter_dtype, config.optim.offload_state)
+    # PiSSA/OLoRA: the adapter file is converted against the initial adapters (a LoRA on the
+    # original base); a resumed run rebuilds the same ones from the checkpoint and seed.
+    initial = (jax.device_get(lora_params.adapters(params))
+               if str(config.lora.init).startswith(("pissa", "olora")) else None)
     del params
     shardings = placement.state_shardings(state)
     state = placement.put(state, shardings)
@@ -197,10 +220,13 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
         os.makedirs(workdir, exist_ok=True)
         _write_json(os.path.join(workdir, "config.json"), resolved)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-    loader_state = None
+    loader_state, pending = None, []
     if ckpt.latest_step() is not None:
         state, loader_state = ckpt.restore(state)
+        # The metrics of the steps since the last log record (a stop between records).
+        pending = list(loader_state.pop(LOG_WINDOW_KEY, []))
     start = int(state.step)
+    policy = preemption.StopPolicy(signals, config.train.checkpoint_every_minutes)
     loader = qdata.TrainLoader(data.train, config.train.batch_size, config.train.seed,
                                state=loader_state, length_buckets=tuple(config.data.length_buckets)
                                or None, shard_index=train_shard, shard_count=train_shards)
@@ -237,8 +263,12 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
             summary["eval_before"] = before
     last_loss = math.nan
     try:
-        window_tokens, window_slots, window_t0, window_steps = 0.0, 0.0, time.time(), 0
-        pending: list[dict[str, float]] = []
+        if start < config.train.steps and policy.poll(start)[0]:  # a signal while loading
+            latest = ckpt.latest_step()
+            raise preemption.Preempted(start, config.train.steps, policy.signal_name, None if
+                                       latest is None else os.path.join(ckpt.directory,
+                                                                        str(latest)))
+        window_tokens, window_t0, window_steps = 0.0, time.time(), 0
         for step in range(start, config.train.steps):
             batch = placement.batch(next(loader))
             state, metrics = train_step(state, batch)
@@ -251,7 +281,6 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                     f"loss is {m['loss']} at step {step + 1}; stopping (no checkpoint yet)")
             last_loss = m["loss"]
             window_tokens += m["tokens"]
-            window_slots += m["slots"]
             window_steps += 1
             pending.append(m)
             done = step + 1
@@ -261,25 +290,32 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                           for k in ("loss", "grad_norm", "accuracy")}
                 record["learning_rate"] = m["learning_rate"]
                 record["tokens_per_s"] = window_tokens / dt
-                record["padding_fraction"] = 1.0 - window_tokens / max(window_slots, 1.0)
+                # Over the window's steps (those restored from a checkpoint included).
+                slots = sum(p.get("slots", p["tokens"]) for p in pending)
+                record["padding_fraction"] = 1.0 - sum(p["tokens"] for p in pending) / max(slots,
+                                                                                          1.0)
                 record["steps_per_s"] = window_steps / dt
                 log.log(done, record)
-                window_tokens, window_slots, window_t0, window_steps, pending = (
-                    0.0, 0.0, time.time(), 0, [])
+                window_tokens, window_t0, window_steps, pending = 0.0, time.time(), 0, []
             if config.train.eval_every and (done % config.train.eval_every == 0
                                             or done == config.train.steps):
                 result = run_eval()
                 if result is not None:
                     log.log(done, result, evaluation=True)
                     summary["eval_after"] = result
+            stop, timed = policy.poll(done)  # the same answer on every process
             if (config.train.checkpoint_every and done % config.train.checkpoint_every == 0) \
-                    or done == config.train.steps:
-                ckpt.save(state, loader.state)
+                    or done == config.train.steps or timed or stop:
+                ckpt.save(state, dict(loader.state, **{LOG_WINDOW_KEY: pending}))
+                policy.saved()
+            if stop and done < config.train.steps:
+                raise preemption.Preempted(done, config.train.steps, policy.signal_name,
+                                           os.path.join(ckpt.directory, str(done)))
         if config.train.eval_every and "eval_after" not in summary:
             result = run_eval()  # a finished run re-run: report its final metric again
             if result is not None:
                 summary["eval_after"] = result
-        if export_adapter(model, state, workdir, placement) is None:
+        if export_adapter(model, state, workdir, placement, initial) is None:
             log.message("adapter/ not written: this qlora_jax has no save_peft yet")
     finally:
         log.close()
@@ -299,8 +335,11 @@ def make_placement(config: Any) -> Placement:
 
 
 def export_adapter(model: Any, state: Any, workdir: str,
-                   placement: Optional[Placement] = None) -> Optional[str]:
+                   placement: Optional[Placement] = None,
+                   initial_adapters: Optional[Any] = None) -> Optional[str]:
     """Writes the PEFT adapter of ``state`` to ``workdir/adapter`` (atomically, via a temp dir).
+
+    ``initial_adapters``: PiSSA/OLoRA adapters at initialisation (see ``qj.save_peft``).
 
     Every process calls it (the trainable leaves are gathered from all of them); process 0
     writes.
@@ -317,7 +356,7 @@ def export_adapter(model: Any, state: Any, workdir: str,
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     params = lora_params.combine(trainable, state.frozen)
-    qj.save_peft(model, params, tmp)
+    qj.save_peft(model, params, tmp, initial_adapters=initial_adapters)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

@@ -22,8 +22,12 @@ from typing import Any, Callable, Optional
 
 import jax
 
+from qlora_jax.models.common import REMAT_MODES
+
 #: Remat policies from fastest to slowest (see the module docstring).
 SPEED_ORDER = ("none", "dots_saveable", "attention", "qkv", "full", "offload")
+#: The values of ``model.remat``: a policy, or "auto".
+CHOICES = REMAT_MODES + ("auto",)
 #: Share of the device's memory limit kept free (fragmentation, the eval step, host transfers).
 MARGIN = 0.10
 

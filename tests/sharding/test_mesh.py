@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import run_seed
+
 import qlora_jax as qj
 from qlora_jax import sharding
 
@@ -21,7 +23,7 @@ MESHES = [(2, 2, 2), (1, 8, 1), (1, 2, 4), (8, 1, 1)]
 
 @pytest.fixture(scope="module")
 def mesh_results():
-    seed = np.random.randint(1 << 20)
+    seed = run_seed() % (1 << 20)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = ["x".join(map(str, m)) for m in MESHES]
     out = subprocess.run([sys.executable, os.path.join(HERE, "mesh_forward.py"), *args, str(seed)],
@@ -84,7 +86,7 @@ def test_tensor_major_code_split_is_refused():
 
 
 def test_train_steps_on_meshes_give_the_one_device_losses():
-    seed = np.random.randint(1 << 20)
+    seed = run_seed() % (1 << 20)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, os.path.join(HERE, "mesh_train.py"), "2x2x2", "1x8x1",
                           str(seed)], capture_output=True, text=True, env=env, timeout=900)

@@ -64,7 +64,7 @@ from qlora_jax.quant import ops as qops
 from qlora_jax.quant.config import QuantConfig
 from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
-from qlora_jax.sharding import constrain
+from qlora_jax.models.axes import constrain
 
 # Logical layouts of the activations (mapped to mesh axes by qlora_jax.sharding's rules; the
 # hints are no-ops without a mesh in context). The batch stays split over the batch axes.

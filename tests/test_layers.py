@@ -10,11 +10,11 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "qlora_jax"
 
 #: Layer of each top-level module or subpackage of qlora_jax; a module may import its own layer
-#: and the layers below it. quant < lora < sharding, models < checkpoints, data, generate, eval
+#: and the layers below it. quant, formats (file formats read with numpy alone) < lora < sharding, models < checkpoints, data, generate, eval
 #: < train < launch and the other tools built on train. Modules of one layer do not import each
 #: other. The package root (``qlora_jax/__init__.py``) gathers the public API, above them all.
 LAYERS = {
-    "quant": 0,
+    "quant": 0, "formats": 0,
     "lora": 1,
     "sharding": 2, "models": 2,
     "checkpoints": 3, "data": 3, "generate": 3, "eval": 3,
@@ -22,7 +22,7 @@ LAYERS = {
     "launch": 5, "memory": 5, "analysis": 5, "demo": 5,
 }
 #: Layers whose imports this test checks strictly (every module of theirs).
-CHECKED = ("quant", "lora", "models", "sharding", "checkpoints", "data", "generate", "eval",
+CHECKED = ("quant", "formats", "lora", "models", "sharding", "checkpoints", "data", "generate", "eval",
            "train", "memory", "analysis", "launch", "demo")
 
 

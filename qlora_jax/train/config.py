@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Mapping, Optional
 
 from qlora_jax.data import FORMATS as DATA_FORMATS
+from qlora_jax.data import OVERLONG
 from qlora_jax.lora.config import INITS
 from qlora_jax.models.common import DTYPES as MODEL_DTYPES
-from qlora_jax.models.common import REMAT_MODES
 from qlora_jax.quant import ALLOWED_BLOCK_SIZES, IMPLS, QTYPES
 from qlora_jax.quant.qtensor import ALLOWED_NESTED_BLOCK_SIZES
 from qlora_jax.train.defaults import OPTIONAL_FIELDS, default_config
 from qlora_jax.train.metrics import PROGRESS_MODES
 from qlora_jax.train.optim import OPTIMIZERS, SCHEDULES
+from qlora_jax.train.remat import CHOICES as REMAT_CHOICES
 from qlora_jax.train.state import ADAPTER_DTYPES
 from qlora_jax.train.task import TASKS
 
@@ -34,7 +36,7 @@ SECTIONS = ("model", "quant", "lora", "data", "optim", "train", "mesh")
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.task": TASKS,
     "model.dtype": tuple(MODEL_DTYPES),
-    "model.remat": REMAT_MODES,
+    "model.remat": REMAT_CHOICES,
     "model.impl": IMPLS,
     "quant.qtype": QTYPES,
     "quant.block_size": ALLOWED_BLOCK_SIZES,
@@ -42,18 +44,19 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "lora.init": INITS,
     "lora.dtype": ADAPTER_DTYPES,
     "data.format": ("auto",) + DATA_FORMATS,
+    "data.overlong": OVERLONG,
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
     "train.progress": PROGRESS_MODES,
 }
-POSITIVE_INTS = ("lora.r", "train.steps", "train.batch_size", "train.grad_accum", "train.seq_len",
+POSITIVE_INTS = ("lora.r", "lora.loftq_iter", "train.steps", "train.batch_size", "train.grad_accum", "train.seq_len",
                  "train.log_every", "train.keep_checkpoints", "train.eval_batch_size",
                  "mesh.data", "mesh.fsdp", "mesh.tensor")
 NONNEGATIVE_INTS = ("model.num_labels", "train.checkpoint_every", "train.eval_every",
                     "train.eval_batches", "train.loss_chunk")
-NONNEGATIVE_FLOATS = ("lora.alpha", "optim.warmup_ratio", "optim.end_lr_ratio",
+NONNEGATIVE_FLOATS = ("lora.alpha", "optim.loraplus_lr_ratio", "optim.warmup_ratio", "optim.end_lr_ratio",
                       "optim.weight_decay", "optim.max_grad_norm", "optim.b1", "optim.b2",
-                      "optim.eps")
+                      "optim.eps", "train.checkpoint_every_minutes", "train.memory_budget_gib")
 
 
 class ConfigError(ValueError):
@@ -103,6 +106,12 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
                           "qlora_jax.train.defaults.default_config()); check its spelling")
     for dotted, allowed in CHOICES.items():
         value = field(dotted)
+        if dotted == "lora.init" and isinstance(value, str) and re.fullmatch(
+                r"pissa_niter_\d+", value):
+            continue  # INITS names this one "pissa_niter_K"
+        if dotted == "lora.init" and value == "pissa_niter_K":
+            raise ConfigError("config.lora.init='pissa_niter_K': K is the number of subspace "
+                              "iterations, an integer (e.g. 'pissa_niter_4')")
         if value not in allowed or isinstance(value, bool):
             raise ConfigError(f"config.{dotted}={value!r} is not allowed; use one of "
                               f"{', '.join(map(repr, allowed))}")
@@ -125,7 +134,11 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
         value = field(dotted)
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"config.{dotted}={value!r} must be an integer")
-    for dotted in ("quant.enabled", "quant.double_quant", "lora.use_rslora", "data.packing",
+    if not field("optim.loraplus_lr_ratio") > 0:
+        raise ConfigError(f"config.optim.loraplus_lr_ratio={field('optim.loraplus_lr_ratio')!r} "
+                          "must be > 0 (1 = plain LoRA)")
+    for dotted in ("quant.enabled", "quant.double_quant", "lora.use_rslora", "lora.use_dora",
+                   "data.packing",
                    "optim.offload_state"):
         if not isinstance(field(dotted), bool):
             raise ConfigError(f"config.{dotted}={field(dotted)!r} must be True or False")
@@ -150,9 +163,6 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
                           "with --config.data.path=...")
     if field("train.loss_chunk") and field("model.task") != "causal_lm":
         raise ConfigError("config.train.loss_chunk applies to causal_lm models only; set it to 0")
-    if field("data.packing") and field("model.task") == "causal_lm":
-        raise ConfigError("config.data.packing=True needs a model that masks attention by "
-                          "segment_ids; the Llama models do not yet: set data.packing=False")
 
 
 def _dotted_keys(config: Any, prefix: str = "") -> list[str]:
@@ -170,13 +180,14 @@ def _dotted_keys(config: Any, prefix: str = "") -> list[str]:
 def batch_axes(config: Any) -> tuple[tuple[str, int], ...]:
     """(mesh axis, size) of the mesh axes that split a batch's rows, by ``config.mesh.rules``."""
     from qlora_jax import sharding
+    from qlora_jax.quant.partition import mesh_axes_for
 
     try:
         rules = sharding.rules_from_config(config.mesh)
     except ValueError as e:
         raise ConfigError(f"config.mesh.rules: {e}") from None
     sizes = {k: config.mesh[k] for k in sharding.MESH_AXES}
-    return tuple((a, sizes[a]) for a in sharding._mesh_axes_for("batch", rules))  # noqa: SLF001
+    return tuple((a, sizes[a]) for a in mesh_axes_for("batch", rules))
 
 
 def _validate_mesh(config: Any, device_count: Optional[int], process_count: int) -> None:

@@ -11,10 +11,11 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import qlora_jax as qj
 from tests.models.tiny import rel_err
+
+torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,10 @@ from typing import Any, Optional
 
 import gguf
 import numpy as np
-import torch
-import transformers
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 # GGUF tensor names of a Hugging Face Llama layer's weights.
 _LAYER = {

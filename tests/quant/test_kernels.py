@@ -1,6 +1,7 @@
 """Tests of the Pallas 4-bit kernels (interpret mode on CPU; compiled on a GPU).
 
-Every test draws fresh random inputs; the seed is in each failure message.
+Random inputs come from the run's seed (tests/conftest.py: fixed by default, QLORA_JAX_SEED to
+change it); the seed is in each failure message.
 References: ``dequantize_xla`` (bit-exact with bitsandbytes) and float64
 matmuls on the dequantized weight.
 """
@@ -16,13 +17,14 @@ import jax.numpy as jnp
 import qlora_jax as qj
 from qlora_jax.quant.blockwise import dequantize_xla
 from qlora_jax.quant.kernels import gpu
+from tests.conftest import run_seed
 
 # Norm-relative tolerances of a float32-accumulated matmul rounded to the output dtype.
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
 
 def _rng():
-    seed = int(np.random.SeedSequence().entropy % 2**32)
+    seed = run_seed()
     return np.random.default_rng(seed), seed
 
 

@@ -9,13 +9,13 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-
 import qlora_jax as qj
 from qlora_jax import data
 from qlora_jax.lora.params import flatten, unflatten
 from tests.formats.tiny_gguf import tiny_byte_tokenizer
 from tests.models.tiny import rel_err
+
+torch = pytest.importorskip("torch")
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
 

@@ -12,7 +12,8 @@ Workdir layout::
 metrics.jsonl records of training steps hold ``step``, ``loss`` (mean over the logged window),
 ``grad_norm`` (before clipping), ``accuracy`` (next-token or label accuracy on the loss positions),
 ``learning_rate``, ``tokens_per_s`` (non-padding tokens a second over the window, compilation
-included in the first), ``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
+included in the first), ``padding_fraction`` (share of the window's token slots that are padding),
+``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
 qlora_jax.train.metrics); eval.jsonl records hold ``eval_loss``, ``eval_accuracy``,
 ``eval_perplexity`` (causal LMs) and ``eval_count``.
 
@@ -51,6 +52,7 @@ from qlora_jax.lora import params as lora_params
 from qlora_jax.train import build
 from qlora_jax.train import config as train_config
 from qlora_jax.train import preemption
+from qlora_jax.train import remat as remat_auto
 from qlora_jax.train.checkpoint import Checkpointer
 from qlora_jax.train.distributed import Placement, describe_mesh, is_writer
 from qlora_jax.train.metrics import MetricsLogger, NullLogger, peak_memory
@@ -193,6 +195,24 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
     shardings = placement.state_shardings(state)
     state = placement.put(state, shardings)
     step_shardings = placement.step_shardings(shardings)
+
+    def make_step(task: Any) -> Any:
+        return make_train_step(task, tx, schedule, shardings=step_shardings,
+                               accum_steps=config.train.grad_accum,
+                               offload_state=config.optim.offload_state,
+                               dropout=config.lora.dropout > 0,
+                               nan_at_step=int(os.environ.get(NAN_AT_STEP_ENV, -1)))
+
+    notes = [data.train.summary()] if hasattr(data.train, "summary") else []
+    if config.model.remat == "auto":  # compiles the step per policy until one fits
+        rows = config.train.batch_size // train_shards
+        sample = placement.batch(data.train.collate([], rows, config.train.seq_len))
+        try:
+            model, choice = remat_auto.resolve(config, model, make_step, state, sample)
+        except remat_auto.RematError as e:
+            raise train_config.ConfigError(str(e)) from None
+        task = build.make_task(config, model)
+        notes.append(choice.describe())
     writer = is_writer()
 
     # Bad input is behind us: from here on the workdir is written.
@@ -210,11 +230,7 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
     loader = qdata.TrainLoader(data.train, config.train.batch_size, config.train.seed,
                                state=loader_state, length_buckets=tuple(config.data.length_buckets)
                                or None, shard_index=train_shard, shard_count=train_shards)
-    train_step = make_train_step(task, tx, schedule, shardings=step_shardings,
-                                 accum_steps=config.train.grad_accum,
-                                 offload_state=config.optim.offload_state,
-                                 dropout=config.lora.dropout > 0,
-                                 nan_at_step=int(os.environ.get(NAN_AT_STEP_ENV, -1)))
+    train_step = make_step(task)
     eval_step = make_eval_step(task, shardings=step_shardings)
     kind = config.model.task
 
@@ -235,6 +251,8 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
                 f"{n_trainable:,} trainable parameters, {n_frozen:,} frozen at "
                 f"{bits:.3f} bits each ({q_bits:.3f} bits in the 4-bit weights); "
                 f"{describe_mesh(placement)}")
+    for note in notes:
+        log.message(note)
     summary: dict[str, Any] = {"trainable_params": n_trainable, "frozen_params": n_frozen,
                                "bits_per_frozen_param": bits, "bits_per_4bit_param": q_bits,
                                "start_step": start}
@@ -272,6 +290,10 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
                           for k in ("loss", "grad_norm", "accuracy")}
                 record["learning_rate"] = m["learning_rate"]
                 record["tokens_per_s"] = window_tokens / dt
+                # Over the window's steps (those restored from a checkpoint included).
+                slots = sum(p.get("slots", p["tokens"]) for p in pending)
+                record["padding_fraction"] = 1.0 - sum(p["tokens"] for p in pending) / max(slots,
+                                                                                          1.0)
                 record["steps_per_s"] = window_steps / dt
                 log.log(done, record)
                 window_tokens, window_t0, window_steps, pending = 0.0, time.time(), 0, []
@@ -293,8 +315,7 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
             result = run_eval()  # a finished run re-run: report its final metric again
             if result is not None:
                 summary["eval_after"] = result
-        if export_adapter(model, state, workdir, placement, initial) is None:
-            log.message("adapter/ not written: this qlora_jax has no save_peft yet")
+        export_adapter(model, state, workdir, placement, initial)
     finally:
         log.close()
         ckpt.close()
@@ -314,7 +335,7 @@ def make_placement(config: Any) -> Placement:
 
 def export_adapter(model: Any, state: Any, workdir: str,
                    placement: Optional[Placement] = None,
-                   initial_adapters: Optional[Any] = None) -> Optional[str]:
+                   initial_adapters: Optional[Any] = None) -> str:
     """Writes the PEFT adapter of ``state`` to ``workdir/adapter`` (atomically, via a temp dir).
 
     ``initial_adapters``: PiSSA/OLoRA adapters at initialisation (see ``qj.save_peft``).
@@ -322,10 +343,8 @@ def export_adapter(model: Any, state: Any, workdir: str,
     Every process calls it (the trainable leaves are gathered from all of them); process 0
     writes.
     """
-    import qlora_jax as qj
+    from qlora_jax.checkpoints.peft import save_peft
 
-    if not hasattr(qj, "save_peft"):
-        return None
     trainable = (placement.gather(state.trainable) if placement is not None
                  else jax.device_get(state.trainable))
     out = os.path.join(workdir, "adapter")
@@ -334,7 +353,7 @@ def export_adapter(model: Any, state: Any, workdir: str,
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     params = lora_params.combine(trainable, state.frozen)
-    qj.save_peft(model, params, tmp, initial_adapters=initial_adapters)
+    save_peft(model, params, tmp, initial_adapters=initial_adapters)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

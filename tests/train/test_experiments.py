@@ -113,9 +113,11 @@ def test_choices_are_the_code_constants():
     from qlora_jax.lora.config import INITS
     from qlora_jax.models.common import DTYPES, REMAT_MODES
     from qlora_jax.quant.qtensor import ALLOWED_NESTED_BLOCK_SIZES
-    from qlora_jax.train import metrics, state, task
+    from qlora_jax.train import metrics, remat, state, task
 
-    assert CHOICES["model.remat"] is REMAT_MODES
+    assert CHOICES["model.remat"] is remat.CHOICES and remat.CHOICES[:-1] == REMAT_MODES
+    assert set(remat.SPEED_ORDER) == set(REMAT_MODES)
+    assert CHOICES["data.overlong"] is data.OVERLONG
     assert CHOICES["model.dtype"] == tuple(DTYPES) and CHOICES["model.impl"] is quant.IMPLS
     assert CHOICES["quant.qtype"] is quant.QTYPES
     assert CHOICES["quant.block_size"] is quant.ALLOWED_BLOCK_SIZES

@@ -58,19 +58,18 @@ def main(argv: list[str]) -> int:
               "--config.train.steps=100", file=sys.stderr)
         return 2
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from qlora_jax import sharding
     from qlora_jax.data import DataError
     import jax
 
     from qlora_jax.train import loop, preemption
     from qlora_jax.train.config import ConfigError
+    from qlora_jax.train.distributed import distributed_initialize
 
     # The run agrees on a stop step itself (preemption.StopPolicy); JAX's preemption service
     # would install a C++ SIGTERM handler that swallows the signal.
     jax.config.update("jax_enable_preemption_service", False)
     try:  # before anything touches the devices
-        sharding.distributed_initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
+        distributed_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

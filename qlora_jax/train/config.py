@@ -180,13 +180,14 @@ def _dotted_keys(config: Any, prefix: str = "") -> list[str]:
 def batch_axes(config: Any) -> tuple[tuple[str, int], ...]:
     """(mesh axis, size) of the mesh axes that split a batch's rows, by ``config.mesh.rules``."""
     from qlora_jax import sharding
+    from qlora_jax.quant.partition import mesh_axes_for
 
     try:
         rules = sharding.rules_from_config(config.mesh)
     except ValueError as e:
         raise ConfigError(f"config.mesh.rules: {e}") from None
     sizes = {k: config.mesh[k] for k in sharding.MESH_AXES}
-    return tuple((a, sizes[a]) for a in sharding._mesh_axes_for("batch", rules))  # noqa: SLF001
+    return tuple((a, sizes[a]) for a in mesh_axes_for("batch", rules))
 
 
 def _validate_mesh(config: Any, device_count: Optional[int], process_count: int) -> None:

@@ -315,8 +315,7 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
             result = run_eval()  # a finished run re-run: report its final metric again
             if result is not None:
                 summary["eval_after"] = result
-        if export_adapter(model, state, workdir, placement, initial) is None:
-            log.message("adapter/ not written: this qlora_jax has no save_peft yet")
+        export_adapter(model, state, workdir, placement, initial)
     finally:
         log.close()
         ckpt.close()
@@ -336,7 +335,7 @@ def make_placement(config: Any) -> Placement:
 
 def export_adapter(model: Any, state: Any, workdir: str,
                    placement: Optional[Placement] = None,
-                   initial_adapters: Optional[Any] = None) -> Optional[str]:
+                   initial_adapters: Optional[Any] = None) -> str:
     """Writes the PEFT adapter of ``state`` to ``workdir/adapter`` (atomically, via a temp dir).
 
     ``initial_adapters``: PiSSA/OLoRA adapters at initialisation (see ``qj.save_peft``).
@@ -344,10 +343,8 @@ def export_adapter(model: Any, state: Any, workdir: str,
     Every process calls it (the trainable leaves are gathered from all of them); process 0
     writes.
     """
-    import qlora_jax as qj
+    from qlora_jax.checkpoints.peft import save_peft
 
-    if not hasattr(qj, "save_peft"):
-        return None
     trainable = (placement.gather(state.trainable) if placement is not None
                  else jax.device_get(state.trainable))
     out = os.path.join(workdir, "adapter")
@@ -356,7 +353,7 @@ def export_adapter(model: Any, state: Any, workdir: str,
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     params = lora_params.combine(trainable, state.frozen)
-    qj.save_peft(model, params, tmp, initial_adapters=initial_adapters)
+    save_peft(model, params, tmp, initial_adapters=initial_adapters)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

@@ -202,6 +202,7 @@ def recipe_config(tiny_llama):
     return config
 
 
+@pytest.mark.slow  # a whole (short) run
 def test_llama_qlora_recipe_runs_on_a_tiny_checkpoint(tiny_llama, tmp_path):
     config = recipe_config(tiny_llama)
     summary = loop.run(config, str(tmp_path), stream=io.StringIO())
@@ -218,6 +219,7 @@ def test_llama_qlora_recipe_runs_on_a_tiny_checkpoint(tiny_llama, tmp_path):
                                                 "gate_proj", "up_proj", "down_proj"}, tm
 
 
+@pytest.mark.slow  # r=64 model, loss and gradients compiled twice
 def test_chunked_loss_is_selected_by_config_and_equals_full_loss(tiny_llama):
     config = recipe_config(tiny_llama)
     config.model.dtype = "float32"
@@ -247,6 +249,7 @@ def test_chunked_loss_is_selected_by_config_and_equals_full_loss(tiny_llama):
     assert optim.memory_kinds(state.opt_state) == {"pinned_host"}
 
 
+@pytest.mark.slow  # a whole (short) run on the real MiniLM
 def test_quickstart_plumbing_on_real_minilm(tmp_path):
     """Two steps of the quickstart (the README's main job): 4-bit MiniLM, adapters, head."""
     config = load("quickstart").get_config()

@@ -22,16 +22,7 @@ def test_length_sets_have_the_stated_shapes():
         real_data.examples("alpaca", 2048, 100)
 
 
-def _takes_segments() -> bool:
-    import inspect
-
-    from qlora_jax.models.llama import LlamaForCausalLM
-    return "segment_ids" in inspect.signature(LlamaForCausalLM.__call__).parameters
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(not _takes_segments(), strict=True, raises=AssertionError,
-                   reason="the packed layout needs the segment-aware Llama (issue 13, part 1)")
 def test_layouts_run_on_the_tiny_shape():
     results = {r["layout"]: r for r in real_data.run_ours(
         "tiny", "stdlib_docstrings", ("padded", "bucketed", "packed"), batch=2, seq=512, r=4,

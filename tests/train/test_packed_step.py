@@ -26,16 +26,6 @@ from qlora_jax.train.task import Task
 V, T, N = 96, 40, 12
 
 
-def _takes_segments() -> bool:
-    import inspect
-
-    from qlora_jax.models.llama import LlamaForCausalLM
-    return "segment_ids" in inspect.signature(LlamaForCausalLM.__call__).parameters
-
-
-# Until the segment-aware Llama (issue 13, deliverable 1) is merged these must fail, and do.
-pytestmark = pytest.mark.xfail(not _takes_segments(), strict=True, raises=ValueError,
-                               reason="LlamaForCausalLM does not take segment_ids yet")
 CONFIG = dict(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=64,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-6)

@@ -58,10 +58,10 @@ class GGUFError(ValueError):
 
 
 def is_gguf(path: str) -> bool:
-    """True for a ``.gguf`` file or a directory holding a ``.gguf`` file and no config.json."""
+    """True for a ``*.gguf`` path or a directory holding a ``.gguf`` file and no config.json."""
     path = os.fspath(path)
-    if os.path.isfile(path):
-        return path.endswith(".gguf")
+    if path.endswith(".gguf") and not os.path.isdir(path):
+        return True  # a missing file is reported as such by find_gguf
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         return any(n.endswith(".gguf") for n in os.listdir(path))
     return False

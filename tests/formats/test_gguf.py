@@ -100,6 +100,8 @@ def test_unsupported_architecture_and_missing(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="architecture 'phi2' is not supported"):
         qj.from_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        qj.from_pretrained(str(tmp_path / "missing.gguf"))
     bad = tmp_path / "junk.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(ValueError, match="not a readable GGUF"):

@@ -323,10 +323,6 @@ class GGUFTensors(Mapping[str, np.ndarray]):
         """Shape in Hugging Face order (``[out, in]`` for a Linear weight)."""
         return tuple(int(d) for d in reversed(self._tensors[key].shape))
 
-    def type_name(self, key: str) -> str:
-        """The ggml type of a tensor (``"Q4_K"``, ``"F16"``, ...)."""
-        return self._tensors[key].tensor_type.name
-
     def file_of(self, key: str) -> str:
         return self.path
 
@@ -355,10 +351,9 @@ def write_gguf(path: str, arch: str, metadata: Iterable[tuple[str, Any, Any, Any
             qtype = gguf.GGMLQuantizationType[type_name]
             block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
             n = int(np.prod(shape, dtype=np.int64))
-            writer.add_tensor_info(name, shape, np.dtype(np.float32 if type_name == "F32" else
-                                                         np.float16 if type_name == "F16" else
-                                                         np.float32),
-                                   n // block * nbytes, raw_dtype=qtype)
+            # With raw_dtype given, a non-uint8 dtype means "shape is the logical shape".
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), n // block * nbytes,
+                                   raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

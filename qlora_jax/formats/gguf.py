@@ -272,8 +272,8 @@ def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 class GGUFTensors(Mapping[str, np.ndarray]):
     """The tensors of a GGUF file under Hugging Face keys, dequantized to float32 on access.
 
-    Like ``CheckpointReader``: ``tensors[key]`` reads and decodes that one tensor (the file is
-    memory-mapped); ``shape(key)`` is known without reading. q_proj/k_proj rows come back in
+    Like ``CheckpointReader``: ``tensors[key]`` reads and decodes that one tensor (a plain file
+    read); ``shape(key)`` is known without reading. q_proj/k_proj rows come back in
     Hugging Face's order.
 
     Raises:
@@ -299,8 +299,15 @@ class GGUFTensors(Mapping[str, np.ndarray]):
     def __getitem__(self, key: str) -> np.ndarray:
         from gguf.quants import dequantize
         t = self._tensors[key]
+        # A plain read, not the reader's memory map: mapped pages would stay resident (and count
+        # in the process's memory) after the tensor is converted.
+        raw = np.fromfile(self.path, np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))
+        if raw.size != int(t.n_bytes):
+            raise GGUFError(f"{self.path}: tensor {t.name!r} runs past the end of the file "
+                            "(truncated download?)")
+        data = raw.view(t.data.dtype).reshape(t.data.shape)
         try:
-            w = dequantize(t.data, t.tensor_type)
+            w = dequantize(data, t.tensor_type)
         except NotImplementedError as e:
             raise GGUFError(f"{self.path}: tensor {t.name!r} has type {t.tensor_type.name}, "
                             "which the gguf package cannot decode") from e

@@ -89,6 +89,14 @@ def test_llama3_rope_recovered_from_rope_freqs():
     np.testing.assert_allclose(base / factors, inv.numpy(), rtol=1e-5)
 
 
+def test_truncated_file_named(tmp_path, rng):
+    path = write_tiny_gguf(str(tmp_path / "t.gguf"), tiny_llama(int(rng.integers(1 << 30))))
+    with open(path, "rb+") as f:
+        f.truncate(os.path.getsize(path) - 1000)
+    with pytest.raises(ValueError, match=r"t\.gguf.*(truncated|not a readable GGUF)"):
+        qj.from_pretrained(path)
+
+
 def test_unsupported_architecture_and_missing(tmp_path):
     import gguf
     path = str(tmp_path / "phi.gguf")

@@ -120,3 +120,29 @@ def test_unsupported_architecture_and_missing(tmp_path):
         os.link(path, two / n)
     with pytest.raises(ValueError, match="2 .gguf files"):
         qj.from_pretrained(str(two))
+
+
+def _assert_header_equals_gguf_reader(path: str) -> None:
+    import gguf
+    ours, ref = qgguf.open_reader(path), gguf.GGUFReader(path)
+    want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert ours.fields.keys() == want.keys()
+    for key, value in want.items():
+        assert ours.fields[key] == pytest.approx(value) if isinstance(value, float) else \
+            ours.fields[key] == value, key
+    assert [(t.name, tuple(int(d) for d in t.shape), t.tensor_type, int(t.n_bytes),
+             int(t.data_offset)) for t in ref.tensors] == [tuple(t) for t in ours.tensors]
+    for t, u in list(zip(ref.tensors, ours.tensors))[:12]:
+        np.testing.assert_array_equal(ours.read(u), np.asarray(t.data))
+
+
+def test_header_parse_equals_gguf_reader(tmp_path, rng):
+    model = tiny_llama(int(rng.integers(1 << 30)))
+    tokens = [f"tok{i}" for i in range(model.config.vocab_size)]
+    _assert_header_equals_gguf_reader(write_tiny_gguf(str(tmp_path / "h.gguf"), model, "Q8_0",
+                                                      tokens=tokens))
+
+
+@pytest.mark.slow
+def test_header_parse_equals_gguf_reader_smollm2(smollm2_gguf):
+    _assert_header_equals_gguf_reader(smollm2_gguf)

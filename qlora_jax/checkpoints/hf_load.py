@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.checkpoints.safetensors_io import CheckpointReader
+from qlora_jax.formats.gguf import GGUFTensors, is_gguf
 from qlora_jax.lora import dora
 from qlora_jax.lora.config import LoraConfig, data_aware
 from qlora_jax.lora.dense import lora_a_init, lora_b_init
@@ -280,7 +281,9 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
     Args:
       path: a directory with config.json and model.safetensors (or shards with
         model.safetensors.index.json), written by transformers (float or
-        bitsandbytes 4-bit).
+        bitsandbytes 4-bit); or a llama.cpp ``.gguf`` file (or a directory
+        holding one and no config.json): config from its metadata, tensors
+        dequantized from any type the ``gguf`` package decodes, one at a time.
       dtype: compute dtype and dtype of the float parameters.
       quant: quantize linear weights while reading (ignored for a bitsandbytes
         checkpoint, whose 4-bit weights are kept as stored).
@@ -306,7 +309,8 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
         shapes named), target_modules matching nothing.
       KeyError: a tensor the config implies is missing.
     """
-    hf_config = read_config(path)
+    gguf = GGUFTensors(path) if is_gguf(path) else None
+    hf_config = gguf.hf_config if gguf is not None else read_config(path)
     bnb = bnb_quant_config(hf_config)
     model = build_model(hf_config, dtype=dtype, param_dtype=dtype, impl=impl, remat=remat,
                         num_labels=num_labels, **model_attrs)
@@ -316,7 +320,7 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
         model = model.clone(config=dataclasses.replace(model.config, eos_token_id=ends))
     model.lora_plan()  # unmatched targets fail here, before reading anything
     quant_paths = set(model.quantized_paths()) if (quant is not None and bnb is None) else set()
-    reader = CheckpointReader(path)
+    reader = gguf if gguf is not None else CheckpointReader(path)
     shapes = expected_shapes(model)
     plan = _Plan(model, reader, shapes, bnb is not None)
     flat: dict[tuple[str, ...], Any] = {}

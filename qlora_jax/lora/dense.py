@@ -5,8 +5,8 @@ Parameters (names kept from ``nn.Dense`` so a base checkpoint loads unchanged):
 - ``kernel``: float ``[in, out]`` (Flax layout), or a QTensor ``[out, in]``
   (PyTorch/bitsandbytes layout, so its bytes equal a bitsandbytes checkpoint's);
 - ``bias``: ``[out]`` when ``use_bias``;
-- ``lora_a`` ``[in, R]`` and ``lora_b`` ``[R, out]`` when the model's LoraPlan
-  targets this module's path.
+- ``lora_a`` ``[in, R]`` and ``lora_b`` ``[R, out]`` when the module is given a LoraSpec
+  (``lora.plan.resolve`` gives each module a model's LoraConfig targets its spec).
 
 ``y = x W (+ b) + scaling * dropout(x) A B``. A zero B leaves ``y`` unchanged to the bit.
 With DoRA (``use_dora``) also ``lora_magnitude`` ``[out]`` and PEFT's formula (lora/dora.py).
@@ -24,7 +24,6 @@ from flax.core import meta
 
 from qlora_jax.lora import dora
 from qlora_jax.lora.config import LoraSpec
-from qlora_jax.lora.plan import LoraPlan
 from qlora_jax.quant import ops as qops
 from qlora_jax.quant.blockwise import quantize
 from qlora_jax.quant.config import QuantConfig
@@ -64,8 +63,8 @@ class LoraDense(nn.Module):
       dtype: compute dtype (None: promote inputs and parameters).
       param_dtype: dtype of float kernel/bias created at init.
       kernel_init / bias_init: initializers of the frozen weight (init only).
-      lora: the model's LoraPlan; this module has adapters iff the plan has a
-        spec for its scope path.
+      lora: this module's adapter settings (rank, scaling, dropout, init), or None for no
+        adapter.
       quant: quantize the kernel at init (loading code builds QTensors directly).
       impl: implementation of the 4-bit matmul: ``"auto"``, ``"xla"``, ``"pallas"``.
       lora_dtype: dtype of the adapter parameters.
@@ -77,14 +76,20 @@ class LoraDense(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros_init()
-    lora: Optional[LoraPlan] = None
+    lora: Optional[LoraSpec] = None
     quant: Optional[QuantConfig] = None
     impl: str = "auto"
     lora_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        """x ``[..., in]`` -> ``[..., out]``; dropout on the adapter input unless deterministic."""
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 adapter_index: Optional[jax.Array] = None) -> jax.Array:
+        """x ``[..., in]`` -> ``[..., out]``; dropout on the adapter input unless deterministic.
+
+        Adapters stacked by ``qj.lora.stack_adapters`` (``lora_a`` ``[N, in, R]``) need
+        ``adapter_index`` (int ``[B]``, x ``[B, ..., in]``): row b uses adapter
+        ``adapter_index[b]`` (a gather per row over one shared frozen kernel).
+        """
         in_features = x.shape[-1]
         if self.has_variable("params", "kernel"):
             # Loaded weights may be a QTensor whatever `quant` says: read them as they are.
@@ -103,8 +108,15 @@ class LoraDense(nn.Module):
         bias = None
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        spec = self.lora.spec_at(self.scope.path) if self.lora is not None else None
+        spec = self.lora
         if spec is None:
+            return y + bias.astype(y.dtype) if bias is not None else y
+        if self.has_variable("params", "lora_a") and jnp.ndim(
+                meta.unbox(self.get_variable("params", "lora_a"))) == 3:
+            if spec.use_dora:
+                raise ValueError(f"{'.'.join(self.scope.path)}: stacked adapters "
+                                 "(qj.lora.stack_adapters) are LoRA only, not DoRA")
+            y = y + self._stacked_delta(x, spec, adapter_index).astype(y.dtype)
             return y + bias.astype(y.dtype) if bias is not None else y
         a = self.param("lora_a", lora_a_init(spec), (in_features, spec.r), self.lora_dtype)
         b = self.param("lora_b", lora_b_init(spec), (spec.r, self.features), self.lora_dtype)
@@ -131,6 +143,27 @@ class LoraDense(nn.Module):
             base_d = jnp.dot(h.astype(y.dtype), dora.dense_weight(kernel).astype(y.dtype))
             return y + (scale - 1) * base_d + scale * delta.astype(y.dtype)
         return scale * (y + delta.astype(y.dtype))
+
+    def _stacked_delta(self, x: jax.Array, spec: LoraSpec,
+                       adapter_index: Optional[jax.Array]) -> jax.Array:
+        """``scaling * x A_i B_i`` with ``i = adapter_index[b]`` for row b (stacked adapters)."""
+        a = meta.unbox(self.get_variable("params", "lora_a"))  # [N, in, R]
+        b = meta.unbox(self.get_variable("params", "lora_b"))  # [N, R, out]
+        if adapter_index is None:
+            raise ValueError(f"{'.'.join(self.scope.path)}: the params hold {a.shape[0]} stacked "
+                             "adapters (qj.lora.stack_adapters); pass adapter_index (int [B]) "
+                             "to pick each row's adapter")
+        if x.ndim < 2 or jnp.shape(adapter_index) != x.shape[:1]:
+            raise ValueError(f"adapter_index must be [B] = {list(x.shape[:1])} for x of shape "
+                             f"{list(x.shape)}, got {list(jnp.shape(adapter_index))}")
+        a = jnp.take(a, adapter_index, axis=0)  # [B, in, R]
+        b = jnp.take(b, adapter_index, axis=0)  # [B, R, out]
+        h, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=self.dtype)
+        lead = h.shape
+        h3 = h.reshape(lead[0], -1, lead[-1])  # [B, T, in]
+        low = jnp.einsum("bti,bir->btr", h3, a)
+        delta = jnp.einsum("btr,bro->bto", low, b) * jnp.asarray(spec.scaling, h.dtype)
+        return delta.reshape(lead[:-1] + (b.shape[-1],))
 
     def _init_kernel(self, key: jax.Array, shape: tuple[int, int]) -> Any:
         w = self.kernel_init(key, shape, self.param_dtype)

@@ -82,7 +82,7 @@ def check_positions(config: Any) -> None:
 def load_data(config: Any) -> Data:
     """Tokenizer, training set and evaluation set (DataError on bad files or records)."""
     tokenizer = qdata.load_tokenizer(config.model.tokenizer or config.model.path)
-    section = {k: config.data[k] for k in qdata.default_config().keys()}
+    section = {k: config.data[k] for k in qdata.default_config().keys() if k in config.data}
     train, evaluation = qdata.datasets_from_config(section, tokenizer, config.train.seq_len)
     if train.kind != config.model.task:
         raise ConfigError(f"config.data.path={config.data.path} holds {train.kind} data but "
@@ -118,7 +118,9 @@ def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
 
     dtype = DTYPES[config.model.dtype]
     quant, lora = quant_config(config), lora_config(config)
-    kw = dict(impl=config.model.impl, remat=config.model.remat, num_labels=num_labels)
+    # remat="auto" is resolved on the built step (qlora_jax.train.remat); the model starts at none.
+    remat = "none" if config.model.remat == "auto" else config.model.remat
+    kw = dict(impl=config.model.impl, remat=remat, num_labels=num_labels)
     if config.model.path:
         return hf_load.from_pretrained(config.model.path, dtype=dtype, quant=quant, lora=lora,
                                        seed=config.train.seed, **kw)
@@ -142,10 +144,15 @@ def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
 
 
 def make_task(config: Any, model: Any) -> Task:
-    # The causal-LM loaders right-pad every row (packing is refused for causal LMs), so the
-    # attention mask is redundant and the model may use mask-free fused attention.
-    return Task(model, config.model.task, config.train.loss_chunk,
-                right_padded=config.model.task == "causal_lm")
+    """The run's Task: unpacked causal-LM rows are right-padded (the attention mask is redundant
+    and the model may use mask-free fused attention); packed rows pass segment and position ids.
+
+    Raises:
+      ValueError: data.packing=True with a model that does not take segment_ids.
+    """
+    causal = config.model.task == "causal_lm"
+    return Task(model, config.model.task, config.train.loss_chunk, right_padded=causal,
+                packed=causal and bool(config.data.packing))
 
 
 def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:

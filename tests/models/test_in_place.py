@@ -7,6 +7,7 @@ the ``nn.scan`` layer loop of the same model (``in_place=False``).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import qlora_jax as qj
 from qlora_jax import sharding
 from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from qlora_jax.quant import ops
+from qlora_jax.quant import ops, partition
 from qlora_jax.quant.blockwise import dequantize_xla, quantize
 from qlora_jax.quant.kernels import gpu
 from qlora_jax.quant.layer_view import LayerView
@@ -125,12 +126,12 @@ def test_fused_layer_kernel_reads_a_traced_layer_under_jit(rng):
 def test_codes_split_over_a_mesh_are_not_read_in_place(rng):
     _, stacked = _stack(rng, (64, 128), 2, True)
     mesh = jax.sharding.AbstractMesh((1, 2, 1), ("data", "fsdp", "tensor"))
-    assert not sharding.splits_4bit_codes(stacked)
-    with sharding.use_mesh(mesh):
-        assert sharding.splits_4bit_codes(stacked)
+    assert not partition.splits_4bit_codes(stacked)
+    with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        assert partition.splits_4bit_codes(stacked)
     data_parallel = jax.sharding.AbstractMesh((2, 1, 1), ("data", "fsdp", "tensor"))
-    with sharding.use_mesh(data_parallel):
-        assert not sharding.splits_4bit_codes(stacked)
+    with jax.sharding.use_abstract_mesh(data_parallel), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        assert not partition.splits_4bit_codes(stacked)
 
 
 def _model(rng, remat):

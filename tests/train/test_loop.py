@@ -21,6 +21,9 @@ from experiments import smoke
 from qlora_jax.train import loop
 from qlora_jax.train.checkpoint import PAUSE_ENV
 
+# Whole runs of the smoke experiment (several in subprocesses): the slow tier.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
 # 12 steps, checkpoints at 4, 8, 12, a log line a step, no evaluation.

@@ -15,6 +15,7 @@ from qlora_jax.train import optim
 from qlora_jax.train.state import create_state
 from qlora_jax.train.step import evaluate, make_eval_step, make_train_step, train_step_fn
 from qlora_jax.train.task import Task, causal_targets
+from tests.conftest import run_seed
 from tests.train.toy_lm import ToyClassifier, ToyLM, box_saved, random_params
 
 V, B, T = 67, 4, 12
@@ -76,7 +77,7 @@ def run(rng_or_none, batches, **kw):
 
 @pytest.fixture(scope="module")
 def base_params():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(run_seed())
     model = ToyLM(vocab=V, lora=qj.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     return random_params(model, rng, T)
 

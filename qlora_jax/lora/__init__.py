@@ -9,7 +9,7 @@
 
 from qlora_jax.lora.config import LoraConfig, LoraSpec
 from qlora_jax.lora.dense import LoraDense
-from qlora_jax.lora.merge import merge, unmerge
+from qlora_jax.lora.merge import dora_norms, merge, unmerge
 from qlora_jax.lora.optim import apply_updates, masked, state_nbytes
 from qlora_jax.lora.params import (adapters, combine, count, flatten, is_leaf, nbytes, partition,
                                    trainable_mask, unbox, unflatten)
@@ -19,7 +19,7 @@ from qlora_jax.lora.trainable import Trainable
 
 __all__ = [
     "LoraConfig", "LoraDense", "LoraPlan", "LoraSpec", "ModuleSite", "Trainable", "adapters",
-    "apply_updates", "combine", "count", "flatten", "is_leaf", "masked", "merge", "nbytes",
-    "partition", "resolve", "stack_adapters", "state_nbytes", "trainable_mask", "unbox",
+    "apply_updates", "combine", "count", "dora_norms", "flatten", "is_leaf", "masked", "merge",
+    "nbytes", "partition", "resolve", "stack_adapters", "state_nbytes", "trainable_mask", "unbox",
     "unflatten", "unmerge",
 ]

@@ -122,6 +122,11 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
     if b % a:
         raise ConfigError(f"config.train.batch_size={b} does not split into "
                           f"train.grad_accum={a} micro-batches; use a divisor of the batch size")
+    for dotted, low in (("train.samples", 0), ("train.sample_tokens", 1)):  # optional fields
+        if dotted.split(".")[1] in config.train:
+            value = field(dotted)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"config.{dotted}={value!r} must be an integer >= {low}")
     _validate_mesh(config, device_count, process_count)
     if not field("model.path") and "random" not in config.model:
         raise ConfigError("config.model.path is empty and there is no config.model.random "

@@ -14,7 +14,9 @@ metrics.jsonl records of training steps hold ``step``, ``loss`` (mean over the l
 ``learning_rate``, ``tokens_per_s`` (non-padding tokens a second over the window, compilation
 included in the first), ``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
 qlora_jax.train.metrics); eval.jsonl records hold ``eval_loss``, ``eval_accuracy``,
-``eval_perplexity`` (causal LMs) and ``eval_count``.
+``eval_perplexity`` (causal LMs) and ``eval_count``. With ``train.samples = N`` (causal LMs with
+eval data) the summary also holds the greedy answers to the first N held-out prompts before and
+after training (`qlora_jax.train.samples`).
 
 Running the same config on the same workdir again resumes from the latest complete checkpoint
 and continues exactly as the uninterrupted run would have (deterministic data order; dropout keys
@@ -209,6 +211,24 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     summary: dict[str, Any] = {"trainable_params": n_trainable, "frozen_params": n_frozen,
                                "bits_per_frozen_param": bits, "bits_per_4bit_param": q_bits,
                                "start_step": start}
+    samples = _sample_prompts(config, data, model)
+
+    def run_samples(key: str) -> None:
+        if not samples:
+            return
+        from qlora_jax.train import samples as samples_lib
+
+        params = lora_params.combine(state.trainable, state.frozen)
+        texts = samples_lib.generate_texts(model, params, data.tokenizer, samples,
+                                           int(config.train.get("sample_tokens", 48)))
+        rows = summary.setdefault("samples", [
+            {"prompt": samples_lib.prompt_text(data.tokenizer, p),
+             "reference": data.tokenizer.decode(r).strip()} for p, r in samples])
+        for row, text in zip(rows, texts):
+            row[key] = text
+
+    if start == 0:
+        run_samples("before")
     if config.train.eval_every and start == 0:
         before = run_eval()
         if before is not None:
@@ -255,6 +275,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
             result = run_eval()  # a finished run re-run: report its final metric again
             if result is not None:
                 summary["eval_after"] = result
+        run_samples("after")
         if export_adapter(model, state, workdir, placement) is None:
             log.message("adapter/ not written: this qlora_jax has no save_peft yet")
     finally:
@@ -264,6 +285,17 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                     "wall_s": time.time() - t_start})
     summary["peak_memory_bytes"], summary["peak_memory_source"] = peak_memory()
     return summary
+
+
+def _sample_prompts(config: Any, data: Any, model: Any) -> list[tuple[list[int], list[int]]]:
+    """Held-out prompts to generate from before and after training (``train.samples``)."""
+    count = int(config.train.get("samples", 0))
+    if not count or data.eval is None or config.model.task != "causal_lm" \
+            or not hasattr(model, "init_cache"):
+        return []
+    from qlora_jax.train import samples as samples_lib
+
+    return samples_lib.held_out_prompts(data.eval, count)
 
 
 def make_placement(config: Any) -> Placement:

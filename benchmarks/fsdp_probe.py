@@ -137,8 +137,8 @@ def build_step(shape: Any, mesh: tuple[int, int, int], batch: int, seq: int, r: 
                ) -> tuple[Any, Any, Any]:
     """(compiled step, state, batch) as ``run_ours`` builds them, on the first devices.
 
-    ``hints``: trace the step under ``sharding.use_mesh`` (activation hints and per-use weight
-    gathers on); False shows what XLA does without them (the state before the FSDP fix).
+    ``hints``: trace the step under ``jax.set_mesh`` and ``nn.logical_axis_rules`` (activation
+    hints and per-use weight gathers on); False shows what XLA does without them (the state before the FSDP fix).
     ``abstract``: compile from shapes only (no array is built: any model size compiles; the
     returned state and batch are ShapeDtypeStructs and the step cannot run).
     """
@@ -194,11 +194,11 @@ def build_step(shape: Any, mesh: tuple[int, int, int], batch: int, seq: int, r: 
              for k, v in b.items()}
     else:
         b = placement.batch(b)
-    if hints:
-        fn = shd.within_mesh(fn, placement.mesh, placement.rules)
     step = jax.jit(fn, donate_argnums=0,
                    in_shardings=(state_sh, placement.batch_shardings(b)),
                    out_shardings=(state_sh, placement.replicated()))
+    if hints:
+        step = shd.in_mesh(step, placement.mesh, placement.rules)
     return step.lower(state, b).compile(), state, b
 
 

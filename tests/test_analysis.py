@@ -16,9 +16,8 @@ def test_nf4_codebook_matches_bitsandbytes_values():
     assert cb[0] == -1.0 and cb[7] == 0.0 and cb[15] == 1.0
 
 
-def test_nf4_codebook_is_normal_quantiles():
+def test_nf4_codebook_is_normal_quantiles(rng):
     """Against scipy's normal quantiles, with a freshly drawn offset and width."""
-    rng = np.random.default_rng()
     offset, bits = float(rng.uniform(0.9, 0.995)), int(rng.integers(2, 6))
     half = 2 ** (bits - 1)
     pos = stats.norm.ppf(np.linspace(offset, 0.5, half + 1)[:-1])
@@ -36,8 +35,7 @@ def test_nf4_codebook_bad_input():
         analysis.nf4_codebook(bits=1)
 
 
-def test_block_normalized():
-    rng = np.random.default_rng()
+def test_block_normalized(rng):
     w = rng.normal(size=(7, 30))  # 210 values: 3 full blocks of 64 and a partial block of 18
     v = analysis.block_normalized(w, 64)
     flat = w.reshape(-1)
@@ -47,8 +45,7 @@ def test_block_normalized():
     assert np.max(np.abs(v)) == 1.0
 
 
-def test_expected_codebook_error_of_grid():
-    rng = np.random.default_rng()
+def test_expected_codebook_error_of_grid(rng):
     v = rng.uniform(-1, 1, size=10_000)
     cb = np.linspace(-1, 1, 5)
     err = analysis.expected_codebook_error(cb, v)
@@ -56,8 +53,7 @@ def test_expected_codebook_error_of_grid():
     assert err == pytest.approx(np.sqrt(np.mean((v - nearest) ** 2)), rel=1e-12)
 
 
-def test_quantization_errors_and_summary():
-    rng = np.random.default_rng()
+def test_quantization_errors_and_summary(rng):
     weights = {"a": rng.normal(size=(64, 128)).astype(np.float32),
                "b": (3 * rng.standard_t(4, size=(32, 64))).astype(np.float32)}
     settings = [("nf4", True), ("int4", False)]
@@ -82,8 +78,7 @@ def test_quantization_errors_and_summary():
     assert summary[1]["bits_per_param"] == pytest.approx(4.5, abs=0.01)
 
 
-def test_subspace_similarity_known_cases():
-    rng = np.random.default_rng()
+def test_subspace_similarity_known_cases(rng):
     d = 40
     q, _ = np.linalg.qr(rng.normal(size=(d, d)))
     a1 = np.diag([5.0, 4, 3, 2]) @ q[:, :4].T                 # rows span the first 4 directions
@@ -102,8 +97,7 @@ def test_subspace_similarity_known_cases():
         analysis.subspace_similarity(a1, a2.T)
 
 
-def test_mean_pool_and_cosine():
-    rng = np.random.default_rng()
+def test_mean_pool_and_cosine(rng):
     h = rng.normal(size=(3, 5, 4))
     mask = np.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     pooled = analysis.mean_pool(h, mask)
@@ -130,10 +124,9 @@ def test_load_config_with_argument(tmp_path):
         analysis.load_config(str(tmp_path / "nope.py"))
 
 
-def test_adapter_matrices_reads_peft_layout(tmp_path):
+def test_adapter_matrices_reads_peft_layout(tmp_path, rng):
     from safetensors.numpy import save_file
 
-    rng = np.random.default_rng()
     a, b = rng.normal(size=(4, 12)).astype(np.float32), rng.normal(size=(10, 4)).astype(np.float32)
     prefix = "base_model.model.encoder.layer.0.attention.self.query"
     save_file({f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b,

@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import qlora_jax as qj
 from tests.models import tiny
 from tests.models.conftest import llama_ckpt  # noqa: F401  (fixture)
+
+torch = pytest.importorskip("torch")
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "mistral"])

@@ -6,11 +6,10 @@ import pytest
 from qlora_jax import memory as M
 
 
-def test_llama_shapes_count_like_transformers():
+def test_llama_shapes_count_like_transformers(rng):
     """Parameter counts of small random Llama configs against transformers' model."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    rng = np.random.default_rng()
     heads = int(rng.choice([2, 4]))
     shape = M.ModelShape("tiny", hidden=16 * heads, intermediate=int(rng.integers(20, 90)),
                          layers=int(rng.integers(1, 4)), heads=heads, kv_heads=heads // 2,
@@ -35,8 +34,7 @@ def test_llama_8b_counts():
     assert s.lora_params(8, ("q_proj", "v_proj")) == 32 * 8 * (8192 + 5120)
 
 
-def test_breakdown_arithmetic():
-    rng = np.random.default_rng()
+def test_breakdown_arithmetic(rng):
     s = M.LLAMA_8B
     p = M.Precision(weight=float(rng.choice([2, 4])), grad=2.0, optimizer=8.0, master=4.0)
     full = M.finetune_memory(s, "full", precision=p)

@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.checkpoints.safetensors_io import CheckpointReader
-from qlora_jax.lora.config import LoraConfig
+from qlora_jax.formats.gguf import GGUFTensors, is_gguf
+from qlora_jax.lora.config import LoraConfig, data_aware
 from qlora_jax.lora.dense import lora_a_init, lora_b_init
+from qlora_jax.lora.init import init_kernel
 from qlora_jax.lora.params import flatten, unflatten
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.models.common import HFParam
@@ -235,6 +237,8 @@ def add_adapters(model: Any, params: dict, seed: int = 0) -> dict:
         kernel = flat.get(path + ("kernel",))
         if kernel is None:
             raise KeyError(f"params lack {'/'.join(path)}/kernel, which the LoraConfig targets")
+        if path + ("lora_a",) in flat:  # a data-aware init made it while loading
+            continue
         kernel = getattr(kernel, "value", kernel)
         if isinstance(kernel, QTensor):
             out_f, in_f = kernel.logical_shape
@@ -266,11 +270,18 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
     Args:
       path: a directory with config.json and model.safetensors (or shards with
         model.safetensors.index.json), written by transformers (float or
-        bitsandbytes 4-bit).
+        bitsandbytes 4-bit); or a llama.cpp ``.gguf`` file (or a directory
+        holding one and no config.json): config from its metadata, tensors
+        dequantized from any type the ``gguf`` package decodes, one at a time.
       dtype: compute dtype and dtype of the float parameters.
       quant: quantize linear weights while reading (ignored for a bitsandbytes
         checkpoint, whose 4-bit weights are kept as stored).
-      lora: add freshly initialised adapters (and box modules_to_save leaves).
+      lora: add freshly initialised adapters (and box modules_to_save leaves). Data-aware
+        inits (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``, ``"loftq"``) read each
+        adapted weight in float (one stacked entry at a time), decompose it and quantize
+        the new base (the residual ``W - s B A``; LoftQ's own 4-bit base) with ``quant``;
+        on a bitsandbytes checkpoint PiSSA/OLoRA dequantize, decompose and requantize the
+        residual, and LoftQ (which needs the float weights) raises.
       impl: 4-bit matmul implementation; remat: remat mode of the layers.
       num_labels: encoders only: > 0 adds a classification head (read from the
         checkpoint when present, else freshly initialised).
@@ -287,7 +298,8 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
         shapes named), target_modules matching nothing.
       KeyError: a tensor the config implies is missing.
     """
-    hf_config = read_config(path)
+    gguf = GGUFTensors(path) if is_gguf(path) else None
+    hf_config = gguf.hf_config if gguf is not None else read_config(path)
     bnb = bnb_quant_config(hf_config)
     model = build_model(hf_config, dtype=dtype, param_dtype=dtype, impl=impl, remat=remat,
                         num_labels=num_labels, **model_attrs)
@@ -297,17 +309,29 @@ def from_pretrained(path: str, dtype: Any = jnp.bfloat16, quant: Optional[QuantC
         model = model.clone(config=dataclasses.replace(model.config, eos_token_id=ends))
     model.lora_plan()  # unmatched targets fail here, before reading anything
     quant_paths = set(model.quantized_paths()) if (quant is not None and bnb is None) else set()
-    reader = CheckpointReader(path)
+    reader = gguf if gguf is not None else CheckpointReader(path)
     shapes = expected_shapes(model)
     plan = _Plan(model, reader, shapes, bnb is not None)
     flat: dict[tuple[str, ...], Any] = {}
     root = jax.random.PRNGKey(seed)
+    lora_plan = model.lora_plan()
+    decompose = {p: s for p, s in (lora_plan.specs if lora_plan else ()) if data_aware(s.init)}
     for entry, keys in plan.items:
         if keys is None:
             flat[entry.path] = _fresh(entry.path, shapes[entry.path], dtype,
                                       _path_key(root, entry.path))
             continue
         q = quant if entry.linear and entry.module_path in quant_paths else None
-        flat[entry.path] = _load_entry(reader, entry, keys, dtype, q)
+        spec = decompose.get(entry.module_path) if entry.path[-1] == "kernel" else None
+        if spec is None:
+            flat[entry.path] = _load_entry(reader, entry, keys, dtype, q)
+            continue
+        # Data-aware init: the float weight (or a bnb QTensor), decomposed, then quantized.
+        kernel, a, b = init_kernel(spec, _load_entry(reader, entry, keys, dtype, None),
+                                   _path_key(root, entry.module_path), q, lora.loftq_iter,
+                                   ".".join(entry.module_path))
+        flat[entry.path] = kernel
+        flat[entry.module_path + ("lora_a",)] = a
+        flat[entry.module_path + ("lora_b",)] = b
     params = add_adapters(model, unflatten(flat), seed)
     return model, params

@@ -6,19 +6,32 @@ Files: ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``) with keys
 ``lora_b`` ``[L, R, out]`` are split and transposed), ``modules_to_save``
 weights saved whole under ``base_model.model.<module>.weight``; and
 ``adapter_config.json``.
+
+Data-aware inits (``qj.lora.init``): PiSSA and OLoRA train on a residual base ``W - s B0 A0``.
+Given the adapters at initialisation, ``save_peft`` writes what PEFT's
+``save_pretrained(path_initial_model_for_weight_conversion=...)`` writes: a plain LoRA for the
+ORIGINAL base, of rank 2R, ``A' = [A; A0]``, ``B' = [B, -B0]`` (so ``s' B' A' = s (B A - B0 A0)``
+with ``r' = 2r``, ``alpha' = 2 alpha``, or ``alpha sqrt(2)`` with rsLoRA).
+Without them, PiSSA (full SVD) and OLoRA adapters are written with PEFT's
+``init_lora_weights="pissa"``/``"olora"``: PEFT recomputes the same residual from the original
+base when it loads them. LoftQ adapters go with their quantized base, as PEFT's LoftQ docs
+prescribe: save the base with ``qj.save_pretrained(model, params, dir, merge_lora=False)``
+(LoftQ's dequantized weights, or ``keep_quantized=True`` for bitsandbytes 4-bit) and load the
+adapter on that base.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.checkpoints.atomic import atomic_directory
 from qlora_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
+from qlora_jax.lora import init as lora_init
 from qlora_jax.lora.config import LoraConfig
 from qlora_jax.lora.params import flatten, is_adapter_path, unbox, unflatten
 from qlora_jax.lora.trainable import Trainable
@@ -55,7 +68,10 @@ def _peft_config(model: Any, lora: LoraConfig, plan: Any, base: str) -> dict[str
             tm = sorted({n for p in plan.adapted_paths for n in sites[p].hf_names})
         else:
             tm = list(tm)
-    init = {"default": True, "gaussian": "gaussian", "random": False}[lora.init]
+    # LoftQ: True, as PEFT's LoftQ recipe sets before saving (the adapter goes with the base
+    # saved with LoftQ's weights); PiSSA/OLoRA keep their name (PEFT re-decomposes on load).
+    init = {"default": True, "gaussian": "gaussian", "random": False,
+            "loftq": True}.get(lora.init, lora.init)
     return {
         "peft_type": "LORA", "task_type": model.task, "r": lora.r, "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout, "target_modules": tm, "bias": "none",
@@ -68,18 +84,47 @@ def _peft_config(model: Any, lora: LoraConfig, plan: Any, base: str) -> dict[str
     }
 
 
-def save_peft(model: Any, params: dict, out_dir: str, base_model_name_or_path: str = "") -> str:
+def _converted_config(config: dict[str, Any]) -> dict[str, Any]:
+    """PEFT's config of a PiSSA/OLoRA adapter converted to a rank-2R LoRA on the original base."""
+    config = dict(config, init_lora_weights=True, r=2 * config["r"])
+    config["lora_alpha"] = config["lora_alpha"] * (2 ** 0.5 if config["use_rslora"] else 2)
+    config["rank_pattern"] = {k: 2 * v for k, v in config["rank_pattern"].items()}
+    config["alpha_pattern"] = {k: 2 * v for k, v in config["alpha_pattern"].items()}
+    return config
+
+
+def save_peft(model: Any, params: dict, out_dir: str, base_model_name_or_path: str = "",
+              initial_adapters: Optional[dict] = None) -> str:
     """Writes the model's adapters (and modules_to_save weights) as a PEFT LoRA adapter.
 
     ``peft.PeftModel.from_pretrained(transformers_model, out_dir)`` loads it.
 
+    Args:
+      initial_adapters: for ``init="pissa"``/``"pissa_niter_K"``/``"olora"``: the adapters
+        at initialisation (``qj.lora.adapters(params)`` right after ``from_pretrained``);
+        the file then holds PEFT's conversion to a plain rank-2R LoRA on the original base.
+
     Raises:
-      ValueError: the model has no LoRA config.
+      ValueError: the model has no LoRA config; a ``pissa_niter_K`` adapter without
+        ``initial_adapters`` (PEFT's randomized SVD would not rebuild its residual base);
+        initial adapters with rsLoRA and rank/alpha patterns (PEFT refuses that conversion).
     """
     plan = model.lora_plan()
     if plan is None:
         raise ValueError("save_peft: the model has no LoRA adapters (model.lora is None)")
+    init = plan.config.init
+    convert = initial_adapters is not None and init.startswith(("pissa", "olora"))
+    if init.startswith("pissa_niter_") and not convert:
+        raise ValueError(f"save_peft: init={init!r} adapters need initial_adapters="
+                         "qj.lora.adapters(params at initialisation) to be converted to a LoRA "
+                         "on the original base (PEFT's randomized SVD would not rebuild the "
+                         "residual base)")
+    if convert and plan.config.use_rslora and (plan.config.rank_pattern
+                                               or plan.config.alpha_pattern):
+        raise ValueError("save_peft: converting a PiSSA/OLoRA adapter with use_rslora and "
+                         "rank_pattern/alpha_pattern is not supported (PEFT refuses it too)")
     flat = flatten(unbox(params))
+    flat0 = flatten(initial_adapters) if convert else {}
     sites = _sites_by_path(model)
     specs = []
 
@@ -91,6 +136,13 @@ def save_peft(model: Any, params: dict, out_dir: str, base_model_name_or_path: s
         a, b = flat.get(path + ("lora_a",)), flat.get(path + ("lora_b",))
         if a is None or b is None:
             raise KeyError(f"params lack the adapter of {'/'.join(path)} that the model declares")
+        if convert:
+            a0, b0 = flat0.get(path + ("lora_a",)), flat0.get(path + ("lora_b",))
+            if a0 is None or b0 is None:
+                raise KeyError(f"initial_adapters lack the adapter of {'/'.join(path)}")
+            # [A; A0] (rank axis last in our layout) and [B, -B0].
+            a = jnp.concatenate([jnp.asarray(a), jnp.asarray(a0).astype(a.dtype)], axis=-1)
+            b = jnp.concatenate([jnp.asarray(b), -jnp.asarray(b0).astype(b.dtype)], axis=-2)
         names = sites[path].hf_names
         stacked = a.ndim == 3
         for i, name in enumerate(names):
@@ -107,6 +159,8 @@ def save_peft(model: Any, params: dict, out_dir: str, base_model_name_or_path: s
             add(entry.key.format(i=i) if entry.layered else entry.key,
                 jnp.asarray(w).T if entry.linear else w)
     config = _peft_config(model, plan.config, plan, base_model_name_or_path)
+    if convert:
+        config = _converted_config(config)
     with atomic_directory(out_dir) as tmp:
         write_safetensors(os.path.join(tmp, WEIGHTS_NAME), specs, metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
@@ -137,7 +191,8 @@ def lora_config_from_peft(cfg: dict[str, Any], source: str = "adapter_config.jso
         raise ValueError(f"{source}: unsupported PEFT settings {unsupported}; qlora_jax reads "
                          "plain LoRA adapters (no DoRA, bias='none', no layer selection)")
     init = cfg.get("init_lora_weights", True)
-    init = init if init in (True, False, "gaussian") else True
+    # PiSSA/OLoRA: the base is made residual again on load (as PEFT does); others as default.
+    init = init if init in (True, False, "gaussian", "pissa", "olora") else True
     return LoraConfig(r=int(cfg.get("r", 8)), alpha=cfg.get("lora_alpha", 8),
                       dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
                       target_modules=cfg.get("target_modules"), init=init,
@@ -151,7 +206,9 @@ def load_peft(model: Any, params: dict, adapter_dir: str) -> tuple[Any, dict]:
     """Reads a PEFT LoRA adapter into ``params``; returns the model carrying its LoraConfig.
 
     Existing adapters in ``params`` are replaced. ``modules_to_save`` weights in
-    the file replace the base weights and are boxed as trainable.
+    the file replace the base weights and are boxed as trainable. An adapter made with
+    ``init_lora_weights="pissa"``/``"olora"`` expects the original base and turns it into
+    the residual ``W - s B0 A0`` first, as PEFT does on load.
 
     Raises:
       FileNotFoundError: no adapter_config.json / adapter_model.safetensors.
@@ -185,6 +242,9 @@ def load_peft(model: Any, params: dict, adapter_dir: str) -> tuple[Any, dict]:
     flat = {p: v for p, v in flatten(unbox(params)).items() if not is_adapter_path(p)}
     sites = _sites_by_path(new_model)
     used: set[str] = set()
+    if lora.init in ("pissa", "olora"):
+        # PEFT loads such an adapter onto the original base and decomposes it again.
+        flat = flatten(lora_init.initialize(new_model, unflatten(flat)))
 
     def read(name: str, want: tuple[int, ...]) -> np.ndarray:
         if name not in keys:

@@ -22,6 +22,7 @@ import numpy as np
 import tokenizers
 
 from qlora_jax.data.errors import DataError
+from qlora_jax.formats.gguf import is_gguf
 
 _ROLES = ("bos", "eos", "pad", "cls", "sep", "unk")
 # Last-resort guesses, tried in order, when no file names a role's token.
@@ -182,7 +183,9 @@ def load_tokenizer(path: str, bos_token: str | None = None, eos_token: str | Non
 
     Args:
         path: a checkpoint directory holding tokenizer.json (and optionally tokenizer_config.json,
-            special_tokens_map.json, config.json), or the path of a tokenizer.json file.
+            special_tokens_map.json, config.json), or the path of a tokenizer.json file, or a
+            llama.cpp ``.gguf`` file (or a directory holding one and no config.json), whose
+            tokenizer is rebuilt from its metadata (`qlora_jax.data.gguf`).
         bos_token: overrides the beginning-of-sequence token.
         eos_token: overrides the end-of-sequence token.
         pad_token: overrides the padding token.
@@ -193,6 +196,9 @@ def load_tokenizer(path: str, bos_token: str | None = None, eos_token: str | Non
     Raises:
         DataError: no tokenizer.json there, or a named token is not in the vocabulary.
     """
+    if is_gguf(path) and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        from qlora_jax.data.gguf import load_gguf_tokenizer
+        return load_gguf_tokenizer(path, bos_token, eos_token, pad_token)
     if os.path.isdir(path):
         directory, file = path, os.path.join(path, "tokenizer.json")
     else:

@@ -7,7 +7,17 @@ import math
 import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
-INITS = ("default", "gaussian", "random")
+INITS = ("default", "gaussian", "random", "pissa", "pissa_niter_K", "olora", "loftq")
+DATA_AWARE = ("pissa", "olora", "loftq")
+
+
+def data_aware(init: str) -> bool:
+    """Whether ``init`` is computed from the base weight (PiSSA, OLoRA, LoftQ)."""
+    return init in DATA_AWARE or re.fullmatch(r"pissa_niter_\d+", init) is not None
+
+
+def valid_init(init: str) -> bool:
+    return init in INITS[:3] or data_aware(init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +47,20 @@ class LoraConfig:
         family's default (PEFT's defaults: q and v projections).
       init: ``"default"`` (A Kaiming-uniform with a=sqrt(5), i.e.
         U(-1/sqrt(in), 1/sqrt(in)), B zero), ``"gaussian"`` (A ~ N(0, std 1/r), B
-        zero) or ``"random"`` (both random, a non-identity start for tests;
-        PEFT's ``init_lora_weights=False``). PEFT's True/False are accepted.
+        zero), ``"random"`` (both random, a non-identity start for tests;
+        PEFT's ``init_lora_weights=False``); data-aware, from the base weight
+        (``qj.lora.init``): ``"pissa"`` (top-R singular vectors, full SVD),
+        ``"pissa_niter_K"`` (randomized SVD, K subspace iterations), ``"olora"``
+        (QR), ``"loftq"`` (alternating 4-bit quantization and low-rank fit; for
+        quantized bases). PiSSA/OLoRA change the base weight to ``W - s B A``.
+        PEFT's True/False are accepted.
       use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
       use_dora: weight-decomposed LoRA (not implemented yet).
       rank_pattern / alpha_pattern: ``{pattern: value}`` overriding r / alpha for
         modules whose name matches ``(.*\\.)?pattern$``.
       modules_to_save: module names (suffix match) trained in full, e.g. a
         classification head.
+      loftq_iter: alternating rounds of ``init="loftq"`` (PEFT's ``loftq_iter``).
     """
 
     r: int = 8
@@ -57,6 +73,7 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     modules_to_save: Sequence[str] = ()
+    loftq_iter: int = 1
 
     def __post_init__(self):
         init = self.init
@@ -64,8 +81,12 @@ class LoraConfig:
             init = "default"
         elif init is False:
             init = "random"
-        if init not in INITS:
-            raise ValueError(f"LoraConfig.init={self.init!r} is not supported; use one of {INITS}")
+        if not isinstance(init, str) or not valid_init(init):
+            raise ValueError(f"LoraConfig.init={self.init!r} is not supported; use one of "
+                             f"{INITS} (K an integer)")
+        if not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            raise ValueError(f"LoraConfig.loftq_iter must be an integer >= 1, got "
+                             f"{self.loftq_iter!r}")
         object.__setattr__(self, "init", init)
         if self.use_dora:
             raise NotImplementedError("use_dora=True (DoRA) is not implemented in qlora_jax yet; "

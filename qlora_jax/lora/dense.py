@@ -5,8 +5,8 @@ Parameters (names kept from ``nn.Dense`` so a base checkpoint loads unchanged):
 - ``kernel``: float ``[in, out]`` (Flax layout), or a QTensor ``[out, in]``
   (PyTorch/bitsandbytes layout, so its bytes equal a bitsandbytes checkpoint's);
 - ``bias``: ``[out]`` when ``use_bias``;
-- ``lora_a`` ``[in, R]`` and ``lora_b`` ``[R, out]`` when the model's LoraPlan
-  targets this module's path.
+- ``lora_a`` ``[in, R]`` and ``lora_b`` ``[R, out]`` when the module is given a LoraSpec
+  (``lora.plan.resolve`` gives each module a model's LoraConfig targets its spec).
 
 ``y = x W (+ b) + scaling * dropout(x) A B``. A zero B leaves ``y`` unchanged to the bit.
 """
@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from flax.core import meta
 
 from qlora_jax.lora.config import LoraSpec
-from qlora_jax.lora.plan import LoraPlan
 from qlora_jax.quant import ops as qops
 from qlora_jax.quant.blockwise import quantize
 from qlora_jax.quant.config import QuantConfig
@@ -62,8 +61,8 @@ class LoraDense(nn.Module):
       dtype: compute dtype (None: promote inputs and parameters).
       param_dtype: dtype of float kernel/bias created at init.
       kernel_init / bias_init: initializers of the frozen weight (init only).
-      lora: the model's LoraPlan; this module has adapters iff the plan has a
-        spec for its scope path.
+      lora: this module's adapter settings (rank, scaling, dropout, init), or None for no
+        adapter.
       quant: quantize the kernel at init (loading code builds QTensors directly).
       impl: implementation of the 4-bit matmul: ``"auto"``, ``"xla"``, ``"pallas"``.
       lora_dtype: dtype of the adapter parameters.
@@ -75,7 +74,7 @@ class LoraDense(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros_init()
-    lora: Optional[LoraPlan] = None
+    lora: Optional[LoraSpec] = None
     quant: Optional[QuantConfig] = None
     impl: str = "auto"
     lora_dtype: Any = jnp.float32
@@ -101,7 +100,7 @@ class LoraDense(nn.Module):
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + bias.astype(y.dtype)
-        spec = self.lora.spec_at(self.scope.path) if self.lora is not None else None
+        spec = self.lora
         if spec is None:
             return y
         a = self.param("lora_a", lora_a_init(spec), (in_features, spec.r), self.lora_dtype)

@@ -116,8 +116,9 @@ class _Common(nn.Module):
 
     def dense(self, features: int, name: str) -> LoraDense:
         path = tuple(self.scope.path) + (name,)
+        spec = None if self.plan is None else self.plan.spec_at(path)
         return LoraDense(features, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                         lora=self.plan, quant=self.quant if path in self.quant_paths else None,
+                         lora=spec, quant=self.quant if path in self.quant_paths else None,
                          impl=self.impl, kernel_init=nn.initializers.normal(0.02), name=name)
 
     def kw(self) -> dict[str, Any]:
@@ -299,7 +300,9 @@ class BertModel(LoraModelMixin, nn.Module):
                 else c.hidden_dropout_prob
             x = nn.Dropout(rate)(pooled, deterministic=deterministic)
             return LoraDense(self.num_labels, use_bias=True, dtype=self.dtype,
-                             param_dtype=self.param_dtype, lora=kw["plan"],
+                             param_dtype=self.param_dtype,
+                             lora=None if kw["plan"] is None else kw["plan"].spec_at(
+                                 ("classifier",)),
                              kernel_init=nn.initializers.normal(0.02), impl=self.impl,
                              name="classifier")(x, deterministic)
         return (h, pooled) if return_pooled else h

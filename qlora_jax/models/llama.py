@@ -5,8 +5,9 @@
     logits, cache = model.apply({"params": params}, ids, mask, cache=cache)      # decoding
 
 Parameters mirror the Hugging Face module names; the L decoder layers are
-stacked with ``nn.scan`` (one leading axis L on every layer parameter), so
-compile time does not grow with depth::
+stacked (one leading axis L on every layer parameter; ``init`` creates them with
+``nn.scan``) and every apply runs one loop over them (``LlamaModel._layer_loop``),
+so compile time does not grow with depth::
 
     model/embed_tokens/embedding                       [V, D]
     model/layers/self_attn/{q,k,v,o}_proj/kernel       [L, in, out] (or a QTensor [L, out, in])
@@ -22,10 +23,12 @@ the kernels the model's LoraConfig targets.
 Model API (stable; the training and generation code relies on it):
 
 - ``__call__(input_ids [B, T] int, attention_mask [B, T] 0/1 or None, deterministic=True,
-  position_ids=None, cache=None)``: logits ``[B, T, V]`` (compute dtype, float32 with
-  ``float32_logits``); with a ``KVCache`` it returns ``(logits, new_cache)``.
+  position_ids=None, cache=None, segment_ids=None)``: logits ``[B, T, V]`` (compute dtype,
+  float32 with ``float32_logits``); with a ``KVCache`` it returns ``(logits, new_cache)``.
+  Packed rows: ``segment_ids`` int32 ``[B, T]`` (0 = padding) and ``position_ids`` restarting
+  at 0 in each segment; each example's logits equal its logits alone (``models.segments``).
 - ``init_cache(batch, max_len)``: an empty KVCache for ``generate``.
-- ``hidden_states(input_ids, attention_mask, deterministic, position_ids)`` (method): the final
+- ``hidden_states(input_ids, attention_mask, deterministic, position_ids, segment_ids)``: the final
   normed hidden state ``[B, T, D]``; ``logits_from_hidden(hidden)``: the head alone, so
   ``logits_from_hidden(hidden_states(x)) == __call__(x)`` (chunked losses use the pair).
 - ``module_sites()``, ``lora_plan()``, ``hf_params()`` (checkpoint layout).
@@ -47,19 +50,21 @@ from flax import traverse_util
 from flax.core import meta
 from jax.ad_checkpoint import checkpoint_name
 
-from qlora_jax.lora.config import LoraConfig
+from qlora_jax.lora.config import LoraConfig, LoraSpec
 from qlora_jax.lora.dense import LoraDense
-from qlora_jax.lora.plan import LoraPlan, ModuleSite
+from qlora_jax.lora.plan import ModuleSite
 from qlora_jax.models.base import LoraModelMixin
+from qlora_jax.models.segments import (positions_from_segments, segment_attention_impl,
+                                       segment_mask)
 from qlora_jax.models.common import (HFParam, KVCache, RMSNorm, Rope, apply_rope, causal_mask,
                                      QKV_NAMES, dot_product_attention,
-                                     make_rope, maybe_remat, positions_from_mask, quantized_paths,
+                                     REMAT_MODES, make_rope, positions_from_mask, quantized_paths,
                                      remat_policy, rope_cos_sin)
 from qlora_jax.quant import ops as qops
 from qlora_jax.quant.config import QuantConfig
 from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
-from qlora_jax.sharding import constrain
+from qlora_jax.models.axes import constrain
 
 # Logical layouts of the activations (mapped to mesh axes by qlora_jax.sharding's rules; the
 # hints are no-ops without a mesh in context). The batch stays split over the batch axes.
@@ -183,32 +188,51 @@ def _hashable(v: Any) -> Any:
     return v
 
 
-class _Attention(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class LayerSettings:
+    """What every module of a decoder layer needs, in one frozen object.
+
+    Attributes:
+      config: the LlamaConfig.
+      lora: ``(module name, LoraSpec)`` of the adapted layer modules (``"q_proj"``, ...; the
+        names are unique within a Llama layer).
+      quant: QuantConfig for ``init`` (loaded QTensors are read as they are).
+      quantized: names of the layer modules whose kernels ``quant`` turns into QTensors.
+      dtype / param_dtype: compute dtype, dtype of float parameters created by ``init``.
+      impl: 4-bit matmul implementation; attention: attention implementation.
+      deterministic: no dropout.
+    """
+
     config: LlamaConfig
-    plan: Optional[LoraPlan]
-    quant: Optional[QuantConfig]
-    quant_paths: tuple
-    dtype: Any
-    param_dtype: Any
-    impl: str
-    deterministic: bool
+    lora: tuple[tuple[str, LoraSpec], ...] = ()
+    quant: Optional[QuantConfig] = None
+    quantized: tuple[str, ...] = ()
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    impl: str = "auto"
+    deterministic: bool = True
     attention: str = "auto"
 
-    def _dense(self, features: int, name: str, bias: bool) -> LoraDense:
-        path = tuple(self.scope.path) + (name,)
+    def dense(self, features: int, name: str, bias: bool) -> LoraDense:
+        """The layer's linear module ``name`` (created in the calling module's scope)."""
         return LoraDense(features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                         lora=self.plan, quant=self.quant if path in self.quant_paths else None,
+                         lora=dict(self.lora).get(name),
+                         quant=self.quant if name in self.quantized else None,
                          impl=self.impl, name=name)
 
+
+class _Attention(nn.Module):
+    settings: LayerSettings
+
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv, index):
-        c = self.config
+    def __call__(self, x, cos, sin, mask, cache_kv, index, segment_ids=None):
+        s = self.settings
+        c, det = s.config, s.deterministic
         b, t, _ = x.shape
         h, g, k = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        det = self.deterministic
-        q = self._dense(h * k, "q_proj", c.qkv_bias)(x, det).reshape(b, t, h, k)
-        kk = self._dense(g * k, "k_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
-        v = self._dense(g * k, "v_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
+        q = s.dense(h * k, "q_proj", c.qkv_bias)(x, det).reshape(b, t, h, k)
+        kk = s.dense(g * k, "k_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
+        v = s.dense(g * k, "v_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         q = constrain(q, ("batch", "length", "heads", None))
         kk, v = (constrain(a, ("batch", "length", "kv", None)) for a in (kk, v))
@@ -220,105 +244,91 @@ class _Attention(nn.Module):
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
             new_cache = (ck, cv)
             kk, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        out = dot_product_attention(q, kk, v, mask, k ** -0.5, self.attention)
+        out = dot_product_attention(q, kk, v, mask, k ** -0.5, s.attention, segment_ids)
         out = constrain(out.reshape(b, t, h * k), ("batch", "length", "heads"))
-        return self._dense(c.hidden_size, "o_proj", c.o_bias)(out, det), new_cache
+        return s.dense(c.hidden_size, "o_proj", c.o_bias)(out, det), new_cache
 
 
 class _MLP(nn.Module):
-    config: LlamaConfig
-    plan: Optional[LoraPlan]
-    quant: Optional[QuantConfig]
-    quant_paths: tuple
-    dtype: Any
-    param_dtype: Any
-    impl: str
-    deterministic: bool
-
-    _dense = _Attention._dense
+    settings: LayerSettings
 
     @nn.compact
     def __call__(self, x):
-        c, det = self.config, self.deterministic
-        gate = self._dense(c.intermediate_size, "gate_proj", c.mlp_bias)(x, det)
-        up = self._dense(c.intermediate_size, "up_proj", c.mlp_bias)(x, det)
+        s = self.settings
+        c, det = s.config, s.deterministic
+        gate = s.dense(c.intermediate_size, "gate_proj", c.mlp_bias)(x, det)
+        up = s.dense(c.intermediate_size, "up_proj", c.mlp_bias)(x, det)
         act = constrain(_ACTS[c.hidden_act](gate) * up, ("batch", "length", "mlp"))
-        return self._dense(c.hidden_size, "down_proj", c.mlp_bias)(act, det)
-
-
-def _rebase_plan(plan: Optional[LoraPlan], prefix: tuple) -> Optional[LoraPlan]:
-    """``plan`` with paths relative to ``prefix`` (for a layer applied on its own)."""
-    if plan is None:
-        return None
-    n = len(prefix)
-    return dataclasses.replace(
-        plan, specs=tuple((p[n:], s) for p, s in plan.specs if p[:n] == prefix),
-        saved=tuple(p[n:] for p in plan.saved if p[:n] == prefix))
+        return s.dense(c.hidden_size, "down_proj", c.mlp_bias)(act, det)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """One pre-norm decoder layer; a scan body: ``(h, (cache_kv, inputs)) -> (h, new_cache_kv)``."""
+    """One pre-norm decoder layer: ``(h, cache_kv, shared) -> (h, new_cache_kv)``."""
 
-    config: LlamaConfig
-    plan: Optional[LoraPlan]
-    quant: Optional[QuantConfig]
-    quant_paths: tuple
-    dtype: Any
-    param_dtype: Any
-    impl: str
-    deterministic: bool
-    attention: str = "auto"
+    settings: LayerSettings
 
     @nn.compact
     def __call__(self, h, cache_kv, shared):
-        cos, sin, mask, index = shared
-        c = self.config
+        cos, sin, mask, index, segment_ids = shared
+        s = self.settings
+        c = s.config
         h = constrain(h, _HIDDEN)
-        kw = dict(config=c, plan=self.plan, quant=self.quant, quant_paths=self.quant_paths,
-                  dtype=self.dtype, param_dtype=self.param_dtype, impl=self.impl,
-                  deterministic=self.deterministic)
-        norm = dict(epsilon=c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
-        a, new_cache = _Attention(**kw, attention=self.attention, name="self_attn")(
-            RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index)
+        norm = dict(epsilon=c.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
+        a, new_cache = _Attention(s, name="self_attn")(
+            RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index,
+            segment_ids)
         h = h + a
-        h = h + _MLP(**kw, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h))
+        h = h + _MLP(s, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h))
         return constrain(h, _HIDDEN), new_cache
 
 
 class LlamaModel(nn.Module):
-    """Embeddings, the scanned decoder layers and the final norm (HF ``model.*``)."""
+    """Embeddings, the decoder layers (one leading axis L on their parameters) and the final
+    norm (HF ``model.*``).
 
-    config: LlamaConfig
-    plan: Optional[LoraPlan]
-    quant: Optional[QuantConfig]
-    quant_paths: tuple
-    dtype: Any
-    param_dtype: Any
-    impl: str
-    remat: str
-    deterministic: bool
-    attention: str = "auto"
+    ``init`` creates the stacked layer parameters with ``nn.scan``; every apply (training,
+    scoring, cached decoding) runs one explicit loop over the layers, ``_layer_loop``.
+    """
+
+    settings: LayerSettings
+    remat: str = "none"
     in_place: bool = True
 
     def setup(self):
-        c = self.config
-        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
-                                     param_dtype=self.param_dtype,
+        s = self.settings
+        c = s.config
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"remat={self.remat!r} is not supported; use one of {REMAT_MODES}")
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=s.dtype,
+                                     param_dtype=s.param_dtype,
                                      embedding_init=nn.initializers.normal(0.02))
-        layer = maybe_remat(LlamaDecoderLayer, self.remat)
-        scanned = nn.scan(layer, variable_axes={"params": 0},
-                          split_rngs={"params": True, "dropout": True},
-                          in_axes=(0, nn.broadcast), length=c.num_hidden_layers)
-        self.layer_args = (c, self.plan, self.quant, self.quant_paths, self.dtype,
-                           self.param_dtype, self.impl, self.deterministic, self.attention)
-        self.layers = scanned(*self.layer_args)
-        self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+        # Only ``init`` calls the scan: it creates the params tree model/layers/... [L, ...].
+        self.layers = nn.scan(LlamaDecoderLayer, variable_axes={"params": 0},
+                              split_rngs={"params": True}, in_axes=(0, nn.broadcast),
+                              length=c.num_hidden_layers)(s)
+        self.norm = RMSNorm(c.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
-        c = self.config
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
+        s = self.settings
+        c = s.config
         b, t = input_ids.shape
         h = constrain(self.embed_tokens(input_ids), _HIDDEN)
-        if cache is None:
+        fused_segments = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for training and scoring; "
+                                 "decode with a KV cache one example a row, without them")
+            segment_ids = segment_ids.astype(jnp.int32)
+            valid = None if attention_mask is None else attention_mask.astype(bool)
+            index = jnp.zeros((), jnp.int32)
+            if position_ids is None:
+                position_ids = positions_from_segments(segment_ids)
+            if segment_attention_impl(s.attention, t, c.head_dim, s.dtype or h.dtype,
+                                      c.sliding_window) == "pallas":
+                mask, fused_segments = None, segment_ids
+            else:
+                mask = segment_mask(segment_ids, valid, c.sliding_window)
+        elif cache is None:
             if attention_mask is None:
                 valid = jnp.ones((b, t), bool)
             else:
@@ -339,12 +349,12 @@ class LlamaModel(nn.Module):
             position_ids = jnp.take_along_axis(all_pos, jnp.broadcast_to(slots, (b, t)), axis=1)
         cos, sin = (constrain(a, ("batch", "length", None))
                     for a in rope_cos_sin(c.rope(), position_ids, h.dtype))
+        shared = (cos, sin, mask, index, fused_segments)
         caches = None if cache is None else (cache.k, cache.v)
-        stacked_4bit = None if cache is not None else self._stacked_4bit_in_place()
-        if stacked_4bit:
-            h, new_kv = self._layers_in_place(h, (cos, sin, mask, index), stacked_4bit), None
+        if self.is_initializing():
+            h, new_kv = self.layers(h, caches, shared)
         else:
-            h, new_kv = self.layers(h, caches, (cos, sin, mask, index))
+            h, new_kv = self._layer_loop(h, caches, shared)
         h = constrain(self.norm(h), _HIDDEN)
         new_cache = None
         if cache is not None:
@@ -354,50 +364,47 @@ class LlamaModel(nn.Module):
     def attend(self, h):
         return self.embed_tokens.attend(h)
 
-    # -- the layer loop reading stacked 4-bit kernels in place -------------------------------
-    # ``nn.scan`` hands each layer its slice of every stacked parameter; for a 4-bit kernel
-    # that feeds a Pallas kernel, XLA materialises the slice (a device copy of the layer's
-    # codes and scales, forward and backward: ~9 ms of a 200 ms llama-8b step on an H100).
-    # For training and scoring (no cache) with the Pallas kernels, the loop below passes each
-    # stacked QTensor whole (a scan constant) as a ``LayerView`` of layer i instead, and the
+    # -- the layer loop ------------------------------------------------------------------------
+    # A ``lax.scan`` over the layers hands each layer its slice of every stacked parameter and
+    # of the KV cache. For a 4-bit kernel that feeds a Pallas kernel, XLA would materialise the
+    # slice (a device copy of the layer's codes and scales, forward and backward: ~9 ms of a
+    # 200 ms llama-8b step on an H100), so a stacked QTensor the kernels can read in place is
+    # passed whole (a scan constant) as a ``LayerView`` of layer i instead, and the
     # dequantization kernel reads that layer where it lies. Same parameters, same numbers.
 
-    def _stacked_4bit_in_place(self) -> dict:
-        """The stacked QTensors of the layers the loop can read in place, by flat path; {}
-        (the ``nn.scan`` loop) at init or when none qualifies (``quant.ops.reads_in_place``:
-        the Pallas kernels; stacks too large for int32 offsets or split by a mesh are sliced)."""
-        if (not self.in_place or self.is_initializing()
-                or not self.has_variable("params", "layers")):
+    def _stacked_4bit_in_place(self, layers: dict) -> dict:
+        """The stacked QTensors of ``layers`` (flat, unboxed) the loop reads in place: {} with
+        ``in_place=False``; else those ``quant.ops.reads_in_place`` accepts (the Pallas kernels;
+        stacks too large for int32 offsets or split by a mesh are sliced)."""
+        if not self.in_place:
             return {}
-        flat = traverse_util.flatten_dict(meta.unbox(self.variables["params"]["layers"]))
-        return {k: v for k, v in flat.items()
-                if isinstance(v, QTensor) and qops.reads_in_place(v, self.impl)}
+        return {k: v for k, v in layers.items()
+                if isinstance(v, QTensor) and qops.reads_in_place(v, self.settings.impl)}
 
-    def _layers_in_place(self, h, shared, qs: dict):
-        prefix = tuple(self.scope.path) + ("layers",)
-        c, plan, quant, quant_paths, *rest = self.layer_args
-        layer = LlamaDecoderLayer(c, _rebase_plan(plan, prefix), quant,
-                                  tuple(p[len(prefix):] for p in quant_paths
-                                        if p[:len(prefix)] == prefix), *rest, parent=None)
+    def _layer_loop(self, h, caches, shared):
+        """Runs the L layers on ``h``; ``caches`` ``(k, v)`` ``[L, B, S, G, K]`` or None.
+        Returns ``(h, new caches or None)``."""
+        s = self.settings
+        layer = LlamaDecoderLayer(s, parent=None)
         flat = traverse_util.flatten_dict(self.variables["params"]["layers"])
-        scanned = {k: v for k, v in flat.items() if k not in qs}
+        qs = self._stacked_4bit_in_place(
+            {k: meta.unbox(v) for k, v in flat.items()})
+        sliced = {k: v for k, v in flat.items() if k not in qs}
         drop = None
-        if not self.deterministic and self.has_rng("dropout"):
+        if not s.deterministic and self.has_rng("dropout"):
             drop = self.make_rng("dropout")
 
         def body(h, xs):
-            params, i = xs
+            params, kv, i = xs
             params = {**params, **{k: LayerView(q, i) for k, q in qs.items()}}
             rngs = {} if drop is None else {"dropout": jax.random.fold_in(drop, i)}
-            out, _ = layer.apply({"params": traverse_util.unflatten_dict(params)}, h, None,
-                                 shared, rngs=rngs)
-            return out, None
+            return layer.apply({"params": traverse_util.unflatten_dict(params)}, h, kv, shared,
+                               rngs=rngs)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
-        h, _ = jax.lax.scan(body, h, (scanned, jnp.arange(self.config.num_hidden_layers,
-                                                          dtype=jnp.int32)))
-        return h
+        layers = jnp.arange(s.config.num_hidden_layers, dtype=jnp.int32)
+        return jax.lax.scan(body, h, (sliced, caches, layers))
 
 
 class LlamaForCausalLM(LoraModelMixin, nn.Module):
@@ -415,9 +422,9 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
       float32_logits: return float32 logits.
       attention: ``"auto"`` (cuDNN flash attention on GPUs where it applies, else XLA),
         ``"xla"`` or ``"cudnn"``.
-      in_place: with the Pallas kernels and no cache, the layer loop passes each stacked
-        4-bit kernel whole and the dequantization reads layer i where it lies (no per-layer
-        copy); False: ``nn.scan`` slices every layer (see ``LlamaModel._layers_in_place``).
+      in_place: with the Pallas kernels, the layer loop passes each stacked 4-bit kernel
+        whole and the dequantization reads layer i where it lies (no per-layer copy);
+        False: the loop slices every layer (see ``LlamaModel._layer_loop``).
     """
 
     config: LlamaConfig
@@ -439,25 +446,37 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
                  deterministic: bool = True, position_ids: Optional[jax.Array] = None,
                  cache: Optional[KVCache] = None, return_hidden: bool = False,
-                 hidden: Optional[jax.Array] = None) -> Any:
+                 hidden: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None) -> Any:
         """Logits ``[B, T, V]``; ``(logits, new_cache)`` when a cache is given.
 
         With ``return_hidden`` the final normed hidden state ``[B, T, D]`` replaces the
         logits; with ``hidden`` (``[B, T, D]``) only the output head runs (``input_ids`` unused).
+        ``segment_ids`` (int32 ``[B, T]``, 0 = padding) packs several examples a row: a token
+        attends only to earlier tokens of its segment, and ``position_ids`` default to restart
+        at 0 in each segment (``models.segments``); not with a cache.
         """
         backbone = self._backbone(deterministic)
         if hidden is not None:
             return self._head(backbone, hidden, deterministic)
-        h, new_cache = backbone(input_ids, attention_mask, position_ids, cache)
+        h, new_cache = backbone(input_ids, attention_mask, position_ids, cache, segment_ids)
         out = h if return_hidden else self._head(backbone, h, deterministic)
         return out if cache is None else (out, new_cache)
 
     def _backbone(self, deterministic: bool) -> LlamaModel:
-        plan = self.lora_plan()
-        qp = self.quantized_paths()
-        return LlamaModel(self.config, plan, self.quant, qp, self.dtype, self.param_dtype,
-                          self.impl, self.remat, deterministic, self.attention, self.in_place,
+        return LlamaModel(self.layer_settings(deterministic), self.remat, self.in_place,
                           name="model")
+
+    def layer_settings(self, deterministic: bool = True) -> LayerSettings:
+        """The settings every decoder layer module receives (adapters and 4-bit kernels by
+        module name, from ``lora_plan()`` and ``quantized_paths()``)."""
+        prefix = ("model", "layers")
+        plan = self.lora_plan()
+        specs = () if plan is None else tuple(
+            (p[-1], spec) for p, spec in plan.specs if p[:2] == prefix)
+        quantized = tuple(p[-1] for p in self.quantized_paths() if p[:2] == prefix)
+        return LayerSettings(self.config, specs, self.quant, quantized, self.dtype,
+                             self.param_dtype, self.impl, deterministic, self.attention)
 
     def _head(self, backbone, h, deterministic):
         c = self.config
@@ -465,18 +484,21 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
         if c.tie_word_embeddings:
             logits = backbone.attend(h)
         else:
+            plan = self.lora_plan()
             quant = self.quant if ("lm_head",) in self.quantized_paths() else None
             logits = LoraDense(c.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                               lora=self.lora_plan(), quant=quant, impl=self.impl,
-                               name="lm_head")(h, deterministic)
+                               lora=None if plan is None else plan.spec_at(("lm_head",)),
+                               quant=quant, impl=self.impl, name="lm_head")(h, deterministic)
         logits = constrain(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32) if self.float32_logits else logits
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
                       deterministic: bool = True,
-                      position_ids: Optional[jax.Array] = None) -> jax.Array:
+                      position_ids: Optional[jax.Array] = None,
+                      segment_ids: Optional[jax.Array] = None) -> jax.Array:
         """The final normed hidden state ``[B, T, D]`` (``apply(..., method="hidden_states")``)."""
-        return self(input_ids, attention_mask, deterministic, position_ids, return_hidden=True)
+        return self(input_ids, attention_mask, deterministic, position_ids, return_hidden=True,
+                    segment_ids=segment_ids)
 
     def logits_from_hidden(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
         """The output head alone: ``[B, T, D]`` -> logits ``[B, T, V]`` (for chunked losses)."""

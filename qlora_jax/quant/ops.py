@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax.quant import kernels
 from qlora_jax.quant.blockwise import dequantize_xla
 from qlora_jax.quant.layer_view import LayerView, fits_int32
+from qlora_jax.quant.partition import gather_for_compute, splits_4bit_codes
 from qlora_jax.quant.qtensor import QTensor
 
 IMPLS = ("auto", "xla", "pallas")
@@ -27,26 +29,9 @@ def resolve_impl(impl: str) -> str:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     if impl != "auto":
         return impl
-    if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") and _kernels() is not None:
+    if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
         return "pallas"
     return "xla"
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    try:
-        from qlora_jax.quant import kernels  # noqa: WPS433 (optional until the kernels land)
-    except ImportError:
-        return None
-    return kernels
-
-
-def _require_kernels():
-    k = _kernels()
-    if k is None:
-        raise NotImplementedError("impl='pallas' needs qlora_jax.quant.kernels, which is not "
-                                  "available in this build; use impl='xla'")
-    return k
 
 
 def dequantize(q: QTensor, dtype: Any = None, impl: str = "auto") -> jax.Array:
@@ -59,7 +44,7 @@ def dequantize(q: QTensor, dtype: Any = None, impl: str = "auto") -> jax.Array:
     if not isinstance(q, QTensor):
         raise TypeError(f"dequantize expects a QTensor, got {type(q).__name__}")
     if resolve_impl(impl) == "pallas":
-        return _require_kernels().dequantize(q, dtype)
+        return kernels.dequantize(q, dtype)
     return dequantize_xla(q, dtype)
 
 
@@ -89,8 +74,6 @@ def linear(x: jax.Array, q: QTensor, impl: str = "auto") -> jax.Array:
         raise ValueError(f"linear: x has {x.shape[-1]} input features but the weight is "
                          f"[out, in] = {list(q.shape)}")
     impl = resolve_impl(impl)
-    if impl == "pallas":
-        _require_kernels()
     lead = x.shape[:-1]
     y = _linear(x.reshape((-1, x.shape[-1])), q, impl)
     return y.reshape(lead + (q.shape[0],))
@@ -98,46 +81,44 @@ def linear(x: jax.Array, q: QTensor, impl: str = "auto") -> jax.Array:
 
 def _for_compute(q: QTensor) -> QTensor:
     """The weight gathered over the batch mesh axes where it is used (see
-    ``qlora_jax.sharding.gather_for_compute``; a no-op without a mesh in context).
+    ``quant.partition.gather_for_compute``; a no-op without a mesh in context).
 
     Called inside the forward and the backward rule, so the residual the custom VJP keeps
     between them is the sharded weight, not the gathered one.
     """
-    from qlora_jax import sharding  # noqa: WPS433 - sharding imports the lora package
-    return sharding.gather_for_compute(q)
+    return gather_for_compute(q)
 
 
 def reads_in_place(stacked: QTensor, impl: str = "auto") -> bool:
     """True when layers of ``stacked`` (a QTensor stacked along one layer axis) can be read in
     place as ``LayerView``s: the Pallas kernels, arrays within int32 offsets, and codes that
     no mesh in context splits over devices (those are sliced and gathered instead)."""
-    from qlora_jax import sharding  # noqa: WPS433 - sharding imports the lora package
     return (resolve_impl(impl) == "pallas" and len(stacked.stack_shape) == 1
-            and fits_int32(stacked) and not sharding.splits_4bit_codes(stacked))
+            and fits_int32(stacked) and not splits_4bit_codes(stacked))
 
 
 def _in_place(a: jax.Array, q: Any, impl: str) -> bool:
     """True when a LayerView's layer is dequantized in place (else it is sliced first)."""
     return (isinstance(q, LayerView) and reads_in_place(q.stacked, impl)
-            and _kernels().reads_layer_in_place(a))
+            and kernels.reads_layer_in_place(a))
 
 
 def _matmul_t(x2: jax.Array, q: Any, impl: str) -> jax.Array:
     if _in_place(x2, q, impl):
-        return _kernels().dot_dequantized(x2, _kernels().dequantize_layer(q, x2.dtype), False)
+        return kernels.linear_layer(x2, q)
     q = _for_compute(q.materialize() if isinstance(q, LayerView) else q)
     if impl == "pallas":
-        return _kernels().linear(x2, q)
+        return kernels.linear(x2, q)
     w = dequantize_xla(q, x2.dtype)
     return jnp.dot(x2, w.T, preferred_element_type=jnp.float32).astype(x2.dtype)
 
 
 def _matmul(dy: jax.Array, q: Any, impl: str) -> jax.Array:
     if _in_place(dy, q, impl):
-        return _kernels().dot_dequantized(dy, _kernels().dequantize_layer(q, dy.dtype), True)
+        return kernels.linear_grad_input_layer(dy, q)
     q = _for_compute(q.materialize() if isinstance(q, LayerView) else q)
     if impl == "pallas":
-        return _kernels().linear_grad_input(dy, q)
+        return kernels.linear_grad_input(dy, q)
     w = dequantize_xla(q, dy.dtype)
     return jnp.dot(dy, w, preferred_element_type=jnp.float32).astype(dy.dtype)
 

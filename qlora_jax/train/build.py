@@ -11,17 +11,17 @@ import os
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from qlora_jax import data as qdata
-from qlora_jax.lora.config import LoraConfig
+from qlora_jax.lora import init as lora_init
+from qlora_jax.lora import params as lp
+from qlora_jax.lora.config import LoraConfig, data_aware
+from qlora_jax.models.common import DTYPES
 from qlora_jax.quant.config import QuantConfig
 from qlora_jax.train import optim as train_optim
 from qlora_jax.train.config import ConfigError
 from qlora_jax.train.task import Task
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -35,11 +35,16 @@ class Data:
 
 def check_paths(config: Any) -> None:
     """Raises ConfigError (one short line) for a model/tokenizer path that does not exist."""
+    from qlora_jax.formats.gguf import is_gguf
+
     path = config.model.path
-    if path and not os.path.isdir(path):
+    if path and is_gguf(path):  # a llama.cpp file (or a directory holding one)
+        pass
+    elif path and not os.path.isdir(path):
         raise ConfigError(f"model path {path} does not exist (config.model.path)")
-    if path and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"model path {path} holds no config.json (config.model.path)")
+    elif path and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"model path {path} holds no config.json and no .gguf file "
+                          "(config.model.path)")
     tok = config.model.tokenizer or path
     if not tok:
         raise ConfigError("config.model.tokenizer is empty and there is no model.path to take "
@@ -82,7 +87,7 @@ def check_positions(config: Any) -> None:
 def load_data(config: Any) -> Data:
     """Tokenizer, training set and evaluation set (DataError on bad files or records)."""
     tokenizer = qdata.load_tokenizer(config.model.tokenizer or config.model.path)
-    section = {k: config.data[k] for k in qdata.default_config().keys()}
+    section = {k: config.data[k] for k in qdata.default_config().keys() if k in config.data}
     train, evaluation = qdata.datasets_from_config(section, tokenizer, config.train.seq_len)
     if train.kind != config.model.task:
         raise ConfigError(f"config.data.path={config.data.path} holds {train.kind} data but "
@@ -102,7 +107,8 @@ def lora_config(config: Any) -> LoraConfig:
     c = config.lora
     tm = c.target_modules if isinstance(c.target_modules, str) else tuple(c.target_modules)
     return LoraConfig(r=c.r, alpha=c.alpha, dropout=c.dropout, target_modules=tm, init=c.init,
-                      use_rslora=c.use_rslora, modules_to_save=tuple(c.modules_to_save))
+                      use_rslora=c.use_rslora, modules_to_save=tuple(c.modules_to_save),
+                      use_dora=c.use_dora, loftq_iter=c.loftq_iter)
 
 
 def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
@@ -117,7 +123,9 @@ def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
 
     dtype = DTYPES[config.model.dtype]
     quant, lora = quant_config(config), lora_config(config)
-    kw = dict(impl=config.model.impl, remat=config.model.remat, num_labels=num_labels)
+    # remat="auto" is resolved on the built step (qlora_jax.train.remat); the model starts at none.
+    remat = "none" if config.model.remat == "auto" else config.model.remat
+    kw = dict(impl=config.model.impl, remat=remat, num_labels=num_labels)
     if config.model.path:
         return hf_load.from_pretrained(config.model.path, dtype=dtype, quant=quant, lora=lora,
                                        seed=config.train.seed, **kw)
@@ -125,15 +133,31 @@ def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
     model = base.clone(quant=quant, lora=lora)
     model.lora_plan()  # unmatched targets fail before any work
     init = jax.jit(base.clone(quant=quant).init)
-    params = init(jax.random.PRNGKey(config.train.seed), *base.dummy_inputs())["params"]
-    return model, hf_load.add_adapters(model, params, config.train.seed)
+    key = jax.random.PRNGKey(config.train.seed)
+    params = init(key, *base.dummy_inputs())["params"]
+    plan = model.lora_plan()
+    aware = [p for p, s in (plan.specs if plan else ()) if data_aware(s.init)]
+    if aware and quant is not None:
+        # Data-aware inits decompose the float weights the 4-bit kernels were made from.
+        floats = lp.flatten(jax.jit(base.init)(key, *base.dummy_inputs())["params"])
+        flat = lp.flatten(params)
+        for path in aware:
+            flat[path + ("kernel",)] = floats[path + ("kernel",)]
+        params = lp.unflatten(flat)
+    params = hf_load.add_adapters(model, params, config.train.seed)
+    return model, lora_init.initialize(model, params, config.train.seed, quant)
 
 
 def make_task(config: Any, model: Any) -> Task:
-    # The causal-LM loaders right-pad every row (packing is refused for causal LMs), so the
-    # attention mask is redundant and the model may use mask-free fused attention.
-    return Task(model, config.model.task, config.train.loss_chunk,
-                right_padded=config.model.task == "causal_lm")
+    """The run's Task: unpacked causal-LM rows are right-padded (the attention mask is redundant
+    and the model may use mask-free fused attention); packed rows pass segment and position ids.
+
+    Raises:
+      ValueError: data.packing=True with a model that does not take segment_ids.
+    """
+    causal = config.model.task == "causal_lm"
+    return Task(model, config.model.task, config.train.loss_chunk, right_padded=causal,
+                packed=causal and bool(config.data.packing))
 
 
 def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:

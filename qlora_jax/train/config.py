@@ -14,33 +14,49 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Mapping, Optional
+
+from qlora_jax.data import FORMATS as DATA_FORMATS
+from qlora_jax.data import OVERLONG
+from qlora_jax.lora.config import INITS
+from qlora_jax.models.common import DTYPES as MODEL_DTYPES
+from qlora_jax.quant import ALLOWED_BLOCK_SIZES, IMPLS, QTYPES
+from qlora_jax.quant.qtensor import ALLOWED_NESTED_BLOCK_SIZES
+from qlora_jax.train.defaults import OPTIONAL_FIELDS, default_config
+from qlora_jax.train.metrics import PROGRESS_MODES
+from qlora_jax.train.optim import OPTIMIZERS, SCHEDULES
+from qlora_jax.train.remat import CHOICES as REMAT_CHOICES
+from qlora_jax.train.state import ADAPTER_DTYPES
+from qlora_jax.train.task import TASKS
 
 SECTIONS = ("model", "quant", "lora", "data", "optim", "train", "mesh")
 
+# The allowed values of the choice fields, from the code that implements them.
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "model.task": ("causal_lm", "classification"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": ("none", "full", "dots_saveable", "offload", "qkv", "attention"),
-    "model.impl": ("auto", "xla", "pallas"),
-    "quant.qtype": ("nf4", "fp4", "int4"),
-    "quant.block_size": (32, 64, 128, 256, 512, 1024, 2048, 4096),
-    "quant.nested_block_size": (256,),
-    "lora.init": ("default", "gaussian", "random"),
-    "lora.dtype": ("float32", "bfloat16"),
-    "data.format": ("auto", "alpaca", "prompt_response", "chat", "classification"),
-    "optim.name": ("adamw", "sgd"),
-    "optim.schedule": ("constant", "cosine", "linear"),
-    "train.progress": ("auto", "bar", "lines"),
+    "model.task": TASKS,
+    "model.dtype": tuple(MODEL_DTYPES),
+    "model.remat": REMAT_CHOICES,
+    "model.impl": IMPLS,
+    "quant.qtype": QTYPES,
+    "quant.block_size": ALLOWED_BLOCK_SIZES,
+    "quant.nested_block_size": ALLOWED_NESTED_BLOCK_SIZES,
+    "lora.init": INITS,
+    "lora.dtype": ADAPTER_DTYPES,
+    "data.format": ("auto",) + DATA_FORMATS,
+    "data.overlong": OVERLONG,
+    "optim.name": OPTIMIZERS,
+    "optim.schedule": SCHEDULES,
+    "train.progress": PROGRESS_MODES,
 }
-POSITIVE_INTS = ("lora.r", "train.steps", "train.batch_size", "train.grad_accum", "train.seq_len",
+POSITIVE_INTS = ("lora.r", "lora.loftq_iter", "train.steps", "train.batch_size", "train.grad_accum", "train.seq_len",
                  "train.log_every", "train.keep_checkpoints", "train.eval_batch_size",
-                 "mesh.data", "mesh.fsdp", "mesh.tensor")
+                 "train.sample_tokens", "mesh.data", "mesh.fsdp", "mesh.tensor")
 NONNEGATIVE_INTS = ("model.num_labels", "train.checkpoint_every", "train.eval_every",
-                    "train.eval_batches", "train.loss_chunk")
-NONNEGATIVE_FLOATS = ("lora.alpha", "optim.warmup_ratio", "optim.end_lr_ratio",
+                    "train.eval_batches", "train.loss_chunk", "train.samples")
+NONNEGATIVE_FLOATS = ("lora.alpha", "optim.loraplus_lr_ratio", "optim.warmup_ratio", "optim.end_lr_ratio",
                       "optim.weight_decay", "optim.max_grad_norm", "optim.b1", "optim.b2",
-                      "optim.eps")
+                      "optim.eps", "train.checkpoint_every_minutes", "train.memory_budget_gib")
 
 
 class ConfigError(ValueError):
@@ -82,8 +98,20 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
         except (KeyError, AttributeError):
             raise ConfigError(f"config field {dotted} is missing") from None
 
+    unknown = sorted(set(_dotted_keys(config)) - set(_dotted_keys(default_config())))
+    unknown = [k for k in unknown if not k.startswith(tuple(f + "." for f in OPTIONAL_FIELDS))
+               and k not in OPTIONAL_FIELDS]
+    if unknown:
+        raise ConfigError(f"config field {unknown[0]} is unknown (every field is in "
+                          "qlora_jax.train.defaults.default_config()); check its spelling")
     for dotted, allowed in CHOICES.items():
         value = field(dotted)
+        if dotted == "lora.init" and isinstance(value, str) and re.fullmatch(
+                r"pissa_niter_\d+", value):
+            continue  # INITS names this one "pissa_niter_K"
+        if dotted == "lora.init" and value == "pissa_niter_K":
+            raise ConfigError("config.lora.init='pissa_niter_K': K is the number of subspace "
+                              "iterations, an integer (e.g. 'pissa_niter_4')")
         if value not in allowed or isinstance(value, bool):
             raise ConfigError(f"config.{dotted}={value!r} is not allowed; use one of "
                               f"{', '.join(map(repr, allowed))}")
@@ -102,11 +130,15 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
         raise ConfigError(f"config.lora.dropout={field('lora.dropout')!r} must be in [0, 1)")
     if not field("optim.warmup_ratio") < 1:
         raise ConfigError("config.optim.warmup_ratio must be in [0, 1)")
-    for dotted in ("optim.warmup_steps", "train.debug_nan_at_step", "train.seed"):
+    for dotted in ("optim.warmup_steps", "train.seed"):
         value = field(dotted)
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"config.{dotted}={value!r} must be an integer")
-    for dotted in ("quant.enabled", "quant.double_quant", "lora.use_rslora", "data.packing",
+    if not field("optim.loraplus_lr_ratio") > 0:
+        raise ConfigError(f"config.optim.loraplus_lr_ratio={field('optim.loraplus_lr_ratio')!r} "
+                          "must be > 0 (1 = plain LoRA)")
+    for dotted in ("quant.enabled", "quant.double_quant", "lora.use_rslora", "lora.use_dora",
+                   "data.packing",
                    "optim.offload_state"):
         if not isinstance(field(dotted), bool):
             raise ConfigError(f"config.{dotted}={field(dotted)!r} must be True or False")
@@ -122,11 +154,6 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
     if b % a:
         raise ConfigError(f"config.train.batch_size={b} does not split into "
                           f"train.grad_accum={a} micro-batches; use a divisor of the batch size")
-    for dotted, low in (("train.samples", 0), ("train.sample_tokens", 1)):  # optional fields
-        if dotted.split(".")[1] in config.train:
-            value = field(dotted)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"config.{dotted}={value!r} must be an integer >= {low}")
     _validate_mesh(config, device_count, process_count)
     if not field("model.path") and "random" not in config.model:
         raise ConfigError("config.model.path is empty and there is no config.model.random "
@@ -136,21 +163,31 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
                           "with --config.data.path=...")
     if field("train.loss_chunk") and field("model.task") != "causal_lm":
         raise ConfigError("config.train.loss_chunk applies to causal_lm models only; set it to 0")
-    if field("data.packing") and field("model.task") == "causal_lm":
-        raise ConfigError("config.data.packing=True needs a model that masks attention by "
-                          "segment_ids; the Llama models do not yet: set data.packing=False")
+
+
+def _dotted_keys(config: Any, prefix: str = "") -> list[str]:
+    """The dotted names of a config's leaf fields (``model.path``, ...)."""
+    out = []
+    for key in config.keys():
+        value = config[key]
+        if hasattr(value, "keys"):
+            out += _dotted_keys(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def batch_axes(config: Any) -> tuple[tuple[str, int], ...]:
     """(mesh axis, size) of the mesh axes that split a batch's rows, by ``config.mesh.rules``."""
     from qlora_jax import sharding
+    from qlora_jax.quant.partition import mesh_axes_for
 
     try:
         rules = sharding.rules_from_config(config.mesh)
     except ValueError as e:
         raise ConfigError(f"config.mesh.rules: {e}") from None
     sizes = {k: config.mesh[k] for k in sharding.MESH_AXES}
-    return tuple((a, sizes[a]) for a in sharding._mesh_axes_for("batch", rules))  # noqa: SLF001
+    return tuple((a, sizes[a]) for a in mesh_axes_for("batch", rules))
 
 
 def _validate_mesh(config: Any, device_count: Optional[int], process_count: int) -> None:
@@ -209,16 +246,25 @@ def differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") ->
 def load_experiment(spec: str, repo_root: Optional[str] = None) -> Any:
     """An experiment config from ``"experiments/NAME.py"`` or ``"experiments/NAME.py:ARG"``.
 
-    ``ARG`` is passed to ``get_config`` as the launcher does; a relative path is taken from
-    ``repo_root`` (default: the checkout holding this package). Experiments derived from another
-    one load it with this too.
+    ``ARG`` is passed to ``get_config`` as the launcher does. A relative path is taken from
+    ``repo_root`` when given, else from the current directory (as the launcher's ``--config``
+    is); when it is not there, from the source checkout holding this package, if there is one
+    (so notebooks run from ``notebooks/`` find ``experiments/``). Experiments derived from
+    another one load it with this too, by its absolute path.
+
+    Raises:
+      FileNotFoundError: no such experiment file.
     """
     import importlib.util
     import os
 
     path, _, arg = spec.partition(":")
-    root = repo_root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    full = path if os.path.isabs(path) else os.path.join(root, path)
+    full = path
+    if not os.path.isabs(path):
+        checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        bases = [repo_root] if repo_root else [os.getcwd(), checkout]
+        full = next((os.path.join(b, path) for b in bases if os.path.isfile(os.path.join(b, path))),
+                    os.path.join(bases[0], path))
     if not os.path.isfile(full):
         raise FileNotFoundError(f"experiment config {full} does not exist")
     name = "_qj_experiment_" + os.path.splitext(os.path.basename(full))[0]
@@ -226,4 +272,3 @@ def load_experiment(spec: str, repo_root: Optional[str] = None) -> Any:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
-

@@ -1,4 +1,5 @@
-"""Training on a device mesh: shardings of the train state, placement, batches, gathering.
+"""Training on several devices and hosts: ``jax.distributed`` start-up, and the placement of the
+train state and batches on a device mesh (shardings, batches, gathering).
 
 ``Placement`` carries the mesh and rules of a run (``config.mesh``) and knows how to put the train
 state and each batch on the devices, with which shardings to jit the step, and how to bring
@@ -9,6 +10,7 @@ One device and one process is the trivial mesh (1, 1, 1): everything still goes 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
 import jax
@@ -54,8 +56,7 @@ class Placement:
     @property
     def batch_divisor(self) -> int:
         """Rows a global batch must be a multiple of (the product of the batch mesh axes)."""
-        axes = shd._mesh_axes_for("batch", self.rules)  # noqa: SLF001 - same package
-        return int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
+        return shd.batch_divisor(self.mesh, self.rules)
 
     def replicated(self) -> NamedSharding:
         return shd.replicated(self.mesh)
@@ -153,6 +154,39 @@ class Placement:
             return jax.device_get(tree)
         from jax.experimental import multihost_utils
         return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def distributed_initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> bool:
+    """``jax.distributed.initialize`` from arguments or the usual environment variables.
+
+    Arguments win; otherwise ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID`` are read (cluster environments such as SLURM are detected by JAX itself
+    when none is given and ``QLORA_JAX_DISTRIBUTED=auto``). Returns whether it initialised.
+    """
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    n = num_processes if num_processes is not None else os.environ.get("JAX_NUM_PROCESSES")
+    pid = process_id if process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    if coordinator is None and os.environ.get("QLORA_JAX_DISTRIBUTED") != "auto":
+        return False
+    # CPU collectives across processes. Set unconditionally: asking for the backend here
+    # (jax.default_backend()) would start it, and jax.distributed must come first.
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # noqa: BLE001 - option name differs across JAX versions
+        pass
+    kwargs = {}
+    if coordinator is not None:
+        if n is None or pid is None:
+            raise ValueError(f"coordinator {coordinator} given without the number of processes "
+                             "and this process's id (--num_processes/--process_id or "
+                             "JAX_NUM_PROCESSES/JAX_PROCESS_ID)")
+        n, pid = int(n), int(pid)
+        if n < 1 or not 0 <= pid < n:
+            raise ValueError(f"process id {pid} must lie in 0..{n - 1} (number of processes {n})")
+        kwargs.update(coordinator_address=coordinator, num_processes=n, process_id=pid)
+    jax.distributed.initialize(**kwargs)
+    return True
 
 
 def is_writer() -> bool:

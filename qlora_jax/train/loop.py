@@ -12,7 +12,8 @@ Workdir layout::
 metrics.jsonl records of training steps hold ``step``, ``loss`` (mean over the logged window),
 ``grad_norm`` (before clipping), ``accuracy`` (next-token or label accuracy on the loss positions),
 ``learning_rate``, ``tokens_per_s`` (non-padding tokens a second over the window, compilation
-included in the first), ``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
+included in the first), ``padding_fraction`` (share of the window's token slots that are padding),
+``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
 qlora_jax.train.metrics); eval.jsonl records hold ``eval_loss``, ``eval_accuracy``,
 ``eval_perplexity`` (causal LMs) and ``eval_count``. With ``train.samples = N`` (causal LMs with
 eval data) the summary also holds the greedy answers to the first N held-out prompts before and
@@ -22,6 +23,11 @@ Running the same config on the same workdir again resumes from the latest comple
 and continues exactly as the uninterrupted run would have (deterministic data order; dropout keys
 derived from the seed and the step). The mesh may change between runs of a workdir (e.g. resume
 on fewer devices): the checkpoint is restored onto the new shardings.
+
+A SIGTERM or a first Ctrl-C (to any process) stops the run after the step in flight, which all
+processes agree on, with a checkpoint of that step: `run` raises `preemption.Preempted` (see
+qlora_jax.train.preemption). Checkpoints are saved every ``train.checkpoint_every`` steps, every
+``train.checkpoint_every_minutes`` of wall time, at such a stop and at the end.
 
 The run lies on the device mesh of ``config.mesh`` (data x fsdp x tensor devices, over one or
 several processes joined by ``jax.distributed``; (1, 1, 1) is one device): the state is placed by
@@ -47,6 +53,8 @@ from qlora_jax import data as qdata
 from qlora_jax.lora import params as lora_params
 from qlora_jax.train import build
 from qlora_jax.train import config as train_config
+from qlora_jax.train import preemption
+from qlora_jax.train import remat as remat_auto
 from qlora_jax.train.checkpoint import Checkpointer
 from qlora_jax.train.distributed import Placement, describe_mesh, is_writer
 from qlora_jax.train.metrics import MetricsLogger, NullLogger, peak_memory
@@ -62,10 +70,17 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+#: Test hook (not a config field): ``QLORA_JAX_TEST_NAN_AT_STEP=N`` makes the loss of step N NaN.
+NAN_AT_STEP_ENV = "QLORA_JAX_TEST_NAN_AT_STEP"
+
 #: Config sections that say where a run lies, not what it computes: a run may resume on another
 #: mesh (its checkpoints are restored onto the new shardings; config.json then records the new
 #: mesh).
 PLACEMENT_SECTIONS = ("mesh",)
+
+#: Key of the checkpoint's data item that holds the per-step metrics of the steps since the last
+#: metrics record, so that a run resumed between records logs the uninterrupted run's means.
+LOG_WINDOW_KEY = "log_window"
 
 
 def check_workdir(workdir: str, resolved: dict[str, Any]) -> bool:
@@ -139,8 +154,17 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
       ConfigError, WorkdirError, DataError, FileNotFoundError: bad input, before any file is
         written.
       TrainingDiverged: a NaN/Inf loss (the run stops; checkpoints keep the last good state).
+      preemption.Preempted: a SIGTERM or Ctrl-C (to any process) stopped the run after a
+        checkpoint of the step it stopped at; the same call resumes (see
+        qlora_jax.train.preemption).
     """
     stream = stream or sys.stderr
+    with preemption.StopSignals(stream) as signals:  # only for the run; restored after
+        return _run(config, workdir, stream, signals)
+
+
+def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSignals
+         ) -> dict[str, Any]:
     t_start = time.time()
     train_config.validate(config, jax.device_count(), jax.process_count())
     resolved = train_config.resolve(config)
@@ -165,10 +189,32 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
     tx, schedule = build.make_optimizer(config)
     adapter_dtype = build.DTYPES[config.lora.dtype]
     state = create_state(params, tx, config.train.seed, adapter_dtype, config.optim.offload_state)
+    # PiSSA/OLoRA: the adapter file is converted against the initial adapters (a LoRA on the
+    # original base); a resumed run rebuilds the same ones from the checkpoint and seed.
+    initial = (jax.device_get(lora_params.adapters(params))
+               if str(config.lora.init).startswith(("pissa", "olora")) else None)
     del params
     shardings = placement.state_shardings(state)
     state = placement.put(state, shardings)
     step_shardings = placement.step_shardings(shardings)
+
+    def make_step(task: Any) -> Any:
+        return make_train_step(task, tx, schedule, shardings=step_shardings,
+                               accum_steps=config.train.grad_accum,
+                               offload_state=config.optim.offload_state,
+                               dropout=config.lora.dropout > 0,
+                               nan_at_step=int(os.environ.get(NAN_AT_STEP_ENV, -1)))
+
+    notes = [data.train.summary()] if hasattr(data.train, "summary") else []
+    if config.model.remat == "auto":  # compiles the step per policy until one fits
+        rows = config.train.batch_size // train_shards
+        sample = placement.batch(data.train.collate([], rows, config.train.seq_len))
+        try:
+            model, choice = remat_auto.resolve(config, model, make_step, state, sample)
+        except remat_auto.RematError as e:
+            raise train_config.ConfigError(str(e)) from None
+        task = build.make_task(config, model)
+        notes.append(choice.describe())
     writer = is_writer()
 
     # Bad input is behind us: from here on the workdir is written.
@@ -176,18 +222,17 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
         os.makedirs(workdir, exist_ok=True)
         _write_json(os.path.join(workdir, "config.json"), resolved)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-    loader_state = None
+    loader_state, pending = None, []
     if ckpt.latest_step() is not None:
         state, loader_state = ckpt.restore(state)
+        # The metrics of the steps since the last log record (a stop between records).
+        pending = list(loader_state.pop(LOG_WINDOW_KEY, []))
     start = int(state.step)
+    policy = preemption.StopPolicy(signals, config.train.checkpoint_every_minutes)
     loader = qdata.TrainLoader(data.train, config.train.batch_size, config.train.seed,
                                state=loader_state, length_buckets=tuple(config.data.length_buckets)
                                or None, shard_index=train_shard, shard_count=train_shards)
-    train_step = make_train_step(task, tx, schedule, shardings=step_shardings,
-                                 accum_steps=config.train.grad_accum,
-                                 offload_state=config.optim.offload_state,
-                                 dropout=config.lora.dropout > 0,
-                                 nan_at_step=config.train.debug_nan_at_step)
+    train_step = make_step(task)
     eval_step = make_eval_step(task, shardings=step_shardings)
     kind = config.model.task
 
@@ -208,6 +253,8 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                 f"{n_trainable:,} trainable parameters, {n_frozen:,} frozen at "
                 f"{bits:.3f} bits each ({q_bits:.3f} bits in the 4-bit weights); "
                 f"{describe_mesh(placement)}")
+    for note in notes:
+        log.message(note)
     summary: dict[str, Any] = {"trainable_params": n_trainable, "frozen_params": n_frozen,
                                "bits_per_frozen_param": bits, "bits_per_4bit_param": q_bits,
                                "start_step": start}
@@ -220,7 +267,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
 
         params = lora_params.combine(state.trainable, state.frozen)
         texts = samples_lib.generate_texts(model, params, data.tokenizer, samples,
-                                           int(config.train.get("sample_tokens", 48)))
+                                           config.train.sample_tokens)
         rows = summary.setdefault("samples", [
             {"prompt": samples_lib.prompt_text(data.tokenizer, p),
              "reference": data.tokenizer.decode(r).strip()} for p, r in samples])
@@ -236,8 +283,12 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
             summary["eval_before"] = before
     last_loss = math.nan
     try:
+        if start < config.train.steps and policy.poll(start)[0]:  # a signal while loading
+            latest = ckpt.latest_step()
+            raise preemption.Preempted(start, config.train.steps, policy.signal_name, None if
+                                       latest is None else os.path.join(ckpt.directory,
+                                                                        str(latest)))
         window_tokens, window_t0, window_steps = 0.0, time.time(), 0
-        pending: list[dict[str, float]] = []
         for step in range(start, config.train.steps):
             batch = placement.batch(next(loader))
             state, metrics = train_step(state, batch)
@@ -259,6 +310,10 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                           for k in ("loss", "grad_norm", "accuracy")}
                 record["learning_rate"] = m["learning_rate"]
                 record["tokens_per_s"] = window_tokens / dt
+                # Over the window's steps (those restored from a checkpoint included).
+                slots = sum(p.get("slots", p["tokens"]) for p in pending)
+                record["padding_fraction"] = 1.0 - sum(p["tokens"] for p in pending) / max(slots,
+                                                                                          1.0)
                 record["steps_per_s"] = window_steps / dt
                 log.log(done, record)
                 window_tokens, window_t0, window_steps, pending = 0.0, time.time(), 0, []
@@ -268,16 +323,20 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
                 if result is not None:
                     log.log(done, result, evaluation=True)
                     summary["eval_after"] = result
+            stop, timed = policy.poll(done)  # the same answer on every process
             if (config.train.checkpoint_every and done % config.train.checkpoint_every == 0) \
-                    or done == config.train.steps:
-                ckpt.save(state, loader.state)
+                    or done == config.train.steps or timed or stop:
+                ckpt.save(state, dict(loader.state, **{LOG_WINDOW_KEY: pending}))
+                policy.saved()
+            if stop and done < config.train.steps:
+                raise preemption.Preempted(done, config.train.steps, policy.signal_name,
+                                           os.path.join(ckpt.directory, str(done)))
         if config.train.eval_every and "eval_after" not in summary:
             result = run_eval()  # a finished run re-run: report its final metric again
             if result is not None:
                 summary["eval_after"] = result
         run_samples("after")
-        if export_adapter(model, state, workdir, placement) is None:
-            log.message("adapter/ not written: this qlora_jax has no save_peft yet")
+        export_adapter(model, state, workdir, placement, initial)
     finally:
         log.close()
         ckpt.close()
@@ -289,7 +348,7 @@ def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str,
 
 def _sample_prompts(config: Any, data: Any, model: Any) -> list[tuple[list[int], list[int]]]:
     """Held-out prompts to generate from before and after training (``train.samples``)."""
-    count = int(config.train.get("samples", 0))
+    count = config.train.samples
     if not count or data.eval is None or config.model.task != "causal_lm" \
             or not hasattr(model, "init_cache"):
         return []
@@ -307,16 +366,17 @@ def make_placement(config: Any) -> Placement:
 
 
 def export_adapter(model: Any, state: Any, workdir: str,
-                   placement: Optional[Placement] = None) -> Optional[str]:
+                   placement: Optional[Placement] = None,
+                   initial_adapters: Optional[Any] = None) -> str:
     """Writes the PEFT adapter of ``state`` to ``workdir/adapter`` (atomically, via a temp dir).
+
+    ``initial_adapters``: PiSSA/OLoRA adapters at initialisation (see ``qj.save_peft``).
 
     Every process calls it (the trainable leaves are gathered from all of them); process 0
     writes.
     """
-    import qlora_jax as qj
+    from qlora_jax.checkpoints.peft import save_peft
 
-    if not hasattr(qj, "save_peft"):
-        return None
     trainable = (placement.gather(state.trainable) if placement is not None
                  else jax.device_get(state.trainable))
     out = os.path.join(workdir, "adapter")
@@ -325,7 +385,7 @@ def export_adapter(model: Any, state: Any, workdir: str,
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     params = lora_params.combine(trainable, state.frozen)
-    qj.save_peft(model, params, tmp)
+    save_peft(model, params, tmp, initial_adapters=initial_adapters)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

@@ -17,6 +17,9 @@ from typing import Any, Mapping, Optional, TextIO
 
 import jax
 
+#: Progress displays: a tqdm bar, plain log lines, or a bar on a terminal and lines otherwise.
+PROGRESS_MODES = ("auto", "bar", "lines")
+
 
 def peak_memory() -> tuple[int, str]:
     """(bytes, source): device peak bytes in use, or the process's peak RSS on CPU."""

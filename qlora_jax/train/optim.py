@@ -53,21 +53,44 @@ def make_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
 
 
+def loraplus_labels(params: Any) -> Any:
+    """``"b"`` on every ``lora_b`` leaf, ``"a"`` elsewhere (A, DoRA magnitudes, saved modules)."""
+    def label(path, _):
+        return "b" if any(getattr(k, "key", None) == "lora_b" for k in path) else "a"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(optim: Mapping[str, Any], schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
-    """Global-norm clipping (``max_grad_norm`` > 0) followed by AdamW or SGD with the schedule."""
+    """Global-norm clipping (``max_grad_norm`` > 0) followed by AdamW or SGD with the schedule.
+
+    With ``optim.loraplus_lr_ratio`` = k != 1 (LoRA+, Hayen et al. 2024; PEFT's
+    ``create_loraplus_optimizer``) the ``lora_b`` leaves get the learning rate k x the schedule
+    and every other trainable leaf the schedule itself (one optax.multi_transform).
+    """
     name = optim["name"]
-    if name == "adamw":
-        inner = optax.adamw(schedule, b1=float(optim["b1"]), b2=float(optim["b2"]),
-                            eps=float(optim["eps"]), weight_decay=float(optim["weight_decay"]))
-    elif name == "sgd":
-        inner = optax.sgd(schedule, momentum=float(optim["b1"]) or None)
-    else:
+    if name not in OPTIMIZERS:
         raise ValueError(f"optim.name={name!r}; use one of {OPTIMIZERS}")
+
+    def inner(lr: optax.Schedule) -> optax.GradientTransformation:
+        if name == "adamw":
+            return optax.adamw(lr, b1=float(optim["b1"]), b2=float(optim["b2"]),
+                               eps=float(optim["eps"]), weight_decay=float(optim["weight_decay"]))
+        return optax.sgd(lr, momentum=float(optim["b1"]) or None)
+
+    ratio = float(optim.get("loraplus_lr_ratio", 1.0))
+    if not ratio > 0:
+        raise ValueError(f"optim.loraplus_lr_ratio={ratio!r} must be > 0 (1 is plain LoRA)")
+    if ratio == 1.0:
+        tx = inner(schedule)
+    else:
+        tx = optax.multi_transform({"a": inner(schedule),
+                                    "b": inner(lambda step: ratio * schedule(step))},
+                                   loraplus_labels)
     clip = float(optim["max_grad_norm"])
     if clip > 0:
-        return optax.chain(optax.clip_by_global_norm(clip), inner)
-    return inner
+        return optax.chain(optax.clip_by_global_norm(clip), tx)
+    return tx
 
 
 def to_memory(tree: Any, kind: str) -> Any:

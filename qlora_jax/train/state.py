@@ -12,6 +12,9 @@ import optax
 from qlora_jax.lora import params as lora_params
 from qlora_jax.train import optim as train_optim
 
+#: Adapter (``lora_a`` / ``lora_b``) dtypes a run may train in, by their config names.
+ADAPTER_DTYPES = ("float32", "bfloat16")
+
 
 @flax.struct.dataclass
 class TrainState:

@@ -39,8 +39,8 @@ class StepShardings:
       batch: the sharding of every batch array (rows split over the batch mesh axes; a
         PartitionSpec of one entry, so it fits arrays of any rank).
       metrics: the sharding of the metrics (replicated).
-      rules: the logical-to-mesh rules; the steps are traced under
-        ``qlora_jax.sharding.use_mesh(mesh, rules)`` so the model's activation hints and
+      rules: the logical-to-mesh rules; the steps are traced under ``jax.set_mesh(mesh)``
+        and ``flax.linen.logical_axis_rules(rules)`` so the model's activation hints and
         per-use weight gathers apply (None: the default rules).
     """
 
@@ -49,9 +49,9 @@ class StepShardings:
     metrics: NamedSharding
     rules: Optional[tuple] = None
 
-    def within_mesh(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` traced under this mesh and these rules (see ``qlora_jax.sharding``)."""
-        return sharding.within_mesh(fn, self.batch.mesh, self.rules or sharding.DEFAULT_RULES)
+    def in_mesh(self, jitted: Callable[..., Any]) -> Callable[..., Any]:
+        """``jitted`` called and traced under this mesh and these rules (``sharding.in_mesh``)."""
+        return sharding.in_mesh(jitted, self.batch.mesh, self.rules or sharding.DEFAULT_RULES)
 
     def micro(self) -> NamedSharding:
         """Micro-batches ``[A, B / A, ...]``: rows of each micro-batch split like a batch's."""
@@ -137,6 +137,7 @@ def train_step_fn(task: Task, tx: optax.GradientTransformation, schedule: optax.
             "accuracy": correct / denom,
             "loss_weight": weight,
             "tokens": batch_tokens(batch),
+            "slots": jnp.asarray(batch["input_ids"].size, jnp.float32),  # tokens + padding
         }
         new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         return new, metrics
@@ -157,8 +158,9 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
     if shardings is None:
         return jax.jit(train_step_fn(task, tx, schedule, **kwargs), donate_argnums=0)
     fn = train_step_fn(task, tx, schedule, micro_sharding=shardings.micro(), **kwargs)
-    return jax.jit(shardings.within_mesh(fn), in_shardings=(shardings.state, shardings.batch),
-                   out_shardings=(shardings.state, shardings.metrics), donate_argnums=0)
+    return shardings.in_mesh(jax.jit(fn, in_shardings=(shardings.state, shardings.batch),
+                                     out_shardings=(shardings.state, shardings.metrics),
+                                     donate_argnums=0))
 
 
 def make_eval_step(task: Task, *, shardings: Optional[StepShardings] = None
@@ -173,8 +175,9 @@ def make_eval_step(task: Task, *, shardings: Optional[StepShardings] = None
         return {"loss_sum": loss_sum, "weight": weight, "correct": correct}
     if shardings is None:
         return jax.jit(sums)
-    return jax.jit(shardings.within_mesh(sums), in_shardings=(shardings.state.trainable, shardings.state.frozen,
-                                       shardings.batch), out_shardings=shardings.metrics)
+    return shardings.in_mesh(jax.jit(sums, in_shardings=(shardings.state.trainable,
+                                                         shardings.state.frozen, shardings.batch),
+                                     out_shardings=shardings.metrics))
 
 
 def evaluate(eval_step: Callable[[Any, Any, Batch], Metrics], state: TrainState,

@@ -7,8 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
 import qlora_jax as qj
 from qlora_jax.checkpoints import CheckpointReader
@@ -16,6 +14,9 @@ from qlora_jax.checkpoints.hf_save import layer_of
 from qlora_jax.quant import codebooks
 from qlora_jax.quant.blockwise import dequantize_absmax
 from tests.models import tiny
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 LINEARS = [("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
           [("mlp", n) for n in ("gate_proj", "up_proj", "down_proj")]

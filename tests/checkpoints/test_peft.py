@@ -8,13 +8,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
-import torch
-import transformers
 
 import qlora_jax as qj
 from tests.models import tiny
+
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 
 def _apply(model, params, *args):

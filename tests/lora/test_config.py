@@ -87,7 +87,7 @@ def test_modules_to_save_resolves_to_paths():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(r=0), "positive integer"),
     (dict(dropout=1.5), "dropout"),
-    (dict(init="pissa"), "not supported"),
+    (dict(init="pissa_svd"), "not supported"),
     (dict(rank_pattern={"q_proj": 0}), "rank_pattern"),
 ])
 def test_bad_settings(kwargs, match):

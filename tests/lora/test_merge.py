@@ -7,11 +7,12 @@ import pytest
 
 import qlora_jax as qj
 from qlora_jax.quant.blockwise import dequantize_xla
+from tests.conftest import run_seed
 from tests.lora.toy import ToyModel
 
 
 def setup(quant, **lora_kwargs):
-    key = jax.random.key(np.random.randint(1 << 30))
+    key = jax.random.key(run_seed() % (1 << 30))
     x = jax.random.normal(key, (6, 64))
     cfg = qj.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random", **lora_kwargs)
     model = ToyModel(quant=quant, lora=cfg)

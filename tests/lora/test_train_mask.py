@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import qlora_jax as qj
+from tests.conftest import run_seed
 from tests.lora.toy import ToyModel
 
 
@@ -14,7 +15,7 @@ from tests.lora.toy import ToyModel
 def setup(request):
     cfg = qj.LoraConfig(r=4, target_modules="all-linear", modules_to_save=("lm_head",))
     model = ToyModel(lora=cfg, quant=request.param)
-    x = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (4, 64))
+    x = jax.random.normal(jax.random.key(run_seed() % (1 << 30)), (4, 64))
     params = model.init(jax.random.key(0), x)["params"]
     params["lm_head"] = jax.tree.map(qj.lora.Trainable, params["lm_head"])
     return model, params, x

@@ -19,9 +19,11 @@ class _Layer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, _: Any, deterministic: bool = True):
-        h = LoraDense(self.width, name="q_proj", lora=self.plan, quant=self.quant,
+        spec = (lambda n: None if self.plan is None else self.plan.spec_at(("layers", n)))
+        h = LoraDense(self.width, name="q_proj", lora=spec("q_proj"), quant=self.quant,
                       impl="xla")(x, deterministic)
-        h = LoraDense(self.width, name="v_proj", lora=self.plan, quant=self.quant, use_bias=True,
+        h = LoraDense(self.width, name="v_proj", lora=spec("v_proj"), quant=self.quant,
+                      use_bias=True,
                       impl="xla")(nn.tanh(h), deterministic)
         return (x + h).astype(x.dtype), None
 
@@ -47,4 +49,5 @@ class ToyModel(nn.Module, LoraModelMixin):
                         split_rngs={"params": True, "dropout": True}, length=self.layers,
                         in_axes=(nn.broadcast, nn.broadcast))
         x, _ = stack(plan, self.quant, self.width, name="layers")(x, None, deterministic)
-        return LoraDense(self.vocab, name="lm_head", lora=plan, impl="xla")(x)
+        head = None if plan is None else plan.spec_at(("lm_head",))
+        return LoraDense(self.vocab, name="lm_head", lora=head, impl="xla")(x)

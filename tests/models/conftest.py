@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import run_seed
-from tests.models import tiny
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +13,8 @@ def llama_ckpt(tmp_path_factory):
     cache: dict[str, tuple[str, object]] = {}
 
     def get(variant: str):
+        from tests.models import tiny  # imports torch and transformers (skips without them)
+
         if variant not in cache:
             # Replayable like the rng fixture: QLORA_JAX_SEED fixes the checkpoints too.
             seed = run_seed() % (1 << 31)

@@ -7,6 +7,7 @@ the ``nn.scan`` layer loop of the same model (``in_place=False``).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import qlora_jax as qj
 from qlora_jax import sharding
 from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from qlora_jax.quant import ops
+from qlora_jax.quant import ops, partition
 from qlora_jax.quant.blockwise import dequantize_xla, quantize
 from qlora_jax.quant.kernels import gpu
 from qlora_jax.quant.layer_view import LayerView
@@ -65,7 +66,9 @@ def test_linear_on_a_view_equals_linear_on_the_layer(rng):
     x = jnp.asarray(rng.standard_normal((2, 20, 128)), jnp.float32)   # 40 rows: in place
     view = LayerView(stacked, jnp.int32(i))
     x2 = x.reshape(-1, 128)
-    assert ops._in_place(x2, view, "pallas") and not ops._in_place(x2[:8], view, "pallas")
+    # Every row count reads in place: more than 16 rows through the layer dequantization,
+    # up to 16 (decoding) through the fused GEMV / small-M kernels on the stacked codes.
+    assert ops._in_place(x2, view, "pallas") and ops._in_place(x2[:8], view, "pallas")
     for impl in ("pallas", "xla"):
         np.testing.assert_allclose(ops.linear(x, view, impl=impl), ops.linear(x, qs[i], impl=impl),
                                    rtol=1e-6, atol=1e-6)
@@ -73,20 +76,62 @@ def test_linear_on_a_view_equals_linear_on_the_layer(rng):
         g_view = jax.grad(lambda a: jnp.vdot(ops.linear(a, view, impl=impl), dy))(x)
         g_q = jax.grad(lambda a: jnp.vdot(ops.linear(a, qs[i], impl=impl), dy))(x)
         np.testing.assert_allclose(g_view, g_q, rtol=1e-6, atol=1e-6)
-    small = x[:, :4]  # 8 rows: the fused kernels take the sliced layer
-    np.testing.assert_allclose(ops.linear(small, view, impl="pallas"),
-                               ops.linear(small, qs[i], impl="pallas"), rtol=1e-5, atol=1e-5)
+    for rows in (1, 8):  # the fused kernels read the layer in place: the same numbers exactly
+        small = x.reshape(-1, 128)[:rows]
+        assert np.array_equal(np.asarray(ops.linear(small, view, impl="pallas")),
+                              np.asarray(ops.linear(small, qs[i], impl="pallas")))
+
+
+# Decoding shapes: 1 row (GEMV) and 8 rows (the small-M tensor-core kernel), both directions;
+# 40 output rows leave a partial tile, 3 x 64 columns a partial reduction tile.
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_fused_layer_kernels_equal_the_sliced_layer(rng, rows, transpose, double_quant):
+    shape = (40, 192) if rows == 1 else (96, 256)
+    layers = 3
+    qs, stacked = _stack(rng, shape, layers, double_quant, scale=float(rng.uniform(0.5, 2)))
+    width = shape[0] if transpose else shape[1]
+    for i in (1, layers - 1):  # offsets past layer 0 (layer 0 is the unstacked case)
+        view = LayerView(stacked, jnp.int32(i))
+        for dtype in (jnp.float32, jnp.bfloat16) if rows == 1 else (jnp.float32,):
+            a = jnp.asarray(rng.standard_normal((rows, width)), dtype)
+            if transpose:
+                got = gpu.linear_grad_input_layer(a, view)
+                want = gpu.linear_grad_input(a, qs[i])
+            else:
+                got = gpu.linear_layer(a, view)
+                want = gpu.linear(a, qs[i])
+            assert got.dtype == dtype and got.shape == want.shape
+            assert np.array_equal(np.asarray(got.astype(jnp.float32)),
+                                  np.asarray(want.astype(jnp.float32))), (i, dtype)
+            ref = (np.asarray(a, np.float64) @ np.asarray(dequantize_xla(qs[i], jnp.float32),
+                                                          np.float64).T) if not transpose else (
+                np.asarray(a, np.float64) @ np.asarray(dequantize_xla(qs[i], jnp.float32),
+                                                       np.float64))
+            tol = 1e-5 if dtype == jnp.float32 else 2e-2
+            err = np.linalg.norm(np.asarray(got, np.float64) - ref) / np.linalg.norm(ref)
+            assert err < tol, (i, dtype, err)
+
+
+def test_fused_layer_kernel_reads_a_traced_layer_under_jit(rng):
+    qs, stacked = _stack(rng, (64, 128), 4, True)
+    x = jnp.asarray(rng.standard_normal((1, 128)), jnp.float32)
+    fn = jax.jit(lambda s, i, v: gpu.linear_layer(v, LayerView(s, i)))
+    for i in (0, 3):
+        assert np.array_equal(np.asarray(fn(stacked, jnp.int32(i), x)),
+                              np.asarray(gpu.linear(x, qs[i])))
 
 
 def test_codes_split_over_a_mesh_are_not_read_in_place(rng):
     _, stacked = _stack(rng, (64, 128), 2, True)
     mesh = jax.sharding.AbstractMesh((1, 2, 1), ("data", "fsdp", "tensor"))
-    assert not sharding.splits_4bit_codes(stacked)
-    with sharding.use_mesh(mesh):
-        assert sharding.splits_4bit_codes(stacked)
+    assert not partition.splits_4bit_codes(stacked)
+    with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        assert partition.splits_4bit_codes(stacked)
     data_parallel = jax.sharding.AbstractMesh((2, 1, 1), ("data", "fsdp", "tensor"))
-    with sharding.use_mesh(data_parallel):
-        assert not sharding.splits_4bit_codes(stacked)
+    with jax.sharding.use_abstract_mesh(data_parallel), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        assert not partition.splits_4bit_codes(stacked)
 
 
 def _model(rng, remat):

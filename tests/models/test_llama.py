@@ -8,14 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
 import qlora_jax as qj
 from qlora_jax.lora import flatten
 from qlora_jax.models.common import make_rope
 from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from tests.models import tiny
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 
 def _torch_logits(model, ids, mask):

@@ -10,8 +10,10 @@ import os
 from typing import Any
 
 import numpy as np
-import torch
-import transformers
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 LLAMA_VARIANTS = ("llama_gqa", "llama3_rope", "mistral", "qwen2_tied")
 VOCAB = 160

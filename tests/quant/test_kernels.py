@@ -1,6 +1,7 @@
 """Tests of the Pallas 4-bit kernels (interpret mode on CPU; compiled on a GPU).
 
-Every test draws fresh random inputs; the seed is in each failure message.
+Random inputs come from the run's seed (tests/conftest.py: fixed by default, QLORA_JAX_SEED to
+change it); the seed is in each failure message.
 References: ``dequantize_xla`` (bit-exact with bitsandbytes) and float64
 matmuls on the dequantized weight.
 """
@@ -16,13 +17,14 @@ import jax.numpy as jnp
 import qlora_jax as qj
 from qlora_jax.quant.blockwise import dequantize_xla
 from qlora_jax.quant.kernels import gpu
+from tests.conftest import run_seed
 
 # Norm-relative tolerances of a float32-accumulated matmul rounded to the output dtype.
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
 
 def _rng():
-    seed = int(np.random.SeedSequence().entropy % 2**32)
+    seed = run_seed()
     return np.random.default_rng(seed), seed
 
 
@@ -146,6 +148,26 @@ def test_fused_matmul_kernel(tokens, dtype, transpose, double_quant):
     ref = np.asarray(a, np.float64) @ (w if transpose else w.T)
     assert got.dtype == dtype
     assert _rel(got, ref) < TOL[dtype], (_rel(got, ref), f"seed={seed}")
+
+
+@pytest.mark.parametrize("bn,bk,split,double_quant", [
+    (16, 128, 2, True),   # two quantization blocks a step, a partial output tile (40 rows)
+    (8, 32, 3, False),    # half a block a step
+    (32, 256, 1, True)])  # a partial reduction tile (320 columns)
+def test_gemv_block_reduction_variant(bn, bk, split, double_quant):
+    """GEMV with the scale applied once a block (``gemv_reduce="rows"``) against float64."""
+    rng, seed = _rng()
+    q = qj.quant.quantize(_weight(rng, (40, 320)), "nf4", 64, double_quant)
+    w = np.asarray(dequantize_xla(q, jnp.float32), np.float64)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(rng.standard_normal((1, 320)), dtype)
+        config = gpu.MatmulConfig(bm=None, bn=bn, bk=bk, split=split, gemv_reduce="rows")
+        got = gpu.matmul_4bit(x, q, transpose=False, config=config)
+        ref = np.asarray(x, np.float64) @ w.T
+        assert got.dtype == dtype and got.shape == (1, 40)
+        assert _rel(got, ref) < TOL[dtype], (_rel(got, ref), f"seed={seed}")
+    with pytest.raises(ValueError, match="gemv_reduce"):
+        gpu.matmul_4bit(x, q, transpose=False, config=gpu.MatmulConfig(bm=None, gemv_reduce="x"))
 
 
 # Explicit tiles: several tiles along every axis, reductions split over programs.

@@ -74,5 +74,5 @@ def main(seed: int, impl: str) -> None:
 
 if __name__ == "__main__":
     if "nohints" in sys.argv[3:]:
-        sharding.within_mesh = lambda fn, mesh, rules=None: fn
+        sharding.in_mesh = lambda jitted, mesh, rules=None: jitted
     main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "xla")

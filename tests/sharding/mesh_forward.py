@@ -10,6 +10,7 @@ import sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,7 +44,7 @@ def main(meshes: list[tuple[int, int, int]], seed: int) -> None:
 
 def one_mesh(loss, trainable, frozen, ids, ref_loss, ref_grad, data, fsdp, tensor):
     mesh = sharding.make_mesh(data, fsdp, tensor)
-    with sharding.use_mesh(mesh):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
         t_s = sharding.shard_params(trainable, mesh)
         f_s = sharding.shard_params(frozen, mesh)
         x_s = sharding.shard_batch({"ids": np.asarray(ids)}, mesh)["ids"]

@@ -16,14 +16,19 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import run_seed
+
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 FLOAT = ("f16", "bf16", "f32", "f64")
 
+# Every test reads the steps of one subprocess on 8 fake devices (minutes on 2 cores).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def steps():
-    seed = np.random.randint(1 << 20)
+    seed = run_seed() % (1 << 20)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, os.path.join(HERE, "fsdp_step.py"), str(seed)],
                          capture_output=True, text=True, env=env, timeout=900)

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import run_seed
+
 import qlora_jax as qj
 from qlora_jax import sharding
 
@@ -21,7 +23,7 @@ MESHES = [(2, 2, 2), (1, 8, 1), (1, 2, 4), (8, 1, 1)]
 
 @pytest.fixture(scope="module")
 def mesh_results():
-    seed = np.random.randint(1 << 20)
+    seed = run_seed() % (1 << 20)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = ["x".join(map(str, m)) for m in MESHES]
     out = subprocess.run([sys.executable, os.path.join(HERE, "mesh_forward.py"), *args, str(seed)],
@@ -31,6 +33,7 @@ def mesh_results():
     return {tuple(r["mesh"]): r for r in lines}, seed
 
 
+@pytest.mark.slow  # the subprocess of mesh_results runs 4 meshes on 8 fake devices
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_loss_and_grads_equal_one_device(mesh, mesh_results):
     results, seed = mesh_results
@@ -83,8 +86,9 @@ def test_tensor_major_code_split_is_refused():
     assert dict(sharding.rules_from_config(Ok()))["qblocks"] == ("fsdp", "tensor")
 
 
+@pytest.mark.slow  # train steps on 3 meshes in a subprocess
 def test_train_steps_on_meshes_give_the_one_device_losses():
-    seed = np.random.randint(1 << 20)
+    seed = run_seed() % (1 << 20)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, os.path.join(HERE, "mesh_train.py"), "2x2x2", "1x8x1",
                           str(seed)], capture_output=True, text=True, env=env, timeout=900)

@@ -21,6 +21,9 @@ from experiments import smoke
 from qlora_jax.train import loop
 from qlora_jax.train.checkpoint import PAUSE_ENV
 
+# Whole runs of the smoke experiment (several in subprocesses): the slow tier.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
 # 12 steps, checkpoints at 4, 8, 12, a log line a step, no evaluation.
@@ -175,12 +178,13 @@ def test_sigkill_mid_run_and_mid_save_resumes_to_the_same_adapter(reference, tmp
     assert [r["step"] for r in records] == list(range(1, 13))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     wd = tmp_path / "nan"
     config = smoke.get_config()
-    for k, v in dict(SHORT, **{"train.debug_nan_at_step": 5}).items():
+    for k, v in SHORT.items():
         section, key = k.split(".")
         config[section][key] = v
+    monkeypatch.setenv(loop.NAN_AT_STEP_ENV, "5")
     with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 6.*step 4"):
         loop.run(config, str(wd))
     assert sorted(os.listdir(wd / "checkpoints")) == ["4"]

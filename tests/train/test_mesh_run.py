@@ -7,7 +7,9 @@ steps 3 and 6, evaluation before and after. A 2x2x2 mesh in one process and the 
 two processes joined by ``jax.distributed`` (gloo collectives on CPU) must log the one-device
 run's losses, resume after a SIGKILL to the uninterrupted adapter's bytes, and only process 0
 writes the workdir's files. A checkpoint of the one-process mesh run resumes on another mesh over
-two processes. Bad meshes fail before any file is written.
+two processes. When a SIGTERM reaches only one of two processes, both stop after the same step
+with one consistent checkpoint, and the resumed run ends with the uninterrupted run's adapter.
+Bad meshes fail before any file is written.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ import pytest
 
 from experiments import smoke
 from qlora_jax.train import config as train_config
+from qlora_jax.train import preemption
 from qlora_jax.train.checkpoint import PAUSE_ENV
+
+# Launcher runs on 8 fake devices and over two processes: the slow tier.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = os.path.join(ROOT, "experiments", "smoke.py")
@@ -153,7 +159,10 @@ def test_mesh_run_killed_mid_save_resumes_to_the_same_adapter(mesh_run, tmp_path
 
 
 def free_port():
-    """A free port below Linux's ephemeral range (where other connections may take it first)."""
+    """A free port below Linux's ephemeral range (where other connections may take it first).
+
+    Unseeded on purpose: a port, not a test input; concurrent runs must not all try the same one.
+    """
     rng = np.random.default_rng()
     for _ in range(100):
         port = int(rng.integers(20000, 32000))
@@ -166,11 +175,16 @@ def free_port():
     raise RuntimeError("no free port in 20000..31999")
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("two_processes")
+    return wd, run_two_processes(wd)
+
+
 def test_two_processes_give_the_one_device_losses_and_only_process_0_writes(one_device,
-                                                                              tmp_path):
+                                                                              two_processes):
     ref_wd, _ = one_device
-    wd = tmp_path / "two_processes"
-    outs = run_two_processes(wd)
+    wd, outs = two_processes
     assert "over 8 devices in 2 process(es)" in outs[0], outs[0][-2000:]
     np.testing.assert_allclose(losses(wd), losses(ref_wd), rtol=1e-3)
     np.testing.assert_allclose(eval_losses(wd), eval_losses(ref_wd), rtol=1e-3)
@@ -203,8 +217,29 @@ def test_a_mesh_run_resumes_on_another_mesh_over_two_processes(one_device, mesh_
         np.testing.assert_allclose(got[k], v, rtol=1e-3, atol=3e-5, err_msg=k)
 
 
-def run_two_processes(workdir, mesh=MESH, attempts=2):
-    """Outputs of the two processes of a run over 2 x 4 fake devices (both must succeed).
+@pytest.mark.slow  # two runs of two processes
+def test_a_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(
+        two_processes, tmp_path):
+    ref_wd, _ = two_processes
+    wd = tmp_path / "preempted"
+    # Only process 1 is signalled, when its step 4 is done (between the checkpoints 3 and 6).
+    outs = run_two_processes(wd, envs=({}, {preemption.SIGNAL_ENV: "4"}),
+                             codes=(preemption.EXIT_CODE, preemption.EXIT_CODE))
+    assert "SIGTERM received" in outs[1], outs[1][-2000:]
+    stops = [ln for ln in outs[0].splitlines() if ln.startswith("stopped by")]
+    assert len(stops) == 1 and stops[0].startswith(
+        "stopped by a signal to another process after step 4 of 6; checkpoint "), outs[0][-2000:]
+    assert "--process_id 0" in stops[0], stops[0]  # the resume command is this process's
+    assert not [ln for ln in outs[1].splitlines() if ln.startswith("stopped by")]
+    assert sorted(os.listdir(wd / "checkpoints")) == ["3", "4"]
+    outs = run_two_processes(wd)
+    assert "resuming at step 4" in outs[0], outs[0][-2000:]
+    assert adapter(wd)[1] == adapter(ref_wd)[1]  # the same bytes
+    np.testing.assert_array_equal(losses(wd), losses(ref_wd))
+
+
+def run_two_processes(workdir, mesh=MESH, attempts=2, envs=({}, {}), codes=(0, 0)):
+    """Outputs of the two processes of a run over 2 x 4 fake devices (exit codes ``codes``).
 
     Process 0 is told about the other by ``--coordinator/--num_processes/--process_id``,
     process 1 by ``JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID``.
@@ -214,9 +249,10 @@ def run_two_processes(workdir, mesh=MESH, attempts=2):
     """
     address = f"127.0.0.1:{free_port()}"
     # Process 0 gets the launcher's flags, process 1 the environment variables.
-    how = [(["--coordinator", address, "--num_processes", "2", "--process_id", "0"], {}),
+    how = [(["--coordinator", address, "--num_processes", "2", "--process_id", "0"],
+            dict(envs[0])),
            ([], {"JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
-                 "JAX_PROCESS_ID": "1"})]
+                 "JAX_PROCESS_ID": "1", **envs[1]})]
     logs = [os.path.join(_CACHE_DIR[0], f"process_{i}.log") for i in (0, 1)]
     procs = []
     for (flags, env), log in zip(how, logs):
@@ -226,7 +262,7 @@ def run_two_processes(workdir, mesh=MESH, attempts=2):
                 stderr=subprocess.STDOUT, text=True))
     t0 = time.time()
     while any(p.poll() is None for p in procs):
-        failed = any(p.poll() not in (None, 0) for p in procs)
+        failed = any(p.poll() not in (None, c) for p, c in zip(procs, codes))
         if failed or time.time() - t0 > TIMEOUT:
             for p in procs:
                 if p.poll() is None:
@@ -239,8 +275,8 @@ def run_two_processes(workdir, mesh=MESH, attempts=2):
         with open(log) as f:
             outs.append(f.read())
     if attempts > 1 and "Failed to add port" in outs[0]:
-        return run_two_processes(workdir, mesh, attempts - 1)
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(
+        return run_two_processes(workdir, mesh, attempts - 1, envs, codes)
+    assert [p.returncode for p in procs] == list(codes), "\n".join(
         f"--- process {i} (exit {p.returncode}, {time.time() - t0:.0f} s):\n{out[-2500:]}"
         for i, (p, out) in enumerate(zip(procs, outs)))
     return outs

@@ -15,6 +15,7 @@ from qlora_jax.train import optim
 from qlora_jax.train.state import create_state
 from qlora_jax.train.step import evaluate, make_eval_step, make_train_step, train_step_fn
 from qlora_jax.train.task import Task, causal_targets
+from tests.conftest import run_seed
 from tests.train.toy_lm import ToyClassifier, ToyLM, box_saved, random_params
 
 V, B, T = 67, 4, 12
@@ -76,7 +77,7 @@ def run(rng_or_none, batches, **kw):
 
 @pytest.fixture(scope="module")
 def base_params():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(run_seed())
     model = ToyLM(vocab=V, lora=qj.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     return random_params(model, rng, T)
 
@@ -307,3 +308,26 @@ def test_schedules(kind):
         np.testing.assert_allclose(float(s(6)), 1.0 - 0.9 * 2 / 10, atol=1e-6)
     ratio = optim.make_schedule(optim_cfg(schedule=kind, learning_rate=1.0, warmup_ratio=0.5), 8)
     np.testing.assert_allclose(float(ratio(2)), 0.5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 16.0])
+def test_loraplus_b_gets_ratio_times_a_learning_rate(rng, ratio):
+    # SGD without momentum: each leaf's update is -lr * grad, with lr x ratio on lora_b only.
+    lr = 0.05
+    cfg = optim_cfg(name="sgd", b1=0.0, learning_rate=lr, max_grad_norm=0.0,
+                    loraplus_lr_ratio=ratio)
+    tx = optim.make_optimizer(cfg, optim.make_schedule(cfg, 10))
+    tree = {"q": {"lora_a": rng.standard_normal((8, 4)), "lora_b": rng.standard_normal((4, 6))},
+            "head": qj.lora.Trainable(rng.standard_normal((6, 3)))}
+    tree = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), tree)
+    updates, _ = tx.update(grads, tx.init(tree), tree)
+    np.testing.assert_allclose(updates["q"]["lora_a"], -lr * grads["q"]["lora_a"], rtol=1e-6)
+    np.testing.assert_allclose(updates["q"]["lora_b"], -lr * ratio * grads["q"]["lora_b"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(updates["head"].value, -lr * grads["head"].value, rtol=1e-6)
+
+
+def test_loraplus_ratio_must_be_positive():
+    with pytest.raises(ValueError, match="loraplus_lr_ratio"):
+        optim.make_optimizer(optim_cfg(loraplus_lr_ratio=0.0), optax.constant_schedule(1.0))

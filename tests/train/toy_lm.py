@@ -33,10 +33,12 @@ class _Block(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic):
         d = x.shape[-1]
-        h = LoraDense(2 * d, name="up_proj", lora=self.plan, quant=self.quant, dtype=self.dtype,
-                      impl="xla")(x, deterministic)
-        h = LoraDense(d, name="down_proj", lora=self.plan, quant=self.quant, dtype=self.dtype,
-                      use_bias=True, impl="xla")(nn.gelu(h), deterministic)
+        spec = lambda n: None if self.plan is None else self.plan.spec_at(  # noqa: E731
+            ("trunk", "layers", n))
+        h = LoraDense(2 * d, name="up_proj", lora=spec("up_proj"), quant=self.quant,
+                      dtype=self.dtype, impl="xla")(x, deterministic)
+        h = LoraDense(d, name="down_proj", lora=spec("down_proj"), quant=self.quant,
+                      dtype=self.dtype, use_bias=True, impl="xla")(nn.gelu(h), deterministic)
         return x + h, None
 
 
@@ -81,7 +83,8 @@ class ToyLM(nn.Module, LoraModelMixin):
         plan = self.lora_plan()
         self.embed = nn.Embed(self.vocab, self.width)
         self.trunk = _Trunk(plan, self.quant, self.layers, self.dtype, self.remat)
-        self.lm_head = LoraDense(self.vocab, lora=plan, dtype=self.dtype, impl="xla")
+        self.lm_head = LoraDense(self.vocab, lora=None if plan is None else plan.spec_at(
+            ("lm_head",)), dtype=self.dtype, impl="xla")
 
     def hidden_states(self, input_ids, attention_mask=None, deterministic=True):
         x = self.embed(input_ids).astype(self.dtype)

@@ -22,7 +22,7 @@ from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
 
 __all__ = ["dequantize", "dequantize_layer", "dot_dequantized", "linear", "linear_grad_input",
-           "reads_layer_in_place"]
+           "linear_grad_input_layer", "linear_layer", "reads_layer_in_place"]
 
 
 def _tpu():
@@ -58,10 +58,22 @@ def linear_grad_input(dy2d: jax.Array, q: QTensor) -> jax.Array:
 # -- one layer of a stacked weight, read in place (quant.layer_view) ---------------------------
 
 def reads_layer_in_place(a2d: jax.Array) -> bool:
-    """True when ``linear`` of ``a2d`` with a ``LayerView`` dequantizes the layer in place: the
-    GPU kernels (and their interpret mode) with more rows than the fused kernels take.
-    Elsewhere the layer is sliced out of the stack first (``quant.ops`` checks the stack)."""
-    return not _on_tpu() and a2d.shape[0] > gpu.FUSED_MAX_TOKENS
+    """True when ``linear`` of ``a2d`` with a ``LayerView`` reads the layer in place: the GPU
+    kernels (and their interpret mode), at any row count (the fused GEMV / small-M kernels up
+    to ``gpu.FUSED_MAX_TOKENS`` rows, the layer dequantization and cuBLAS above). On TPU the
+    layer is sliced out of the stack first (``quant.ops`` checks the stack itself)."""
+    del a2d
+    return not _on_tpu()
+
+
+def linear_layer(x2d: jax.Array, view: LayerView) -> jax.Array:
+    """``x2d @ W_i.T`` for layer ``view.index`` of a stacked ``[L, out, in]`` weight, in place."""
+    return gpu.linear_layer(x2d, view)
+
+
+def linear_grad_input_layer(dy2d: jax.Array, view: LayerView) -> jax.Array:
+    """``dy2d @ W_i`` for layer ``view.index`` of a stacked ``[L, out, in]`` weight, in place."""
+    return gpu.linear_grad_input_layer(dy2d, view)
 
 
 def dequantize_layer(view: LayerView, dtype: Any = None) -> jax.Array:

@@ -206,19 +206,25 @@ def num_qrefs(double_quant: bool) -> int:
 
 
 def weight_tile(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_rows: int, n_cols: int,
-                block_size: int, masked: bool = True) -> jax.Array:
+                block_size: int, masked: bool = True, row_base: Any = 0,
+                factored: bool = False) -> Any:
     """Decodes rows ``n0:n0+bn``, columns ``k0:k0+bk`` of a 2-D ``[N, K]`` weight to float32.
 
     The packed ref is ``[N, K // 2]`` and the absmax ref ``[N, K // block_size]``
     (rows aligned to blocks). Lanes outside ``[N, K]`` decode to exactly 0.
     ``k0`` must be a multiple of ``min(bk, block_size)``. ``masked=False`` (the
     caller knows the tile lies inside the weight) drops the bound checks.
+    ``row_base`` (a layer of a stack read in place: the refs hold ``[L * N, ...]``) moves the
+    loads to rows ``row_base + n0``; bounds and absmax indices stay those of the layer.
+    ``factored`` returns ``(codebook values [bn, bk], absmax [bn, max(bk // block_size, 1)])``
+    unmultiplied (lanes outside the weight have absmax 0), for kernels that apply the scale
+    once a block instead of once an element.
     """
     rows = n0 + jnp.arange(bn, dtype=jnp.int32)[:, None]
     row_ok = rows < n_rows
     half = bk // 2
     bcols = k0 // 2 + jnp.arange(half, dtype=jnp.int32)[None, :]
-    packed = load(qrefs.packed_ref.at[pl.ds(n0, bn), pl.ds(k0 // 2, half)],
+    packed = load(qrefs.packed_ref.at[pl.ds(row_base + n0, bn), pl.ds(k0 // 2, half)],
                   mask=(row_ok & (bcols < n_cols // 2)) if masked else None, other=0)
     codes = unpack_codes(packed, code_dtype(qrefs.lut, qrefs.exact))
     values = lookup(codes, qrefs.table_ref, qrefs.table, qrefs.lut, qrefs.exact)
@@ -227,11 +233,13 @@ def weight_tile(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_rows: int
     kb0 = k0 // block_size
     kbs = kb0 + jnp.arange(nbt, dtype=jnp.int32)[None, :]
     am_ok = row_ok & (kbs < n_blocks_row)
-    raw = load(qrefs.absmax_ref.at[pl.ds(n0, bn), pl.ds(kb0, nbt)],
+    raw = load(qrefs.absmax_ref.at[pl.ds(row_base + n0, bn), pl.ds(kb0, nbt)],
                mask=am_ok if masked else None, other=0)
     absmax = decode_absmax(raw, rows * n_blocks_row + kbs, qrefs)
     if masked:
         absmax = jnp.where(am_ok, absmax, jnp.float32(0))
+    if factored:
+        return values, absmax
     if nbt == 1:
         return values * absmax
     return (values.reshape(bn, nbt, block_size) * absmax[:, :, None]).reshape(bn, bk)

@@ -74,6 +74,10 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     lut: Optional[str] = None
+    # GEMV (``x @ W.T``) only: ``"tile"`` accumulates a [bn, bk] tile and reduces it once at
+    # the end; ``"rows"`` reduces each step's products a quantization block at a time, scales
+    # the block sums by absmax (one multiply a block, not an element) and keeps [bn] sums.
+    gemv_reduce: str = "tile"
 
 
 def _interpret() -> bool:
@@ -219,15 +223,21 @@ def dequantize_layer(view: LayerView, dtype: Any = None, config: DequantConfig =
 # Linear kernels for a 2-D weight with rows aligned to blocks.
 # ---------------------------------------------------------------------------------------------
 
-def aligned(q: QTensor) -> bool:
-    """True when the fused linear kernels can read this weight (2-D, rows = whole blocks)."""
-    return (not q.stack_shape and len(q.logical_shape) == 2
+def aligned(q: QTensor, layered: bool = False) -> bool:
+    """True when the fused linear kernels can read this weight (2-D, rows = whole blocks);
+    ``layered``: a weight stacked along one layer axis, read a layer at a time in place."""
+    stack_ok = len(q.stack_shape) == 1 if layered else not q.stack_shape
+    return (stack_ok and len(q.logical_shape) == 2
             and q.logical_shape[1] % q.block_size == 0)
 
 
 def _weight_2d(q: QTensor) -> list:
+    """The kernel inputs of a 2-D weight; a stack of L layers as ``[L * N, ...]`` rows (free
+    reshapes of the contiguous row-major arrays)."""
     n, k = q.logical_shape
-    return _q_inputs(q, q.packed.reshape(n, k // 2), q.absmax.reshape(n, k // q.block_size))
+    layers = int(np.prod(q.stack_shape)) if q.stack_shape else 1
+    return _q_inputs(q, q.packed.reshape(layers * n, k // 2),
+                     q.absmax.reshape(layers * n, k // q.block_size))
 
 
 def _split(config: MatmulConfig, programs: int, tiles: int, interpret: bool) -> int:
@@ -240,12 +250,25 @@ def _split(config: MatmulConfig, programs: int, tiles: int, interpret: bool) -> 
     return max(1, min(want, tiles, 32))
 
 
+def _layer_base(refs: list, nq: int, qrefs: dec.QRefs, q_static: tuple, n_rows: int,
+                layered: bool) -> Any:
+    """The first row of this weight in the packed/absmax refs: 0, or for a layer of a stack
+    read in place (``layered``; the layer index in a one-element ref after the weight's refs)
+    ``layer * n_rows``, with the nested-absmax and offset positions moved to that layer."""
+    if not layered:
+        return 0
+    layer = refs[1 + nq][0]
+    qrefs.nested_base, qrefs.offset_index = layer * q_static[3], layer
+    return layer * n_rows
+
+
 def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_static, lut,
-                 exact, aliased, masked):
+                 exact, aliased, masked, layered=False, reduce="tile"):
     """One program: a ``bn x bk`` window sliding along the reduction axis (split ``s``)."""
     nq = dec.num_qrefs(q_static[1])
     v_ref = refs[0]
     qrefs = _qrefs(list(refs[1:1 + nq]), q_static, lut, exact)
+    row_base = _layer_base(list(refs), nq, qrefs, q_static, n_rows, layered)
     out_ref = refs[-1]
     i, s = pl.program_id(0), pl.program_id(1)
 
@@ -257,17 +280,30 @@ def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_st
             v = dec.load(v_ref.at[pl.ds(0, 1), pl.ds(n0, bn)],
                          mask=(idx[None, :] < n_rows) if masked else None, other=0).reshape(bn)
             w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
-                                block_size=block_size, masked=masked)
+                                block_size=block_size, masked=masked, row_base=row_base)
             return acc + w * v.astype(jnp.float32)[:, None]
         n0, k0 = i * bn, r * bk  # out[n] = sum_k v[k] W[n, k]
         idx = k0 + jnp.arange(bk, dtype=jnp.int32)
         v = dec.load(v_ref.at[pl.ds(0, 1), pl.ds(k0, bk)],
                      mask=(idx[None, :] < n_cols) if masked else None, other=0).reshape(bk)
+        if reduce == "rows":  # acc [bn, 1]: block sums of code values * x, scaled per block
+            vals, am = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows,
+                                       n_cols=n_cols, block_size=block_size, masked=masked,
+                                       row_base=row_base, factored=True)
+            prod = vals * v.astype(jnp.float32)[None, :]
+            nbt = am.shape[1]
+            if nbt > 1:
+                sums = jnp.sum(prod.reshape(bn, nbt, bk // nbt), axis=2)
+            else:
+                sums = jnp.sum(prod, axis=1, keepdims=True)
+            return acc + jnp.sum(sums * am, axis=1, keepdims=True)
         w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
-                            block_size=block_size, masked=masked)
+                            block_size=block_size, masked=masked, row_base=row_base)
         return acc + w * v.astype(jnp.float32)[None, :]
 
-    acc = jax.lax.fori_loop(0, tps, step, jnp.zeros((bn, bk), jnp.float32))
+    rows_only = reduce == "rows" and not transpose
+    acc = jax.lax.fori_loop(0, tps, step,
+                            jnp.zeros((bn, 1 if rows_only else bk), jnp.float32))
     if transpose:
         k_idx = i * bk + jnp.arange(bk, dtype=jnp.int32)
         dec.store(out_ref.at[s, pl.ds(i * bk, bk)], jnp.sum(acc, axis=0),
@@ -279,11 +315,12 @@ def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_st
 
 
 def _mm_kernel(*refs, transpose, m, n_rows, n_cols, block_size, bm, bn, bk, tps, q_static, lut,
-               exact, split, aliased):
+               exact, split, aliased, layered=False):
     """Tiled matmul; ``transpose=False``: x[M,K] @ W.T, ``True``: dy[M,N] @ W."""
     nq = dec.num_qrefs(q_static[1])
     a_ref = refs[0]
     qrefs = _qrefs(list(refs[1:1 + nq]), q_static, lut, exact)
+    row_base = _layer_base(list(refs), nq, qrefs, q_static, n_rows, layered)
     out_ref = refs[-1]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0 = i * bm
@@ -299,7 +336,7 @@ def _mm_kernel(*refs, transpose, m, n_rows, n_cols, block_size, bm, bn, bk, tps,
             a = dec.load(a_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)],
                          mask=(rows < m) & (cols < n_rows), other=0)
             w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
-                                block_size=block_size).astype(dtype)
+                                block_size=block_size, row_base=row_base).astype(dtype)
             return acc + jax.lax.dot_general(a, w, (((1,), (0,)), ((), ())),
                                              precision=precision,
                                              preferred_element_type=jnp.float32)
@@ -308,7 +345,7 @@ def _mm_kernel(*refs, transpose, m, n_rows, n_cols, block_size, bm, bn, bk, tps,
         a = dec.load(a_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
                      mask=(rows < m) & (cols < n_cols), other=0)
         w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
-                            block_size=block_size).astype(dtype)
+                            block_size=block_size, row_base=row_base).astype(dtype)
         return acc + jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), precision=precision,
                                          preferred_element_type=jnp.float32)
 
@@ -344,12 +381,14 @@ def default_config(m: int, n: int, k: int, transpose: bool, interpret: bool) -> 
 
 def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
                 config: Optional[MatmulConfig] = None, out: Optional[jax.Array] = None,
-                interpret: Optional[bool] = None) -> jax.Array:
+                interpret: Optional[bool] = None, layer: Optional[jax.Array] = None
+                ) -> jax.Array:
     """``a @ W.T`` (``transpose=False``, a = x [M, K]) or ``a @ W`` (a = dy [M, N]).
 
     The weight must be ``aligned``. ``out`` (tests) is an aliased buffer the
     kernel must overwrite: the result itself, or the float32 partial sums
-    ``[split, M, width]`` when the reduction is split.
+    ``[split, M, width]`` when the reduction is split. With ``layer`` (int32 scalar), ``q`` is
+    stacked along one layer axis and layer ``layer`` is read in place (no slice is copied).
     """
     interpret = _interpret() if interpret is None else interpret
     n_rows, n_cols = q.logical_shape
@@ -363,9 +402,10 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
         raise ValueError(f"bk={bk} and block_size={bs} must divide one another")
     common = dict(transpose=transpose, n_rows=n_rows, n_cols=n_cols, block_size=bs,
                   q_static=_q_static(q), lut=config.lut or DEFAULT_LUT["matmul"],
-                  exact=not interpret,
-                  aliased=out is not None)
+                  exact=not interpret, aliased=out is not None, layered=layer is not None)
     qin = _weight_2d(q)
+    if layer is not None:
+        qin.append(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
     if config.bm is None:  # GEMV
         if m != 1:
             raise ValueError(f"the GEMV kernel takes one row, got {m}")
@@ -379,8 +419,10 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
         out_shape = jax.ShapeDtypeStruct((split, width), jnp.float32)
         inputs, aliases = _with_out([a] + qin, out_shape, out)
         masked = (n_rows % config.bn != 0 or n_cols % bk != 0 or tiles % tps != 0)
+        if config.gemv_reduce not in ("tile", "rows"):
+            raise ValueError(f"gemv_reduce must be 'tile' or 'rows', got {config.gemv_reduce!r}")
         kernel = functools.partial(_gemv_kernel, bn=config.bn, bk=bk, tps=tps, masked=masked,
-                                   **common)
+                                   reduce=config.gemv_reduce, **common)
         part = pl.pallas_call(kernel, out_shape=out_shape, grid=(n_out, split),
                               input_output_aliases=aliases, name="qlora_gemv_4bit",
                               **_params(config.num_warps, config.num_stages, interpret)
@@ -437,8 +479,9 @@ def dot_dequantized(a: jax.Array, w: jax.Array, transpose: bool,
     return jnp.dot(a, w)
 
 
-def _use_fused(a: jax.Array, q: QTensor, config: Optional[MatmulConfig]) -> bool:
-    if not aligned(q):
+def _use_fused(a: jax.Array, q: QTensor, config: Optional[MatmulConfig],
+               layered: bool = False) -> bool:
+    if not aligned(q, layered):
         return False
     if config is not None:
         return True
@@ -467,3 +510,37 @@ def linear_grad_input(dy2d: jax.Array, q: QTensor, config: Optional[MatmulConfig
     if not _use_fused(dy2d, q, config):
         return _two_pass(dy2d, q, True, interpret)
     return matmul_4bit(dy2d, q, transpose=True, config=config, interpret=interpret)
+
+
+def linear_layer(x2d: jax.Array, view: LayerView, config: Optional[MatmulConfig] = None,
+                 interpret: Optional[bool] = None) -> jax.Array:
+    """``x2d @ W_i.T`` for layer ``i = view.index`` of a stacked weight, read in place.
+
+    Up to ``FUSED_MAX_TOKENS`` rows (decoding) the fused GEMV / small-M kernels read the
+    layer's codes where they lie; more rows dequantize the layer in place and run cuBLAS.
+    Equals ``linear(x2d, view.materialize())``: the same kernels on the same values.
+    """
+    _check_view(view)
+    if _use_fused(x2d, view.stacked, config, layered=True):
+        return matmul_4bit(x2d, view.stacked, transpose=False, config=config,
+                           interpret=interpret, layer=view.index)
+    return dot_dequantized(x2d, dequantize_layer(view, x2d.dtype, interpret=interpret), False,
+                           interpret)
+
+
+def linear_grad_input_layer(dy2d: jax.Array, view: LayerView,
+                            config: Optional[MatmulConfig] = None,
+                            interpret: Optional[bool] = None) -> jax.Array:
+    """``dy2d @ W_i`` for layer ``i = view.index`` of a stacked weight, read in place."""
+    _check_view(view)
+    if _use_fused(dy2d, view.stacked, config, layered=True):
+        return matmul_4bit(dy2d, view.stacked, transpose=True, config=config,
+                           interpret=interpret, layer=view.index)
+    return dot_dequantized(dy2d, dequantize_layer(view, dy2d.dtype, interpret=interpret), True,
+                           interpret)
+
+
+def _check_view(view: LayerView) -> None:
+    if not view.fits_int32():
+        raise ValueError(f"{view!r}: a stacked array exceeds 2**31 elements; the in-place "
+                         "kernels index with int32 (use view.materialize())")

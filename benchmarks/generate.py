@@ -1,0 +1,226 @@
+"""Decode benchmark: ``qj.generate`` tokens/s against the bandwidth limit, our bf16 model and the peer.
+
+    python -m benchmarks.generate --shape llama-8b --batch 1 --batch 8 --batch 32 --prompt 128 \
+        --prompt 2048 --peer bnb --out runs/gen
+    python -m benchmarks.generate --shape tiny --batch 1 --prompt 16 --new 8 --out /tmp/g   # CPU
+
+Systems, each in its own subprocess (its peak memory is its own), one after the other:
+
+- ``nf4``: our Llama with random NF4 + double-quant weights (quantized on the device a layer at a
+  time), LoRA r16 adapters on every linear layer of every decoder layer (non-zero B, so the LoRA
+  branch is computed for real), bf16 compute, greedy;
+- ``bf16``: the same model with bf16 frozen weights;
+- ``bnb`` (``--peer bnb``): transformers + bitsandbytes NF4 + double quant ``generate`` (greedy,
+  sdpa attention, no adapters), the reference stack.
+
+Timing: ``generate`` is compiled and run once, then timed 3 times with ``--new`` tokens and 3
+times with 1 new token (the prefill alone); medians. Decode time a token = (total - prefill) /
+(new - 1). The bandwidth limit: the bytes of every frozen weight and adapter read once a token
+(``weights_gib``) over the device-to-device copy bandwidth measured in the same process;
+``fraction_of_limit`` = limit time / measured time. KV-cache reads are not counted in the limit
+(they are small at these lengths: reported as ``kv_cache_gib``).
+
+Prints one JSON line a measurement and appends it to ``--out/generate.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+from benchmarks.train_step import SHAPES, Shape
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth, bytes read + written a second (median of 5)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    n = nbytes // 4
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t)
+    return 2 * n * 4 / float(np.median(times))
+
+
+def _model(shape: Shape, weights: str, max_len: int, r: int):
+    import jax.numpy as jnp
+
+    import qlora_jax as qj
+    from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
+                      intermediate_size=shape.inter, num_hidden_layers=shape.layers,
+                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                      head_dim=shape.head_dim, max_position_embeddings=max(max_len, 2048),
+                      rope_theta=500000.0)
+    lora = qj.LoraConfig(r=r, alpha=16, target_modules="all-linear")
+    quant = qj.QuantConfig() if weights == "nf4" else None
+    return LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=jnp.bfloat16,
+                            param_dtype=jnp.bfloat16)
+
+
+def _nonzero_b(params: Any, seed: int) -> Any:
+    """Small random LoRA B matrices (the benchmark's params start with B = 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax.lora import params as lp
+
+    flat = lp.flatten(params)
+    key = jax.random.key(seed)
+    for i, (path, leaf) in enumerate(sorted(flat.items())):
+        if path[-1] == "lora_b":
+            flat[path] = (jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)
+                          * 1e-3).astype(leaf.dtype)
+    return lp.unflatten(flat)
+
+
+def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: int
+             ) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import qlora_jax as qj
+    from benchmarks.train_step import random_params
+
+    model = _model(shape, weights, prompt + new, r)
+    params = _nonzero_b(random_params(model, shape, r, seed=0), seed=1)
+    jax.block_until_ready(params)
+    weights_bytes = qj.lora.nbytes(params)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, shape.vocab, (batch, prompt),
+                                                        dtype=np.int32))
+
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        jax.block_until_ready(qj.generate(model, params, ids, max_new_tokens=n,
+                                          eos_token_id=-1))
+        return time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    timed(new)
+    first = time.perf_counter() - t0
+    timed(1)
+    total = float(np.median([timed(new) for _ in range(3)]))
+    prefill = float(np.median([timed(1) for _ in range(3)]))
+    decode = max(total - prefill, 1e-9) / (new - 1)
+    bw = copy_bandwidth()
+    limit = weights_bytes / (bw / 2)  # read once a token at half the read+write copy rate
+    dev = jax.devices()[0]
+    kv = 2 * shape.layers * batch * (prompt + new) * shape.kv_heads * shape.head_dim * 2
+    return dict(system="qlora_jax", weights=weights, first_call_s=round(first, 2),
+                total_s=round(total, 4), prefill_s=round(prefill, 4),
+                decode_tokens_per_s=round(batch / decode, 1),
+                ms_per_token=round(1000 * decode, 3),
+                weights_gib=round(weights_bytes / 2**30, 3), kv_cache_gib=round(kv / 2**30, 3),
+                copy_gb_s=round(bw / 1e9, 1), limit_ms=round(1000 * limit, 3),
+                fraction_of_limit=round(limit / decode, 4),
+                peak_gib=round((dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 3),
+                device=dev.device_kind, jax=jax.__version__)
+
+
+def run_bnb(shape: Shape, batch: int, prompt: int, new: int) -> dict[str, Any]:
+    import torch
+
+    from benchmarks import peer_bnb
+
+    model = peer_bnb._build(shape, prompt + new, "cuda").eval()
+    ids = torch.randint(0, shape.vocab, (batch, prompt), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(0))
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    timed(8)
+    total = sorted(timed(new) for _ in range(3))[1]
+    prefill = sorted(timed(1) for _ in range(3))[1]
+    decode = max(total - prefill, 1e-9) / (new - 1)
+    return dict(system="transformers+bitsandbytes", weights="nf4", total_s=round(total, 4),
+                prefill_s=round(prefill, 4), decode_tokens_per_s=round(batch / decode, 1),
+                ms_per_token=round(1000 * decode, 3),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                device=torch.cuda.get_device_name(), torch=torch.__version__)
+
+
+def _child(args: argparse.Namespace) -> None:
+    shape = Shape.get(args.shape)
+    common = dict(bench="generate", shape=shape.name, batch=args.batch[0],
+                  prompt=args.prompt[0], new=args.new, rank=args.rank)
+    if args.system == "bnb":
+        res = run_bnb(shape, args.batch[0], args.prompt[0], args.new)
+    else:
+        res = run_ours(shape, args.system, args.batch[0], args.prompt[0], args.new, args.rank)
+    print("RESULT " + json.dumps({**common, **res}), flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
+    p.add_argument("--batch", type=int, action="append", default=None)
+    p.add_argument("--prompt", type=int, action="append", default=None)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--which", default="nf4,bf16", help="our systems: comma list of nf4, bf16")
+    p.add_argument("--peer", action="append", default=[], choices=("bnb",))
+    p.add_argument("--out", default="benchmarks/out")
+    p.add_argument("--system", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.batch = args.batch or [1]
+    args.prompt = args.prompt or [128]
+    if args.new < 2:
+        raise SystemExit("--new must be >= 2 (decode time = total - prefill over new - 1)")
+    if args.system:
+        _child(args)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    systems = [s for s in args.which.split(",") if s] + list(args.peer)
+    for s in systems:
+        if s not in ("nf4", "bf16", "bnb"):
+            raise SystemExit(f"unknown system {s!r}: --which takes nf4 and bf16")
+    rows = []
+    for prompt in args.prompt:
+        for batch in args.batch:
+            for system in systems:
+                cmd = [sys.executable, "-m", "benchmarks.generate", "--system", system,
+                       "--shape", args.shape, "--batch", str(batch), "--prompt", str(prompt),
+                       "--new", str(args.new), "--rank", str(args.rank)]
+                env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+                line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")),
+                            None)
+                if proc.returncode != 0 or line is None:
+                    res = dict(bench="generate", system=system, shape=args.shape, batch=batch,
+                               prompt=prompt, error=f"exit code {proc.returncode}")
+                else:
+                    res = json.loads(line[len("RESULT "):])
+                rows.append(res)
+                print(json.dumps(res), flush=True)
+                with open(os.path.join(args.out, "generate.jsonl"), "a") as f:
+                    f.write(json.dumps(res) + "\n")
+    for r in rows:
+        if "decode_tokens_per_s" in r:
+            print(f"{r['shape']} b{r['batch']} p{r['prompt']} {r['system']:>26} {r['weights']}: "
+                  f"{r['decode_tokens_per_s']:>9} tok/s {r['ms_per_token']:>8} ms/token "
+                  f"limit {r.get('fraction_of_limit', '-')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

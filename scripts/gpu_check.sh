@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Every GPU test and a short train-step benchmark, in one run on a GPU machine (repo root).
+#
+# Usage: scripts/gpu_check.sh [PART ...]        (no PART: tests kernels bench)
+#   tests    every test marked `gpu` (python -m pytest -m gpu tests) and the attention tests
+#            whose tolerances depend on the device (tests/models/test_attention.py)
+#   kernels  the Pallas 4-bit kernel tests with the kernels compiled for the GPU
+#            (tests/quant/test_kernels.py, tests/models/test_in_place.py)
+#   bench    python -m benchmarks.train_step --shape llama-8b --batch 1 --seq 2048 --rank 16
+#   "CMD"    any other argument is run as a shell command (say another benchmark:
+#            "python3 -m benchmarks.generate --out \$W"); $W is the work directory
+#
+# The wheels in .whl/ (bitsandbytes, ml_collections, qwix, tensorboardX, gguf) are installed
+# into /tmp/site first. Each part runs under its own time limit (PART_TIMEOUT, default 240 s);
+# the three default parts take about 5 minutes on an H100. Written to $OUT (when set, at most 8
+# files; updated after each part, so a run stopped at its limit still returns what is done):
+# summary.txt (environment, and each part's exit code, seconds and last result lines),
+# tests.log, kernels.log, bench.log, train_step.jsonl and logs.tgz (every log, the extra
+# commands' too). Exit code: the number of parts that failed.
+set -u
+cd "$(dirname "$0")/.."
+W=${W:-/tmp/gpu_check}
+PART_TIMEOUT=${PART_TIMEOUT:-240}
+mkdir -p "$W"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+SUMMARY=$W/summary.txt
+{
+  echo "gpu_check $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null) parts: ${*:-tests kernels bench}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tail -1
+  python3 -c "import pytest; print('pytest', pytest.__version__)" 2>&1 | tail -1
+} > "$SUMMARY"
+cat "$SUMMARY"
+
+save() {  # copy what is done so far to $OUT
+  [ -n "${OUT:-}" ] || return 0
+  cp "$SUMMARY" "$OUT/"
+  for f in tests.log kernels.log bench.log train_step.jsonl; do
+    [ -f "$W/$f" ] && cp "$W/$f" "$OUT/"
+  done
+  tar czf "$OUT/logs.tgz" -C "$W" --exclude='*.pb' --exclude='*.json.gz' . 2>/dev/null
+}
+
+PYTEST="python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15"
+failed=0
+n=0
+run_part() {  # NAME COMMAND
+  local name=$1 cmd=$2 t0 rc
+  echo "== $name $(date -u +%T): $cmd" | tee -a "$SUMMARY"
+  t0=$(date +%s)
+  timeout "$PART_TIMEOUT" bash -c "$cmd" > "$W/$name.log" 2>&1
+  rc=$?
+  echo "rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$SUMMARY"
+  grep -E '^RESULT|^\{|passed|failed|error|Error|^FAILED|^ERROR' "$W/$name.log" | cut -c1-600 \
+    | tail -8 | tee -a "$SUMMARY"
+  [ "$rc" -eq 0 ] || failed=$((failed + 1))
+  save
+}
+
+[ $# -gt 0 ] || set -- tests kernels bench
+for part in "$@"; do
+  case "$part" in
+    tests)
+      run_part tests "$PYTEST -m gpu tests && $PYTEST tests/models/test_attention.py" ;;
+    kernels)
+      run_part kernels "$PYTEST tests/quant/test_kernels.py tests/models/test_in_place.py" ;;
+    bench)
+      run_part bench "python3 -m benchmarks.train_step --shape llama-8b --batch 1 --seq 2048 \
+--rank 16 --steps 6 --out $W" ;;
+    *)
+      n=$((n + 1))
+      run_part "cmd_$n" "W=$W; ${part}" ;;
+  esac
+done
+echo "parts failed: $failed" | tee -a "$SUMMARY"
+save
+exit "$failed"

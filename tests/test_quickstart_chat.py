@@ -27,25 +27,19 @@ def gguf_path() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def model_path(gguf_path, tmp_path_factory) -> str:
-    """What our loader reads: the GGUF itself."""
-    return gguf_path
-
-
 @pytest.mark.slow
-def test_chat_quickstart_reduced_and_peft_equals_ours(model_path, gguf_path, tmp_path):
+def test_chat_quickstart_reduced_and_peft_equals_ours(gguf_path, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     wd = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     overrides = ["--config.train.steps=2", "--config.train.batch_size=2",
-                 "--config.train.seq_len=64", "--config.train.eval_every=2",
+                 "--config.train.seq_len=128", "--config.train.eval_every=2",
                  "--config.train.eval_batches=1", "--config.train.eval_batch_size=2",
                  "--config.train.log_every=1", "--config.train.samples=1",
                  "--config.train.sample_tokens=3", "--config.optim.learning_rate=0.02",
-                 "--config.optim.warmup_steps=1", f"--config.model.path={model_path}",
+                 "--config.optim.warmup_steps=1", f"--config.model.path={gguf_path}",
                  "--config.train.progress=lines"]
     r = subprocess.run([sys.executable, "-m", "qlora_jax.launch", "--config", CONFIG,
                         "--workdir", str(wd), *overrides], cwd=ROOT, env=env,
@@ -77,7 +71,7 @@ def test_chat_quickstart_reduced_and_peft_equals_ours(model_path, gguf_path, tmp
         ref = peft.PeftModel.from_pretrained(base, str(wd / "adapter"))
         want = ref(torch.as_tensor(ids)).logits.numpy()
     # ... equals ours: the same float base read by qj, the adapter read by qj.load_peft.
-    model, params = qj.from_pretrained(model_path, dtype=jnp.float32)
+    model, params = qj.from_pretrained(gguf_path, dtype=jnp.float32)
     model, params = qj.load_peft(model, params, str(wd / "adapter"))
     ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids, jnp.int32)),
                       np.float32)

@@ -54,8 +54,10 @@ def test_chat_quickstart_reduced_and_peft_equals_ours(gguf_path, tmp_path):
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
     with open(wd / "adapter" / "adapter_config.json") as f:
         adapter_cfg = json.load(f)
-    assert sorted(adapter_cfg["target_modules"]) == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    targets = adapter_cfg["target_modules"]  # every linear layer of the 30 (module paths)
+    assert {t.rsplit(".", 1)[-1] for t in targets} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(targets) == 30 * 7
 
     # The adapter on transformers' SmolLM2 (dequantized from the GGUF, float32) through peft ...
     base = transformers.AutoModelForCausalLM.from_pretrained(

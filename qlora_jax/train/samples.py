@@ -49,8 +49,9 @@ def generate_texts(model: Any, params: Any, tokenizer: Any,
 def prompt_text(tokenizer: Any, ids: list[int]) -> str:
     """The last user turn of a prompt, for display (the whole prompt when it has no turns)."""
     text = tokenizer.decode(ids, skip_special_tokens=False)
-    specials = [s for s in tokenizer.special_tokens.values() if s]
-    for s in specials:
+    added = tokenizer.backend.get_added_tokens_decoder().values()
+    specials = {t.content for t in added if t.special} | set(tokenizer.special_tokens.values())
+    for s in sorted(specials, key=len, reverse=True):
         text = text.replace(s, "\n")
     lines = [ln for ln in text.split("\n") if ln.strip()]
     # Chat prompts end with the assistant header; show the user's message before it.

@@ -164,14 +164,16 @@ def _llama3_scaling(freqs: np.ndarray, meta: Mapping[str, Any], arch: str, file:
     head_dim = 2 * freqs.size
     theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
     factor = float(freqs.max())
-    for low, high, original in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 2048)):
-        want = llama3_factors(head_dim, theta, factor, low, high, original)
-        if np.allclose(want, freqs, rtol=1e-5, atol=1e-6):
-            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                    "high_freq_factor": high, "original_max_position_embeddings": original}
+    # The factors fix the rope completely: any parameters that reproduce them are equivalent.
+    for high in (4.0, 2.0, 8.0):
+        for original in [8192] + [2 ** k for k in range(4, 18) if k != 13]:
+            want = llama3_factors(head_dim, theta, factor, 1.0, high, original)
+            if np.allclose(want, freqs, rtol=1e-5, atol=1e-6):
+                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                        "high_freq_factor": high, "original_max_position_embeddings": original}
     raise GGUFError(f"{file}: rope_freqs.weight holds per-frequency rope factors that match no "
-                    "Llama 3 scaling qlora_jax recognises (low/high 1/4, original context 2048, "
-                    "4096 or 8192); this GGUF is not supported")
+                    "Llama 3 scaling (low_freq_factor 1, high_freq_factor 2/4/8, original "
+                    "context a power of two); this GGUF is not supported")
 
 
 def hf_config(reader: Any, file: str = "") -> dict[str, Any]:

@@ -80,8 +80,14 @@ class LoraDense(nn.Module):
     lora_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        """x ``[..., in]`` -> ``[..., out]``; dropout on the adapter input unless deterministic."""
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 adapter_index: Optional[jax.Array] = None) -> jax.Array:
+        """x ``[..., in]`` -> ``[..., out]``; dropout on the adapter input unless deterministic.
+
+        Adapters stacked by ``qj.lora.stack_adapters`` (``lora_a`` ``[N, in, R]``) need
+        ``adapter_index`` (int ``[B]``, x ``[B, ..., in]``): row b uses adapter
+        ``adapter_index[b]`` (a gather per row over one shared frozen kernel).
+        """
         in_features = x.shape[-1]
         if self.has_variable("params", "kernel"):
             # Loaded weights may be a QTensor whatever `quant` says: read them as they are.
@@ -103,6 +109,9 @@ class LoraDense(nn.Module):
         spec = self.lora
         if spec is None:
             return y
+        if self.has_variable("params", "lora_a") and jnp.ndim(
+                meta.unbox(self.get_variable("params", "lora_a"))) == 3:
+            return y + self._stacked_delta(x, spec, adapter_index).astype(y.dtype)
         a = self.param("lora_a", lora_a_init(spec), (in_features, spec.r), self.lora_dtype)
         b = self.param("lora_b", lora_b_init(spec), (spec.r, self.features), self.lora_dtype)
         h = x
@@ -111,6 +120,27 @@ class LoraDense(nn.Module):
         h, a, b = nn.dtypes.promote_dtype(h, a, b, dtype=self.dtype)
         delta = jnp.dot(jnp.dot(h, a), b) * jnp.asarray(spec.scaling, h.dtype)
         return y + delta.astype(y.dtype)
+
+    def _stacked_delta(self, x: jax.Array, spec: LoraSpec,
+                       adapter_index: Optional[jax.Array]) -> jax.Array:
+        """``scaling * x A_i B_i`` with ``i = adapter_index[b]`` for row b (stacked adapters)."""
+        a = meta.unbox(self.get_variable("params", "lora_a"))  # [N, in, R]
+        b = meta.unbox(self.get_variable("params", "lora_b"))  # [N, R, out]
+        if adapter_index is None:
+            raise ValueError(f"{'.'.join(self.scope.path)}: the params hold {a.shape[0]} stacked "
+                             "adapters (qj.lora.stack_adapters); pass adapter_index (int [B]) "
+                             "to pick each row's adapter")
+        if x.ndim < 2 or jnp.shape(adapter_index) != x.shape[:1]:
+            raise ValueError(f"adapter_index must be [B] = {list(x.shape[:1])} for x of shape "
+                             f"{list(x.shape)}, got {list(jnp.shape(adapter_index))}")
+        a = jnp.take(a, adapter_index, axis=0)  # [B, in, R]
+        b = jnp.take(b, adapter_index, axis=0)  # [B, R, out]
+        h, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=self.dtype)
+        lead = h.shape
+        h3 = h.reshape(lead[0], -1, lead[-1])  # [B, T, in]
+        low = jnp.einsum("bti,bir->btr", h3, a)
+        delta = jnp.einsum("btr,bro->bto", low, b) * jnp.asarray(spec.scaling, h.dtype)
+        return delta.reshape(lead[:-1] + (b.shape[-1],))
 
     def _init_kernel(self, key: jax.Array, shape: tuple[int, int]) -> Any:
         w = self.kernel_init(key, shape, self.param_dtype)

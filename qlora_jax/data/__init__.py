@@ -25,18 +25,20 @@ Datasets (``build_dataset`` picks the class from the records' format):
 - `InstructDataset` (Alpaca ``instruction``/``input``/``output``, ``prompt``/``response`` or chat
   ``messages``; ``kind == "causal_lm"``): batches ``input_ids``, ``targets`` (next token,
   already shifted), ``loss_mask`` (float32, 1 only where the target is a response token or the
-  closing eos of the same example), ``segment_ids``, ``positions``, ``attention_mask``, all
+  closing eos of the same example), ``segment_ids``, ``position_ids``, ``attention_mask``, all
   [B, T], and ``weights`` [B]. Loss = sum(CE(logits, targets) * loss_mask) / sum(loss_mask).
-  With ``packing=True`` rows hold several examples: attend within equal ``segment_ids`` and use
-  ``positions``.
+  With ``packing=True`` rows hold several examples (best-fit decreasing, see
+  `qlora_jax.data.packing`): attend within equal ``segment_ids`` and use ``position_ids``.
 
 Every batch has ``weights`` float32 [B]: 1 for real rows, 0 for rows that pad the last eval batch.
 Shapes are fixed ([B, seq_len], or one of ``length_buckets``), so a jitted step compiles once per
 shape. Bad input raises `DataError` (a ValueError) naming the file, line and problem, before any
 model work.
 
-Builtin datasets: ``"stdlib_docstrings"`` (splits train/validation/test; 8 labels; Python
-standard-library docstrings labelled by module family; see qlora_jax/data/assets/README.md).
+Builtin datasets (see qlora_jax/data/assets/README.md): ``"stdlib_docstrings"`` (splits
+train/validation/test; 8 labels; Python standard-library docstrings labelled by module family)
+and ``"stdlib_chat"`` (splits train/validation; chat conversations about standard-library
+functions, answered in a fixed three-line card).
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ from typing import Any
 
 import ml_collections
 
-from qlora_jax.data.builtin import BUILTINS, builtin_labels, builtin_path
+from qlora_jax.data.builtin import BUILTINS, CLASSIFICATION, builtin_labels, builtin_path
 from qlora_jax.data.chat_template import apply_chat_template
 from qlora_jax.data.classification import ClassificationDataset, resolve_labels
 from qlora_jax.data.errors import DataError
-from qlora_jax.data.instruct import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, InstructDataset,
+from qlora_jax.data.instruct import (ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, OVERLONG,
+                                     InstructDataset,
                                      encode_prompt, to_hf_labels,
                                      tokenize_records)
 from qlora_jax.data.jsonl import FORMATS, load_records
@@ -62,18 +65,21 @@ Dataset = ClassificationDataset | InstructDataset
 
 def build_dataset(path: str, tokenizer: Tokenizer | str, seq_len: int, *, split: str = "train",
                   format: str = "auto", packing: bool = False,
-                  label_names: Sequence[str] | None = None) -> Dataset:
+                  label_names: Sequence[str] | None = None,
+                  overlong: str = "truncate") -> Dataset:
     """Reads, validates and tokenises a dataset.
 
     Args:
-        path: a builtin dataset name (``"stdlib_docstrings"``) or a JSONL file.
+        path: a builtin dataset name (``"stdlib_docstrings"``, ``"stdlib_chat"``) or a JSONL file.
         tokenizer: a `Tokenizer`, or a checkpoint directory / tokenizer.json path to load.
-        seq_len: tokens per row (T); longer examples are cut at the right.
+        seq_len: tokens per row (T); longer examples are cut at the right (see ``overlong``).
         split: split of a builtin dataset ("train", "validation", "test"); ignored for files.
         format: "auto" or one of "alpaca", "prompt_response", "chat", "classification".
         packing: pack several instruction examples per row (ignored for classification).
         label_names: classification label list (index = id); builtins bring their own. Pass the
             training set's ``label_names`` when building its evaluation set.
+        overlong: instruction examples longer than seq_len: ``"truncate"`` (cut, counted in
+            the dataset's ``truncated``) or ``"error"`` (raise).
 
     Returns:
         A `ClassificationDataset` or an `InstructDataset`.
@@ -86,7 +92,7 @@ def build_dataset(path: str, tokenizer: Tokenizer | str, seq_len: int, *, split:
         raise DataError(f"seq_len must be an int >= 2, got {seq_len!r}")
     if path in BUILTINS:
         file = builtin_path(path, split)
-        if label_names is None:
+        if label_names is None and path in CLASSIFICATION:
             label_names = builtin_labels(path)
     else:
         file = path
@@ -97,8 +103,10 @@ def build_dataset(path: str, tokenizer: Tokenizer | str, seq_len: int, *, split:
         labels, names = resolve_labels(records, file, label_names)
         return ClassificationDataset([r["text"] for _, r in records], labels, names, tokenizer,
                                      seq_len)
-    ids, learned, dropped = tokenize_records([r for _, r in records], fmt, tokenizer, seq_len)
-    return InstructDataset(ids, learned, seq_len, tokenizer.pad_id, packing, fmt, dropped)
+    ids, learned, dropped, truncated = tokenize_records([r for _, r in records], fmt, tokenizer,
+                                                        seq_len, overlong)
+    return InstructDataset(ids, learned, seq_len, tokenizer.pad_id, packing, fmt, dropped,
+                           truncated)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -112,6 +120,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.format = "auto"
     # Pack several instruction examples into each row (the model must honour segment_ids).
     c.packing = False
+    # Instruction examples longer than train.seq_len: "truncate" (cut, counted in the log) or
+    # "error" (refuse the data).
+    c.overlong = "truncate"
     # Optional shorter row lengths to pad batches to (each compiles once); () = seq_len only.
     c.length_buckets = ()
     # Classification label names for string labels; () = builtin labels or derived from data.
@@ -132,22 +143,24 @@ def datasets_from_config(config: Mapping[str, Any] | ml_collections.ConfigDict,
         tokenizer = load_tokenizer(tokenizer)
     labels = list(get("labels")) or None
     train = build_dataset(get("path"), tokenizer, seq_len, split="train", format=get("format"),
-                          packing=bool(get("packing")), label_names=labels)
+                          packing=bool(get("packing")), label_names=labels,
+                          overlong=get("overlong"))
     names = getattr(train, "label_names", None)
     evaluation = None
     if get("eval_path"):
         evaluation = build_dataset(get("eval_path"), tokenizer, seq_len, format=get("format"),
-                                   packing=bool(get("packing")), label_names=names)
+                                   packing=bool(get("packing")), label_names=names,
+                                   overlong=get("overlong"))
     elif get("path") in BUILTINS:
         evaluation = build_dataset(get("path"), tokenizer, seq_len, split="validation",
                                    format=get("format"), packing=bool(get("packing")),
-                                   label_names=names)
+                                   label_names=names, overlong=get("overlong"))
     return train, evaluation
 
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "BUILTINS", "apply_chat_template", "ClassificationDataset", "DataError",
-    "Dataset", "EvalLoader", "FORMATS", "InstructDataset", "Tokenizer", "TrainLoader",
+    "Dataset", "EvalLoader", "FORMATS", "OVERLONG", "InstructDataset", "Tokenizer", "TrainLoader",
     "build_dataset", "encode_prompt", "datasets_from_config", "default_config", "load_tokenizer",
     "to_hf_labels",
 ]

@@ -39,6 +39,7 @@ import numpy as np
 
 from qlora_jax.data.chat_template import apply_chat_template
 from qlora_jax.data.errors import DataError
+from qlora_jax.data.packing import fill_fraction, pack_rows
 from qlora_jax.data.tokenizer import Tokenizer
 
 ALPACA_PROMPT = (
@@ -120,28 +121,38 @@ def encode_prompt(record: dict[str, Any], fmt: str, tokenizer: Tokenizer) -> lis
     return ids
 
 
+OVERLONG = ("truncate", "error")
+
+
 def tokenize_records(records: Sequence[dict[str, Any]], fmt: str, tokenizer: Tokenizer,
-                     seq_len: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+                     seq_len: int, overlong: str = "truncate"
+                     ) -> tuple[list[np.ndarray], list[np.ndarray], int, int]:
     """Tokenises instruction records into ids and learned-token flags, truncated to seq_len.
 
     Args:
         records: validated records of one format.
         fmt: their format.
         tokenizer: the checkpoint's tokenizer.
-        seq_len: maximum tokens an example keeps (the right end is cut).
+        seq_len: maximum tokens an example keeps.
+        overlong: what to do with an example longer than seq_len: ``"truncate"`` (cut its
+            right end; counted) or ``"error"`` (refuse the data).
 
     Returns:
-        (ids, learned, dropped): int32 [n_i] ids and bool [n_i] flags per kept example, and the
-        number of examples dropped because no learned token survived truncation.
+        (ids, learned, dropped, truncated): int32 [n_i] ids and bool [n_i] flags per kept
+        example, the number of examples dropped because no learned token survived truncation,
+        and the number of examples cut to seq_len.
 
     Raises:
         DataError: the tokenizer has no end token (and, for chat, no chat template), or the
-            chat template refuses a conversation.
+            chat template refuses a conversation; ``overlong="error"`` and an example is longer
+            than seq_len; an unknown ``overlong``.
     """
+    if overlong not in OVERLONG:
+        raise DataError(f"overlong={overlong!r} is not allowed; use one of {OVERLONG}")
     if fmt == "chat" and tokenizer.chat_template:  # the template writes its end-of-turn tokens
         pairs = [apply_chat_template(tokenizer, r["messages"]) for r in records]
         return _truncate([np.asarray(i, np.int32) for i, _ in pairs],
-                         [np.asarray(m, np.bool_) for _, m in pairs], seq_len)
+                         [np.asarray(m, np.bool_) for _, m in pairs], seq_len, overlong)
     end = tokenizer.end_id
     if end is None:
         raise DataError("the tokenizer names no eos (or [SEP]) token, so responses cannot be "
@@ -162,12 +173,18 @@ def tokenize_records(records: Sequence[dict[str, Any]], fmt: str, tokenizer: Tok
             learned += [is_learned] * len(chunk)
         all_ids.append(np.asarray(ids, np.int32))
         all_learned.append(np.asarray(learned, np.bool_))
-    return _truncate(all_ids, all_learned, seq_len)
+    return _truncate(all_ids, all_learned, seq_len, overlong)
 
 
-def _truncate(ids: list[np.ndarray], learned: list[np.ndarray], seq_len: int
-              ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """Cuts examples to seq_len and drops those left without a learned token after the first."""
+def _truncate(ids: list[np.ndarray], learned: list[np.ndarray], seq_len: int,
+              overlong: str = "truncate") -> tuple[list[np.ndarray], list[np.ndarray], int, int]:
+    """Cuts examples to seq_len (or refuses them, ``overlong="error"``) and drops those left
+    without a learned token after the first; returns (ids, learned, dropped, truncated)."""
+    longer = [len(i) for i in ids if len(i) > seq_len]
+    if longer and overlong == "error":
+        raise DataError(f"{len(longer)} of {len(ids)} examples are longer than seq_len={seq_len}"
+                        f" tokens (the longest has {max(longer)}); raise train.seq_len, or set "
+                        "data.overlong='truncate' to cut them")
     kept_ids, kept_learned, dropped = [], [], 0
     for i, flags in zip(ids, learned):
         i, flags = i[:seq_len], flags[:seq_len]
@@ -181,14 +198,15 @@ def _truncate(ids: list[np.ndarray], learned: list[np.ndarray], seq_len: int
         warnings.warn(f"{dropped} of {len(ids)} examples have no response token within "
                       f"seq_len={seq_len} and were dropped; raise seq_len to keep them",
                       stacklevel=3)
-    return kept_ids, kept_learned, dropped
+    return kept_ids, kept_learned, dropped, len(longer)
 
 
 class InstructDataset:
     """Tokenised instruction examples, collated into causal-LM batches.
 
-    Rows hold one example each (padding), or several consecutive examples (``packing=True``),
-    greedily filled up to seq_len in the given order. A batch has, all of shape [B, T]:
+    Rows hold one example each (padding), or several examples (``packing=True``), packed into
+    rows of seq_len by best-fit decreasing (`qlora_jax.data.packing.pack_rows`: deterministic,
+    rows in the order of their first example). A batch has, all of shape [B, T]:
 
     - ``input_ids`` int32 (pad_id after the tokens),
     - ``targets`` int32: the next token, ``targets[t] = input_ids[t + 1]`` within an example,
@@ -196,12 +214,12 @@ class InstructDataset:
       same example; 0 on prompt tokens, on the last token of each example (its next token belongs
       to another example) and on padding, so no loss crosses an example boundary,
     - ``segment_ids`` int32: 1, 2, ... for the examples of a row, 0 on padding,
-    - ``positions`` int32: position within its example (restarts at 0 for each example),
+    - ``position_ids`` int32: position within its example (restarts at 0 for each example),
     - ``attention_mask`` int32: 1 on tokens, 0 on padding,
 
     and ``weights`` float32 [B]: 1 for a real row, 0 for a padding row. With packing the model must
-    attend only within a segment (mask from ``segment_ids``) and use ``positions``; without it
-    ``attention_mask`` suffices.
+    attend only within a segment (mask from ``segment_ids``) and use ``position_ids``; without
+    it ``attention_mask`` suffices.
 
     Attributes:
         ids: int32 token ids per example.
@@ -211,17 +229,19 @@ class InstructDataset:
         pad_id: id written on padding.
         format: the record format.
         dropped: examples dropped at truncation.
+        truncated: examples cut to seq_len.
     """
 
     kind = "causal_lm"
 
     def __init__(self, ids: list[np.ndarray], learned: list[np.ndarray], seq_len: int,
-                 pad_id: int, packing: bool = False, fmt: str = "", dropped: int = 0):
+                 pad_id: int, packing: bool = False, fmt: str = "", dropped: int = 0,
+                 truncated: int = 0):
         if not ids:
             raise DataError("no usable examples (all were empty or dropped at truncation)")
         self.ids, self.learned = ids, learned
         self.seq_len, self.pad_id, self.packing = seq_len, pad_id, packing
-        self.format, self.dropped = fmt, dropped
+        self.format, self.dropped, self.truncated = fmt, dropped, truncated
         self._lengths = np.array([len(x) for x in ids], np.int64)
 
     def __len__(self) -> int:
@@ -236,17 +256,20 @@ class InstructDataset:
         """Groups example indices, in `order`, into rows of at most seq_len tokens."""
         if not self.packing:
             return [(int(i),) for i in order]
-        rows, current, used = [], [], 0
-        for i in order:
-            n = int(self._lengths[i])
-            if current and used + n > self.seq_len:
-                rows.append(tuple(current))
-                current, used = [], 0
-            current.append(int(i))
-            used += n
-        if current:
-            rows.append(tuple(current))
-        return rows
+        return pack_rows(self._lengths, order, self.seq_len)
+
+    def summary(self) -> str:
+        """One line for the run log: examples, rows, token fill of the rows, truncations."""
+        rows = self.make_rows(np.arange(len(self)))
+        fill = fill_fraction(self._lengths, rows, self.seq_len)
+        layout = "packed into" if self.packing else "one a row in"
+        line = (f"{len(self)} examples {layout} {len(rows)} rows of {self.seq_len} tokens "
+                f"({fill:.1%} tokens, {1 - fill:.1%} padding)")
+        if self.truncated:
+            line += f"; {self.truncated} examples longer than {self.seq_len} tokens were truncated"
+        if self.dropped:
+            line += f"; {self.dropped} dropped (no response token within seq_len)"
+        return line
 
     def row_length(self, row: Sequence[int]) -> int:
         """Tokens in a row."""
@@ -264,7 +287,7 @@ class InstructDataset:
             "targets": np.zeros(shape, np.int32),
             "loss_mask": np.zeros(shape, np.float32),
             "segment_ids": np.zeros(shape, np.int32),
-            "positions": np.zeros(shape, np.int32),
+            "position_ids": np.zeros(shape, np.int32),
             "attention_mask": np.zeros(shape, np.int32),
             "weights": np.zeros((batch_size,), np.float32),
         }
@@ -281,7 +304,7 @@ class InstructDataset:
                 batch["targets"][b, start:end - 1] = ids[1:]
                 batch["loss_mask"][b, start:end - 1] = learned[1:]
                 batch["segment_ids"][b, start:end] = segment
-                batch["positions"][b, start:end] = np.arange(n, dtype=np.int32)
+                batch["position_ids"][b, start:end] = np.arange(n, dtype=np.int32)
                 batch["attention_mask"][b, start:end] = 1
                 start = end
         return batch
@@ -290,7 +313,8 @@ class InstructDataset:
         """Short string that changes when the examples or row layout change (checked on resume)."""
         crc = zlib.crc32(np.concatenate(self.ids).tobytes())
         crc = zlib.crc32(np.concatenate(self.learned).tobytes(), crc)
-        return f"{self.kind}:{len(self)}:{crc:08x}:{self.seq_len}:{int(self.packing)}"
+        layout = "bfd" if self.packing else "0"  # the packing algorithm fixes the rows too
+        return f"{self.kind}:{len(self)}:{crc:08x}:{self.seq_len}:{layout}"
 
 
 def to_hf_labels(batch: dict[str, np.ndarray]) -> np.ndarray:

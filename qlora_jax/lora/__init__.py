@@ -5,13 +5,14 @@
     trainable, frozen = qj.lora.partition(params)  # train `trainable` with any optax optimizer
     params = qj.lora.combine(trainable, frozen)
     model, merged = qj.lora.merge(model, params)   # fold adapters into the base weights
+    stacked = qj.lora.stack_adapters([pa, pb])     # many adapters over one base (generate)
 
 Params-tree helpers (flatten by path, counts, bytes) live in ``qlora_jax.lora.tree``.
 """
 
 from qlora_jax.lora.config import LoraConfig, LoraSpec
 from qlora_jax.lora.dense import LoraDense
-from qlora_jax.lora.merge import merge, unmerge
+from qlora_jax.lora.merge import dora_norms, merge, unmerge
 from qlora_jax.lora.params import adapters, combine, partition, trainable_mask
 from qlora_jax.lora.plan import LoraPlan, ModuleSite, resolve
 from qlora_jax.lora.stack import stack_adapters
@@ -19,5 +20,6 @@ from qlora_jax.lora.trainable import Trainable
 
 __all__ = [
     "LoraConfig", "LoraDense", "LoraPlan", "LoraSpec", "ModuleSite", "Trainable", "adapters",
-    "combine", "merge", "partition", "resolve", "stack_adapters", "trainable_mask", "unmerge",
+    "combine", "dora_norms", "merge", "partition", "resolve", "stack_adapters", "trainable_mask",
+    "unmerge",
 ]

@@ -1,7 +1,7 @@
 """Which leaves of a params tree train, and splitting a tree into trainable and frozen parts.
 
 The params tree holds frozen weights (float arrays or QTensors), adapters
-(``lora_a`` / ``lora_b`` leaves beside the kernel they adapt) and
+(``lora_a`` / ``lora_b`` leaves, and DoRA's ``lora_magnitude``, beside the kernel they adapt) and
 ``modules_to_save`` weights (boxed in ``Trainable``). "Leaves" here treat a
 QTensor and a Trainable box as single leaves.
 """
@@ -13,7 +13,7 @@ from typing import Any
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.lora.tree import Params, flatten, unflatten
 
-ADAPTER_NAMES = ("lora_a", "lora_b")
+ADAPTER_NAMES = ("lora_a", "lora_b", "lora_magnitude")
 
 
 def is_adapter_path(path: tuple[str, ...]) -> bool:
@@ -52,7 +52,7 @@ def combine(*trees: Params) -> Params:
 
 
 def adapters(params: Params) -> Params:
-    """The adapter leaves only (``lora_a`` / ``lora_b``)."""
+    """The adapter leaves only (``lora_a`` / ``lora_b`` / ``lora_magnitude``)."""
     return unflatten({p: v for p, v in flatten(params).items() if is_adapter_path(p)})
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.lora.plan import ModuleSite
+from qlora_jax.models import segments
 from qlora_jax.quant.config import QuantConfig
 
 Path = tuple[str, ...]
@@ -25,7 +26,7 @@ REMAT_MODES = ("none", "full", "dots_saveable", "offload", "qkv", "attention")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 #: ``checkpoint_name`` tags the attention block puts on its post-RoPE projections.
 QKV_NAMES = ("attn_q", "attn_k", "attn_v")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 
 
 # -- normalisation ---------------------------------------------------------------------------
@@ -245,12 +246,22 @@ def attention_impl(impl: str, q: jax.Array, mask: Optional[jax.Array]) -> str:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array],
-                          scale: float, impl: str = "auto") -> jax.Array:
+                          scale: float, impl: str = "auto",
+                          segment_ids: Optional[jax.Array] = None) -> jax.Array:
     """Softmax attention ``[B, T, H, K] x [B, S, G, K] -> [B, T, H, K]`` (GQA: H a multiple of G).
 
     Causal when ``mask`` is None, else ``mask`` (bool ``[B, 1, T, S]``) says what is visible.
     ``impl``: ``"auto"`` (see ``attention_impl``), ``"xla"`` or ``"cudnn"`` (causal, no mask).
+    With ``segment_ids`` (``[B, T]``; the model chose the fused path, see
+    ``models.segments.segment_attention_impl``) the Pallas kernel attends causally within
+    segments (interpret mode off GPUs).
     """
+    if segment_ids is not None:
+        return segments.fused_segment_attention(q, k, v, segment_ids, scale,
+                                                interpret=jax.default_backend() != "gpu")
+    if impl == "pallas":
+        raise ValueError("attention='pallas' is the packed-row (segment_ids) kernel; without "
+                         "segment_ids use 'auto', 'xla' or 'cudnn'")
     impl = attention_impl(impl, q, mask)
     if impl == "cudnn" and mask is not None:
         raise ValueError("attention='cudnn' supports causal attention without an explicit mask "

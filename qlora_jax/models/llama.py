@@ -23,10 +23,12 @@ the kernels the model's LoraConfig targets.
 Model API (stable; the training and generation code relies on it):
 
 - ``__call__(input_ids [B, T] int, attention_mask [B, T] 0/1 or None, deterministic=True,
-  position_ids=None, cache=None)``: logits ``[B, T, V]`` (compute dtype, float32 with
-  ``float32_logits``); with a ``KVCache`` it returns ``(logits, new_cache)``.
+  position_ids=None, cache=None, segment_ids=None)``: logits ``[B, T, V]`` (compute dtype,
+  float32 with ``float32_logits``); with a ``KVCache`` it returns ``(logits, new_cache)``.
+  Packed rows: ``segment_ids`` int32 ``[B, T]`` (0 = padding) and ``position_ids`` restarting
+  at 0 in each segment; each example's logits equal its logits alone (``models.segments``).
 - ``init_cache(batch, max_len)``: an empty KVCache for ``generate``.
-- ``hidden_states(input_ids, attention_mask, deterministic, position_ids)`` (method): the final
+- ``hidden_states(input_ids, attention_mask, deterministic, position_ids, segment_ids)``: the final
   normed hidden state ``[B, T, D]``; ``logits_from_hidden(hidden)``: the head alone, so
   ``logits_from_hidden(hidden_states(x)) == __call__(x)`` (chunked losses use the pair).
 - ``module_sites()``, ``lora_plan()``, ``hf_params()`` (checkpoint layout).
@@ -52,6 +54,8 @@ from qlora_jax.lora.config import LoraConfig, LoraSpec
 from qlora_jax.lora.dense import LoraDense
 from qlora_jax.lora.plan import ModuleSite
 from qlora_jax.models.base import LoraModelMixin
+from qlora_jax.models.segments import (positions_from_segments, segment_attention_impl,
+                                       segment_mask)
 from qlora_jax.models.common import (HFParam, KVCache, RMSNorm, Rope, apply_rope, causal_mask,
                                      QKV_NAMES, dot_product_attention,
                                      REMAT_MODES, make_rope, positions_from_mask, quantized_paths,
@@ -223,14 +227,16 @@ class _Attention(nn.Module):
     settings: LayerSettings
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv, index):
+    def __call__(self, x, cos, sin, mask, cache_kv, index, segment_ids=None, adapter_index=None):
         s = self.settings
         c, det = s.config, s.deterministic
         b, t, _ = x.shape
         h, g, k = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = s.dense(h * k, "q_proj", c.qkv_bias, ("embed", "heads"))(x, det).reshape(b, t, h, k)
-        kk = s.dense(g * k, "k_proj", c.qkv_bias, ("embed", "kv"))(x, det).reshape(b, t, g, k)
-        v = s.dense(g * k, "v_proj", c.qkv_bias, ("embed", "kv"))(x, det).reshape(b, t, g, k)
+        ai = adapter_index
+        q = s.dense(h * k, "q_proj", c.qkv_bias, ("embed", "heads"))(x, det, ai).reshape(
+            b, t, h, k)
+        kk = s.dense(g * k, "k_proj", c.qkv_bias, ("embed", "kv"))(x, det, ai).reshape(b, t, g, k)
+        v = s.dense(g * k, "v_proj", c.qkv_bias, ("embed", "kv"))(x, det, ai).reshape(b, t, g, k)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         q = constrain(q, ("batch", "length", "heads", None))
         kk, v = (constrain(a, ("batch", "length", "kv", None)) for a in (kk, v))
@@ -242,22 +248,23 @@ class _Attention(nn.Module):
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
             new_cache = (ck, cv)
             kk, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        out = dot_product_attention(q, kk, v, mask, k ** -0.5, s.attention)
+        out = dot_product_attention(q, kk, v, mask, k ** -0.5, s.attention, segment_ids)
         out = constrain(out.reshape(b, t, h * k), ("batch", "length", "heads"))
-        return s.dense(c.hidden_size, "o_proj", c.o_bias, ("heads", "embed"))(out, det), new_cache
+        return s.dense(c.hidden_size, "o_proj", c.o_bias, ("heads", "embed"))(
+            out, det, ai), new_cache
 
 
 class _MLP(nn.Module):
     settings: LayerSettings
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, adapter_index=None):
         s = self.settings
-        c, det = s.config, s.deterministic
-        gate = s.dense(c.intermediate_size, "gate_proj", c.mlp_bias, ("embed", "mlp"))(x, det)
-        up = s.dense(c.intermediate_size, "up_proj", c.mlp_bias, ("embed", "mlp"))(x, det)
+        c, det, ai = s.config, s.deterministic, adapter_index
+        gate = s.dense(c.intermediate_size, "gate_proj", c.mlp_bias, ("embed", "mlp"))(x, det, ai)
+        up = s.dense(c.intermediate_size, "up_proj", c.mlp_bias, ("embed", "mlp"))(x, det, ai)
         act = constrain(_ACTS[c.hidden_act](gate) * up, ("batch", "length", "mlp"))
-        return s.dense(c.hidden_size, "down_proj", c.mlp_bias, ("mlp", "embed"))(act, det)
+        return s.dense(c.hidden_size, "down_proj", c.mlp_bias, ("mlp", "embed"))(act, det, ai)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -267,15 +274,17 @@ class LlamaDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h, cache_kv, shared):
-        cos, sin, mask, index = shared
+        cos, sin, mask, index, segment_ids, adapter_index = shared
         s = self.settings
         c = s.config
         h = constrain(h, _HIDDEN)
         norm = dict(epsilon=c.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
         a, new_cache = _Attention(s, name="self_attn")(
-            RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index)
+            RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index,
+            segment_ids, adapter_index)
         h = h + a
-        h = h + _MLP(s, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h))
+        h = h + _MLP(s, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h),
+                                    adapter_index)
         return constrain(h, _HIDDEN), new_cache
 
 
@@ -307,11 +316,28 @@ class LlamaModel(nn.Module):
                               metadata_params={nn.PARTITION_NAME: "layers"})(s)
         self.norm = RMSNorm(c.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache):
-        c = self.settings.config
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None,
+                 adapter_index=None):
+        s = self.settings
+        c = s.config
         b, t = input_ids.shape
         h = constrain(self.embed_tokens(input_ids), _HIDDEN)
-        if cache is None:
+        fused_segments = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for training and scoring; "
+                                 "decode with a KV cache one example a row, without them")
+            segment_ids = segment_ids.astype(jnp.int32)
+            valid = None if attention_mask is None else attention_mask.astype(bool)
+            index = jnp.zeros((), jnp.int32)
+            if position_ids is None:
+                position_ids = positions_from_segments(segment_ids)
+            if segment_attention_impl(s.attention, t, c.head_dim, s.dtype or h.dtype,
+                                      c.sliding_window) == "pallas":
+                mask, fused_segments = None, segment_ids
+            else:
+                mask = segment_mask(segment_ids, valid, c.sliding_window)
+        elif cache is None:
             if attention_mask is None:
                 valid = jnp.ones((b, t), bool)
             else:
@@ -332,7 +358,7 @@ class LlamaModel(nn.Module):
             position_ids = jnp.take_along_axis(all_pos, jnp.broadcast_to(slots, (b, t)), axis=1)
         cos, sin = (constrain(a, ("batch", "length", None))
                     for a in rope_cos_sin(c.rope(), position_ids, h.dtype))
-        shared = (cos, sin, mask, index)
+        shared = (cos, sin, mask, index, fused_segments, adapter_index)
         caches = None if cache is None else (cache.k, cache.v)
         if self.is_initializing():
             h, new_kv = self.layers(h, caches, shared)
@@ -429,17 +455,25 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
                  deterministic: bool = True, position_ids: Optional[jax.Array] = None,
                  cache: Optional[KVCache] = None, return_hidden: bool = False,
-                 hidden: Optional[jax.Array] = None) -> Any:
+                 hidden: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None,
+                 adapter_index: Optional[jax.Array] = None) -> Any:
         """Logits ``[B, T, V]``; ``(logits, new_cache)`` when a cache is given.
 
         With ``return_hidden`` the final normed hidden state ``[B, T, D]`` replaces the
         logits; with ``hidden`` (``[B, T, D]``) only the output head runs (``input_ids`` unused).
+        ``segment_ids`` (int32 ``[B, T]``, 0 = padding) packs several examples a row: a token
+        attends only to earlier tokens of its segment, and ``position_ids`` default to restart
+        at 0 in each segment (``models.segments``); not with a cache.
+        ``adapter_index`` (int32 ``[B]``) picks each row's adapter when the params hold several
+        stacked by ``qj.lora.stack_adapters``.
         """
         backbone = self._backbone(deterministic)
         if hidden is not None:
-            return self._head(backbone, hidden, deterministic)
-        h, new_cache = backbone(input_ids, attention_mask, position_ids, cache)
-        out = h if return_hidden else self._head(backbone, h, deterministic)
+            return self._head(backbone, hidden, deterministic, adapter_index)
+        h, new_cache = backbone(input_ids, attention_mask, position_ids, cache, segment_ids,
+                                adapter_index)
+        out = h if return_hidden else self._head(backbone, h, deterministic, adapter_index)
         return out if cache is None else (out, new_cache)
 
     def _backbone(self, deterministic: bool) -> LlamaModel:
@@ -457,7 +491,7 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
         return LayerSettings(self.config, specs, self.quant, quantized, self.dtype,
                              self.param_dtype, self.impl, deterministic, self.attention)
 
-    def _head(self, backbone, h, deterministic):
+    def _head(self, backbone, h, deterministic, adapter_index=None):
         c = self.config
         h = constrain(h, _HIDDEN)
         if c.tie_word_embeddings:
@@ -468,15 +502,17 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
             logits = LoraDense(c.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
                                lora=None if plan is None else plan.spec_at(("lm_head",)),
                                quant=quant, impl=self.impl, kernel_axes=("embed", "vocab"),
-                               name="lm_head")(h, deterministic)
+                               name="lm_head")(h, deterministic, adapter_index)
         logits = constrain(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32) if self.float32_logits else logits
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None,
                       deterministic: bool = True,
-                      position_ids: Optional[jax.Array] = None) -> jax.Array:
+                      position_ids: Optional[jax.Array] = None,
+                      segment_ids: Optional[jax.Array] = None) -> jax.Array:
         """The final normed hidden state ``[B, T, D]`` (``apply(..., method="hidden_states")``)."""
-        return self(input_ids, attention_mask, deterministic, position_ids, return_hidden=True)
+        return self(input_ids, attention_mask, deterministic, position_ids, return_hidden=True,
+                    segment_ids=segment_ids)
 
     def logits_from_hidden(self, hidden: jax.Array, deterministic: bool = True) -> jax.Array:
         """The output head alone: ``[B, T, D]`` -> logits ``[B, T, V]`` (for chunked losses)."""

@@ -35,11 +35,16 @@ class Data:
 
 def check_paths(config: Any) -> None:
     """Raises ConfigError (one short line) for a model/tokenizer path that does not exist."""
+    from qlora_jax.formats.gguf import is_gguf
+
     path = config.model.path
-    if path and not os.path.isdir(path):
+    if path and is_gguf(path):  # a llama.cpp file (or a directory holding one)
+        pass
+    elif path and not os.path.isdir(path):
         raise ConfigError(f"model path {path} does not exist (config.model.path)")
-    if path and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"model path {path} holds no config.json (config.model.path)")
+    elif path and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"model path {path} holds no config.json and no .gguf file "
+                          "(config.model.path)")
     tok = config.model.tokenizer or path
     if not tok:
         raise ConfigError("config.model.tokenizer is empty and there is no model.path to take "
@@ -82,7 +87,7 @@ def check_positions(config: Any) -> None:
 def load_data(config: Any) -> Data:
     """Tokenizer, training set and evaluation set (DataError on bad files or records)."""
     tokenizer = qdata.load_tokenizer(config.model.tokenizer or config.model.path)
-    section = {k: config.data[k] for k in qdata.default_config().keys()}
+    section = {k: config.data[k] for k in qdata.default_config().keys() if k in config.data}
     train, evaluation = qdata.datasets_from_config(section, tokenizer, config.train.seq_len)
     if train.kind != config.model.task:
         raise ConfigError(f"config.data.path={config.data.path} holds {train.kind} data but "
@@ -118,7 +123,9 @@ def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
 
     dtype = DTYPES[config.model.dtype]
     quant, lora = quant_config(config), lora_config(config)
-    kw = dict(impl=config.model.impl, remat=config.model.remat, num_labels=num_labels)
+    # remat="auto" is resolved on the built step (qlora_jax.train.remat); the model starts at none.
+    remat = "none" if config.model.remat == "auto" else config.model.remat
+    kw = dict(impl=config.model.impl, remat=remat, num_labels=num_labels)
     if config.model.path:
         return hf_load.from_pretrained(config.model.path, dtype=dtype, quant=quant, lora=lora,
                                        seed=config.train.seed, **kw)
@@ -142,10 +149,15 @@ def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
 
 
 def make_task(config: Any, model: Any) -> Task:
-    # The causal-LM loaders right-pad every row (packing is refused for causal LMs), so the
-    # attention mask is redundant and the model may use mask-free fused attention.
-    return Task(model, config.model.task, config.train.loss_chunk,
-                right_padded=config.model.task == "causal_lm")
+    """The run's Task: unpacked causal-LM rows are right-padded (the attention mask is redundant
+    and the model may use mask-free fused attention); packed rows pass segment and position ids.
+
+    Raises:
+      ValueError: data.packing=True with a model that does not take segment_ids.
+    """
+    causal = config.model.task == "causal_lm"
+    return Task(model, config.model.task, config.train.loss_chunk, right_padded=causal,
+                packed=causal and bool(config.data.packing))
 
 
 def make_optimizer(config: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:

@@ -18,14 +18,15 @@ import re
 from typing import Any, Mapping, Optional
 
 from qlora_jax.data import FORMATS as DATA_FORMATS
+from qlora_jax.data import OVERLONG
 from qlora_jax.lora.config import INITS
 from qlora_jax.models.common import DTYPES as MODEL_DTYPES
-from qlora_jax.models.common import REMAT_MODES
 from qlora_jax.quant import ALLOWED_BLOCK_SIZES, IMPLS, QTYPES
 from qlora_jax.quant.qtensor import ALLOWED_NESTED_BLOCK_SIZES
 from qlora_jax.train.defaults import OPTIONAL_FIELDS, default_config
 from qlora_jax.train.metrics import PROGRESS_MODES
 from qlora_jax.train.optim import OPTIMIZERS, SCHEDULES
+from qlora_jax.train.remat import CHOICES as REMAT_CHOICES
 from qlora_jax.train.state import ADAPTER_DTYPES
 from qlora_jax.train.task import TASKS
 
@@ -35,7 +36,7 @@ SECTIONS = ("model", "quant", "lora", "data", "optim", "train", "mesh")
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.task": TASKS,
     "model.dtype": tuple(MODEL_DTYPES),
-    "model.remat": REMAT_MODES,
+    "model.remat": REMAT_CHOICES,
     "model.impl": IMPLS,
     "quant.qtype": QTYPES,
     "quant.block_size": ALLOWED_BLOCK_SIZES,
@@ -43,18 +44,19 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "lora.init": INITS,
     "lora.dtype": ADAPTER_DTYPES,
     "data.format": ("auto",) + DATA_FORMATS,
+    "data.overlong": OVERLONG,
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
     "train.progress": PROGRESS_MODES,
 }
 POSITIVE_INTS = ("lora.r", "lora.loftq_iter", "train.steps", "train.batch_size", "train.grad_accum", "train.seq_len",
                  "train.log_every", "train.keep_checkpoints", "train.eval_batch_size",
-                 "mesh.data", "mesh.fsdp", "mesh.tensor")
+                 "train.sample_tokens", "mesh.data", "mesh.fsdp", "mesh.tensor")
 NONNEGATIVE_INTS = ("model.num_labels", "train.checkpoint_every", "train.eval_every",
-                    "train.eval_batches", "train.loss_chunk")
+                    "train.eval_batches", "train.loss_chunk", "train.samples")
 NONNEGATIVE_FLOATS = ("lora.alpha", "optim.loraplus_lr_ratio", "optim.warmup_ratio", "optim.end_lr_ratio",
                       "optim.weight_decay", "optim.max_grad_norm", "optim.b1", "optim.b2",
-                      "optim.eps", "train.checkpoint_every_minutes")
+                      "optim.eps", "train.checkpoint_every_minutes", "train.memory_budget_gib")
 
 
 class ConfigError(ValueError):
@@ -161,9 +163,6 @@ def validate(config: Any, device_count: Optional[int] = None, process_count: int
                           "with --config.data.path=...")
     if field("train.loss_chunk") and field("model.task") != "causal_lm":
         raise ConfigError("config.train.loss_chunk applies to causal_lm models only; set it to 0")
-    if field("data.packing") and field("model.task") == "causal_lm":
-        raise ConfigError("config.data.packing=True needs a model that masks attention by "
-                          "segment_ids; the Llama models do not yet: set data.packing=False")
 
 
 def _dotted_keys(config: Any, prefix: str = "") -> list[str]:

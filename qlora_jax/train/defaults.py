@@ -39,7 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Compute dtype and dtype of the frozen float weights: float32, bfloat16 or float16.
     c.model.dtype = "float32"
     # Layer rematerialisation: none, full, dots_saveable, offload (saved activations on host),
-    # qkv (also keeps each layer's q, k, v) or attention (also the fused attention output).
+    # qkv (also keeps each layer's q, k, v), attention (also the fused attention output), or
+    # auto (the fastest whose compiled step fits the device memory or train.memory_budget_gib).
     c.model.remat = "none"
     # 4-bit matmul implementation: auto (Pallas on GPU/TPU, XLA on CPU), xla or pallas.
     c.model.impl = "auto"
@@ -90,8 +91,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.eval_path = ""
     # Record format: auto, alpaca, prompt_response, chat or classification.
     c.data.format = "auto"
-    # Pack several examples a row (needs a model that honours segment_ids).
+    # Pack several examples a row (best-fit decreasing; attention stays within each example).
     c.data.packing = False
+    # Examples longer than train.seq_len: "truncate" (cut; counted in the log) or "error".
+    c.data.overlong = "truncate"
     # Shorter row lengths to pad batches to (each compiles once); () = seq_len only.
     c.data.length_buckets = ()
     # Label names for string labels (classification); () = builtin or derived.
@@ -134,6 +137,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.grad_accum = 1
     # Tokens a row (T).
     c.train.seq_len = 512
+    # Device memory remat="auto" may plan for, GiB (0 = the device's limit less 10%).
+    c.train.memory_budget_gib = 0.0
     # Log every this many steps.
     c.train.log_every = 10
     # Save a checkpoint every this many steps (0 = only at the end).
@@ -155,6 +160,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.loss_chunk = 0
     # Progress display: auto (bar on a terminal), bar or lines.
     c.train.progress = "auto"
+    # Held-out prompts of a causal LM answered greedily before and after training (printed).
+    c.train.samples = 0
+    # Tokens generated for each of them.
+    c.train.sample_tokens = 48
 
     c.mesh = ml_collections.ConfigDict()
     # Data-parallel devices.

@@ -12,9 +12,12 @@ Workdir layout::
 metrics.jsonl records of training steps hold ``step``, ``loss`` (mean over the logged window),
 ``grad_norm`` (before clipping), ``accuracy`` (next-token or label accuracy on the loss positions),
 ``learning_rate``, ``tokens_per_s`` (non-padding tokens a second over the window, compilation
-included in the first), ``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
+included in the first), ``padding_fraction`` (share of the window's token slots that are padding),
+``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
 qlora_jax.train.metrics); eval.jsonl records hold ``eval_loss``, ``eval_accuracy``,
-``eval_perplexity`` (causal LMs) and ``eval_count``.
+``eval_perplexity`` (causal LMs) and ``eval_count``. With ``train.samples = N`` (causal LMs with
+eval data) the summary also holds the greedy answers to the first N held-out prompts before and
+after training (`qlora_jax.train.samples`).
 
 Running the same config on the same workdir again resumes from the latest complete checkpoint
 and continues exactly as the uninterrupted run would have (deterministic data order; dropout keys
@@ -52,6 +55,7 @@ from qlora_jax.lora import tree as lora_tree
 from qlora_jax.train import build
 from qlora_jax.train import config as train_config
 from qlora_jax.train import preemption
+from qlora_jax.train import remat as remat_auto
 from qlora_jax.train.checkpoint import Checkpointer
 from qlora_jax.train.distributed import Placement, describe_mesh, is_writer
 from qlora_jax.train.metrics import MetricsLogger, NullLogger, peak_memory
@@ -194,6 +198,24 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
     shardings = placement.state_shardings(state, model.param_axes())
     state = placement.put(state, shardings)
     step_shardings = placement.step_shardings(shardings)
+
+    def make_step(task: Any) -> Any:
+        return make_train_step(task, tx, schedule, shardings=step_shardings,
+                               accum_steps=config.train.grad_accum,
+                               offload_state=config.optim.offload_state,
+                               dropout=config.lora.dropout > 0,
+                               nan_at_step=int(os.environ.get(NAN_AT_STEP_ENV, -1)))
+
+    notes = [data.train.summary()] if hasattr(data.train, "summary") else []
+    if config.model.remat == "auto":  # compiles the step per policy until one fits
+        rows = config.train.batch_size // train_shards
+        sample = placement.batch(data.train.collate([], rows, config.train.seq_len))
+        try:
+            model, choice = remat_auto.resolve(config, model, make_step, state, sample)
+        except remat_auto.RematError as e:
+            raise train_config.ConfigError(str(e)) from None
+        task = build.make_task(config, model)
+        notes.append(choice.describe())
     writer = is_writer()
 
     # Bad input is behind us: from here on the workdir is written.
@@ -211,11 +233,7 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
     loader = qdata.TrainLoader(data.train, config.train.batch_size, config.train.seed,
                                state=loader_state, length_buckets=tuple(config.data.length_buckets)
                                or None, shard_index=train_shard, shard_count=train_shards)
-    train_step = make_train_step(task, tx, schedule, shardings=step_shardings,
-                                 accum_steps=config.train.grad_accum,
-                                 offload_state=config.optim.offload_state,
-                                 dropout=config.lora.dropout > 0,
-                                 nan_at_step=int(os.environ.get(NAN_AT_STEP_ENV, -1)))
+    train_step = make_step(task)
     eval_step = make_eval_step(task, shardings=step_shardings)
     kind = config.model.task
 
@@ -236,9 +254,29 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
                 f"{n_trainable:,} trainable parameters, {n_frozen:,} frozen at "
                 f"{bits:.3f} bits each ({q_bits:.3f} bits in the 4-bit weights); "
                 f"{describe_mesh(placement)}")
+    for note in notes:
+        log.message(note)
     summary: dict[str, Any] = {"trainable_params": n_trainable, "frozen_params": n_frozen,
                                "bits_per_frozen_param": bits, "bits_per_4bit_param": q_bits,
                                "start_step": start}
+    samples = _sample_prompts(config, data, model)
+
+    def run_samples(key: str) -> None:
+        if not samples:
+            return
+        from qlora_jax.train import samples as samples_lib
+
+        params = lora_params.combine(state.trainable, state.frozen)
+        texts = samples_lib.generate_texts(model, params, data.tokenizer, samples,
+                                           config.train.sample_tokens)
+        rows = summary.setdefault("samples", [
+            {"prompt": samples_lib.prompt_text(data.tokenizer, p),
+             "reference": data.tokenizer.decode(r).strip()} for p, r in samples])
+        for row, text in zip(rows, texts):
+            row[key] = text
+
+    if start == 0:
+        run_samples("before")
     if config.train.eval_every and start == 0:
         before = run_eval()
         if before is not None:
@@ -273,6 +311,10 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
                           for k in ("loss", "grad_norm", "accuracy")}
                 record["learning_rate"] = m["learning_rate"]
                 record["tokens_per_s"] = window_tokens / dt
+                # Over the window's steps (those restored from a checkpoint included).
+                slots = sum(p.get("slots", p["tokens"]) for p in pending)
+                record["padding_fraction"] = 1.0 - sum(p["tokens"] for p in pending) / max(slots,
+                                                                                          1.0)
                 record["steps_per_s"] = window_steps / dt
                 log.log(done, record)
                 window_tokens, window_t0, window_steps, pending = 0.0, time.time(), 0, []
@@ -294,6 +336,7 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
             result = run_eval()  # a finished run re-run: report its final metric again
             if result is not None:
                 summary["eval_after"] = result
+        run_samples("after")
         export_adapter(model, state, workdir, placement, initial)
     finally:
         log.close()
@@ -302,6 +345,17 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
                     "wall_s": time.time() - t_start})
     summary["peak_memory_bytes"], summary["peak_memory_source"] = peak_memory()
     return summary
+
+
+def _sample_prompts(config: Any, data: Any, model: Any) -> list[tuple[list[int], list[int]]]:
+    """Held-out prompts to generate from before and after training (``train.samples``)."""
+    count = config.train.samples
+    if not count or data.eval is None or config.model.task != "causal_lm" \
+            or not hasattr(model, "init_cache"):
+        return []
+    from qlora_jax.train import samples as samples_lib
+
+    return samples_lib.held_out_prompts(data.eval, count)
 
 
 def make_placement(config: Any) -> Placement:

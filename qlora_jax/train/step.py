@@ -137,6 +137,7 @@ def train_step_fn(task: Task, tx: optax.GradientTransformation, schedule: optax.
             "accuracy": correct / denom,
             "loss_weight": weight,
             "tokens": batch_tokens(batch),
+            "slots": jnp.asarray(batch["input_ids"].size, jnp.float32),  # tokens + padding
         }
         new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         return new, metrics

@@ -12,8 +12,10 @@ A ``Task`` binds a Flax model to a loss:
 - ``"classification"``: the model returns logits [B, C] (a classification head); loss = CE on
   ``labels`` [B] weighted by ``weights``.
 
-Optional batch keys (``segment_ids``, ``positions``, the latter also as ``position_ids``) and the
-``deterministic`` flag are passed only when the model's ``__call__`` accepts them.
+Packed rows (``packed=True``: several examples a row, as ``qlora_jax.data`` makes them with
+``data.packing``) pass the batch's ``segment_ids`` and ``position_ids`` to the model instead of the
+attention mask (segment 0 is padding); the model must accept both. Unpacked batches pass neither.
+The ``deterministic`` flag is passed only when the model's ``__call__`` accepts it.
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ class Task:
         slot index, so the mask is not passed to the model and the model may use fused
         attention that takes no mask (cuDNN flash attention on GPUs). Only padded positions,
         which carry no loss, see different values. Rows with left padding must not use this.
+      packed: rows hold several examples; the model gets ``segment_ids`` and ``position_ids``
+        (int32 [B, T]) and attends only within a segment.
     """
 
     model: nn.Module
     kind: str
     loss_chunk: int = 0
     right_padded: bool = False
+    packed: bool = False
 
     def __post_init__(self):
         if self.kind not in TASKS:
@@ -75,20 +80,25 @@ class Task:
                 raise ValueError(f"train.loss_chunk={self.loss_chunk} needs model methods "
                                  f"{missing} ({type(self.model).__name__} lacks them); "
                                  "set train.loss_chunk=0")
+        if self.packed:
+            if self.kind != "causal_lm":
+                raise ValueError("packed rows apply to causal_lm tasks only")
+            ok = _accepted(self.model.__call__)
+            missing = [k for k in ("segment_ids", "position_ids") if "*" not in ok and k not in ok]
+            if missing:
+                raise ValueError(f"packed rows need a model that takes {missing} "
+                                 f"({type(self.model).__name__} does not); set "
+                                 "data.packing=False")
 
     def _kwargs(self, fn: Any, batch: Batch, rng: jax.Array | None) -> dict[str, Any]:
         ok = _accepted(fn)
         has = lambda name: "*" in ok or name in ok  # noqa: E731
         kw: dict[str, Any] = {}
-        packed = "segment_ids" in batch or "positions" in batch
-        drop_mask = self.right_padded and self.kind == "causal_lm" and not packed
-        if "attention_mask" in batch and not drop_mask:
+        if self.packed:  # segment 0 masks the padding; positions restart in each segment
+            kw["segment_ids"] = batch["segment_ids"]
+            kw["position_ids"] = batch["position_ids"]
+        elif "attention_mask" in batch and not (self.right_padded and self.kind == "causal_lm"):
             kw["attention_mask"] = batch["attention_mask"]
-        for name in ("segment_ids", "positions"):
-            if name in batch and has(name):
-                kw[name] = batch[name]
-        if "positions" in batch and not has("positions") and has("position_ids"):
-            kw["position_ids"] = batch["positions"]
         if has("deterministic"):
             kw["deterministic"] = rng is None
         return kw

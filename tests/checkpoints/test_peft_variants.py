@@ -8,14 +8,15 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
-import torch
-import transformers
 
 import qlora_jax as qj
 from qlora_jax.lora import tree as lora_tree
 from tests.models import tiny
+
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -91,7 +91,7 @@ def test_fixed_shapes_and_buckets(write_jsonl, llama_tok, rng):
     for batch in _take(data.TrainLoader(ds, 4, 0), 12):
         assert {k: v.shape for k, v in batch.items()} == {
             **{k: (4, 48) for k in ("input_ids", "targets", "loss_mask", "segment_ids",
-                                    "positions", "attention_mask")}, "weights": (4,)}
+                                    "position_ids", "attention_mask")}, "weights": (4,)}
     # 20 examples of 4 tokens, 20 longer than 24: one sorted window makes each batch short or long.
     records = [{"prompt": random_sentence(rng, 1, 2), "response": random_sentence(rng, 1, 2)}
                for _ in range(20)]

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
-import torch
-import transformers
 
 import qlora_jax as qj
 from qlora_jax.lora import init as lora_init
 from tests.models import tiny
 from tests.models.conftest import llama_ckpt  # noqa: F401
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

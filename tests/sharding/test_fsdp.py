@@ -22,6 +22,9 @@ HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 FLOAT = ("f16", "bf16", "f32", "f64")
 
+# Every test reads the steps of one subprocess on 8 fake devices (minutes on 2 cores).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def steps():

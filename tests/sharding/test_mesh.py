@@ -34,6 +34,7 @@ def mesh_results():
     return {tuple(r["mesh"]): r for r in lines}, seed
 
 
+@pytest.mark.slow  # the subprocess of mesh_results runs 4 meshes on 8 fake devices
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_loss_and_grads_equal_one_device(mesh, mesh_results):
     results, seed = mesh_results
@@ -144,6 +145,7 @@ def test_tensor_major_code_split_is_refused():
     assert dict(sharding.rules_from_config(Ok()))["qblocks"] == ("fsdp", "tensor")
 
 
+@pytest.mark.slow  # train steps on 3 meshes in a subprocess
 def test_train_steps_on_meshes_give_the_one_device_losses():
     seed = run_seed() % (1 << 20)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -113,9 +113,11 @@ def test_choices_are_the_code_constants():
     from qlora_jax.lora.config import INITS
     from qlora_jax.models.common import DTYPES, REMAT_MODES
     from qlora_jax.quant.qtensor import ALLOWED_NESTED_BLOCK_SIZES
-    from qlora_jax.train import metrics, state, task
+    from qlora_jax.train import metrics, remat, state, task
 
-    assert CHOICES["model.remat"] is REMAT_MODES
+    assert CHOICES["model.remat"] is remat.CHOICES and remat.CHOICES[:-1] == REMAT_MODES
+    assert set(remat.SPEED_ORDER) == set(REMAT_MODES)
+    assert CHOICES["data.overlong"] is data.OVERLONG
     assert CHOICES["model.dtype"] == tuple(DTYPES) and CHOICES["model.impl"] is quant.IMPLS
     assert CHOICES["quant.qtype"] is quant.QTYPES
     assert CHOICES["quant.block_size"] is quant.ALLOWED_BLOCK_SIZES
@@ -200,6 +202,7 @@ def recipe_config(tiny_llama):
     return config
 
 
+@pytest.mark.slow  # a whole (short) run
 def test_llama_qlora_recipe_runs_on_a_tiny_checkpoint(tiny_llama, tmp_path):
     config = recipe_config(tiny_llama)
     summary = loop.run(config, str(tmp_path), stream=io.StringIO())
@@ -216,6 +219,7 @@ def test_llama_qlora_recipe_runs_on_a_tiny_checkpoint(tiny_llama, tmp_path):
                                                 "gate_proj", "up_proj", "down_proj"}, tm
 
 
+@pytest.mark.slow  # r=64 model, loss and gradients compiled twice
 def test_chunked_loss_is_selected_by_config_and_equals_full_loss(tiny_llama):
     config = recipe_config(tiny_llama)
     config.model.dtype = "float32"
@@ -245,6 +249,7 @@ def test_chunked_loss_is_selected_by_config_and_equals_full_loss(tiny_llama):
     assert optim.memory_kinds(state.opt_state) == {"pinned_host"}
 
 
+@pytest.mark.slow  # a whole (short) run on the real MiniLM
 def test_quickstart_plumbing_on_real_minilm(tmp_path):
     """Two steps of the quickstart (the README's main job): 4-bit MiniLM, adapters, head."""
     config = load("quickstart").get_config()

@@ -118,7 +118,8 @@ def test_gradient_accumulation_over_packed_rows(setup):
     tx = optax.adam(1e-2)
     out = []
     for accum in (1, 2):
-        state = create_state(params, tx, seed=0)
+        # The step donates its state: each run gets its own copy of the shared params.
+        state = create_state(jax.tree.map(jnp.copy, params), tx, seed=0)
         step = make_train_step(task, tx, optax.constant_schedule(1e-2), accum_steps=accum,
                                dropout=False)
         state, m = step(state, batch)

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax.lora.stack import adapter_count
+
 TokenIds = Union[int, Sequence[int], None]
 
 
@@ -48,11 +50,13 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sample", "use_top_p"))
 def _generate(model: Any, params: Any, ids: jax.Array, mask: jax.Array, key: jax.Array,
-              temperature: jax.Array, top_p: jax.Array, eos: jax.Array, pad: jax.Array, *,
+              temperature: jax.Array, top_p: jax.Array, eos: jax.Array, pad: jax.Array,
+              adapter_index: Optional[jax.Array], *,
               max_new_tokens: int, sample: bool, use_top_p: bool) -> jax.Array:
     b, t = ids.shape
+    extra = {} if adapter_index is None else {"adapter_index": adapter_index}
     cache = model.init_cache(b, t + max_new_tokens)
-    logits, cache = model.apply({"params": params}, ids, mask, cache=cache)
+    logits, cache = model.apply({"params": params}, ids, mask, cache=cache, **extra)
     out = jnp.full((b, max_new_tokens), pad, ids.dtype)
     done = jnp.zeros((b,), bool)
 
@@ -73,7 +77,7 @@ def _generate(model: Any, params: Any, ids: jax.Array, mask: jax.Array, key: jax
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
         done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
         step_logits, cache = model.apply({"params": params}, tok[:, None],
-                                         jnp.ones((b, 1), mask.dtype), cache=cache)
+                                         jnp.ones((b, 1), mask.dtype), cache=cache, **extra)
         return i + 1, step_logits[:, -1], cache, out, done, k
 
     state = (jnp.zeros((), jnp.int32), logits[:, -1], cache, out, done, key)
@@ -84,7 +88,8 @@ def _generate(model: Any, params: Any, ids: jax.Array, mask: jax.Array, key: jax
 def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              attention_mask: Optional[Any] = None, eos_token_id: TokenIds = None,
-             pad_token_id: Optional[int] = None) -> jax.Array:
+             pad_token_id: Optional[int] = None, adapter_index: Optional[Any] = None
+             ) -> jax.Array:
     """Decodes ``max_new_tokens`` tokens after each (left-padded) prompt.
 
     Args:
@@ -98,6 +103,9 @@ def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
       eos_token_id: id or ids that end a row (default: every end id the checkpoint names:
         config.json's eos_token_id, an id or a list, and generation_config.json's).
       pad_token_id: fills a row after its EOS (default: config pad, else the first EOS, else 0).
+      adapter_index: int ``[B]``: row b decodes with adapter ``adapter_index[b]`` of params made
+        by ``qj.lora.stack_adapters`` (required for such params, refused for others). Params
+        of other adapters with the same shapes reuse the compiled program.
 
     Returns:
       ``[B, T + max_new_tokens]``: the prompts followed by the generated tokens.
@@ -130,7 +138,36 @@ def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
             pad_token_id = eos[0] if eos else 0
     eos_arr = jnp.asarray(eos if eos else [-1], ids.dtype)
     sample = temperature > 0
+    index = _adapter_index(model, params, adapter_index, ids.shape[0])
     return _generate(model, params, ids, mask, jax.random.PRNGKey(seed),
                      jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos_arr,
-                     jnp.asarray(pad_token_id, ids.dtype), max_new_tokens=int(max_new_tokens),
+                     jnp.asarray(pad_token_id, ids.dtype), index, max_new_tokens=int(max_new_tokens),
                      sample=sample, use_top_p=bool(sample and top_p < 1.0))
+
+
+def _adapter_index(model: Any, params: Any, adapter_index: Optional[Any],
+                   batch: int) -> Optional[jax.Array]:
+    """Checks ``adapter_index`` against the params' stacked adapters; int32 ``[B]`` or None."""
+    n = adapter_count(params, _plain_shapes(model))
+    if adapter_index is None:
+        if n:
+            raise ValueError(f"params hold {n} stacked adapters (qj.lora.stack_adapters): pass "
+                             "adapter_index, an int [B] naming each row's adapter")
+        return None
+    if not n:
+        raise ValueError("adapter_index given, but the params hold one adapter set; stack several "
+                         "with qj.lora.stack_adapters([params_a, params_b, ...])")
+    idx = np.asarray(adapter_index)
+    if idx.shape != (batch,) or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"adapter_index must be int [B] = [{batch}], got {idx.dtype}{list(idx.shape)}")
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"adapter_index values must lie in [0, {n}), got {idx.tolist()}")
+    return jnp.asarray(idx, jnp.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _plain_shapes(model: Any) -> Any:
+    """The params shapes of ``model`` with one adapter set (abstract: nothing is allocated)."""
+    dummy = model.dummy_inputs() if hasattr(model, "dummy_inputs") else (
+        jnp.ones((1, 2), jnp.int32),)
+    return jax.eval_shape(model.init, jax.random.key(0), *dummy)["params"]

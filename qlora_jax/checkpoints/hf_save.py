@@ -128,9 +128,22 @@ def _float_linear_names(model: Any, flat: dict) -> list[str]:
     return names
 
 
+def plain_model(model: Any, params: dict, merge_lora: bool) -> tuple[Any, dict]:
+    """The model without adapters: merged into the base (``merge_lora``) or dropped; unboxed."""
+    if model.lora is not None:
+        if merge_lora:
+            model, params = merge(model, params)
+        else:
+            params = unflatten({p: v for p, v in flatten(params).items()
+                                if not is_adapter_path(p)})
+            model = model.clone(lora=None)
+    return model, unbox(params)
+
+
 def save_pretrained(model: Any, params: dict, out_dir: str, merge_lora: bool = True,
                     keep_quantized: bool = False, dtype: Any = jnp.bfloat16,
-                    max_shard_size: int = DEFAULT_SHARD_BYTES) -> str:
+                    max_shard_size: int = DEFAULT_SHARD_BYTES, format: str = "hf",
+                    tokenizer: Any = None, gguf_type: str = "f16") -> str:
     """Writes config.json and model.safetensors (sharded above ``max_shard_size`` bytes).
 
     Args:
@@ -144,21 +157,29 @@ def save_pretrained(model: Any, params: dict, out_dir: str, merge_lora: bool = T
       dtype: dtype of the float tensors written (and the compute dtype recorded
         in a quantization_config).
       max_shard_size: bytes a shard.
+      format: ``"hf"`` (this directory) or ``"gguf"``: ``out_dir`` is then one new
+        ``.gguf`` file for llama.cpp / ollama (Llama-family models; see
+        ``checkpoints.gguf_save``), ``dtype`` and ``max_shard_size`` unused.
+      tokenizer: ``format="gguf"`` only, required: the model's tokenizer
+        (``qj.data.load_tokenizer(source)``) or the path of the source ``.gguf``.
+      gguf_type: ``format="gguf"`` only: ``"f16"``, ``"q8_0"``, ``"bf16"`` or ``"f32"``.
 
     Returns:
       ``out_dir``.
 
     Raises:
-      ValueError: ``keep_quantized`` with int4 weights (bitsandbytes has no int4).
+      ValueError: ``keep_quantized`` with int4 weights (bitsandbytes has no int4); an
+        unknown ``format``; for GGUF a non-Llama model, an unknown ``gguf_type``.
+      FileExistsError: ``format="gguf"`` and the file exists.
     """
-    if model.lora is not None:
-        if merge_lora:
-            model, params = merge(model, params)
-        else:
-            params = unflatten({p: v for p, v in flatten(params).items()
-                                if not is_adapter_path(p)})
-            model = model.clone(lora=None)
-    params = unbox(params)
+    if format not in ("hf", "gguf"):
+        raise ValueError(f"format={format!r} is not one of 'hf' (a Hugging Face directory) "
+                         "and 'gguf' (one llama.cpp file)")
+    if format == "gguf":
+        from qlora_jax.checkpoints.gguf_save import save_gguf
+        return save_gguf(model, params, out_dir, merge_lora, tokenizer, gguf_type,
+                         keep_quantized)
+    model, params = plain_model(model, params, merge_lora)
     flat = flatten(params)
     if keep_quantized:
         bad = [("/".join(p), v.qtype) for p, v in flat.items()

@@ -11,12 +11,13 @@ transformers' GGUF loader), and written back out from a `tokenizers.Tokenizer`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), by `tokenizer.ggml.pre`.
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -27,6 +28,7 @@ _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 #: `tokenizer.ggml.pre` -> (regex, digits split one by one before it).
 PRE_TOKENIZERS: dict[str, tuple[str, bool]] = {
     "default": (_GPT2, False), "gpt2": (_GPT2, False), "gpt-2": (_GPT2, False),
+    "phi-2": (_GPT2, False),
     "smollm": (_GPT2, True), "starcoder": (_GPT2, True), "refact": (_GPT2, True),
     "llama3": (_LLAMA3, False), "llama-v3": (_LLAMA3, False), "llama-bpe": (_LLAMA3, False),
     "smaug-bpe": (_LLAMA3, False), "falcon3": (_LLAMA3, False), "dbrx": (_LLAMA3, False),
@@ -181,4 +183,130 @@ def special_ids(meta: Mapping[str, Any]) -> dict[str, Optional[int]]:
     for role, key in keys.items():
         value = meta.get(f"tokenizer.ggml.{key}")
         out[role] = int(value) if value is not None else None
+    return out
+
+
+def _pre_name(pre: Any) -> str:
+    """The `tokenizer.ggml.pre` name of a byte-level tokenizer.json pre-tokenizer."""
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and \
+            steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = steps[0].get("pattern", {}).get("Regex")
+        for name in ("llama-bpe", "qwen2"):
+            if regex == PRE_TOKENIZERS[name][0]:
+                return name
+    raise VocabError(f"the tokenizer's pre-tokenizer {json.dumps(pre)[:200]} has no GGUF "
+                     f"equivalent qlora_jax knows (byte-level GPT-2, SmolLM, Llama-3, Qwen2)")
+
+
+def metadata_from_tokenizer(tok: Tokenizer, special: Mapping[str, Optional[int]],
+                            chat_template: Optional[str], vocab_size: int) -> dict[str, Any]:
+    """GGUF ``tokenizer.*`` metadata for a byte-level BPE or SentencePiece-BPE tokenizer.
+
+    Args:
+      tok: the tokenizer (a BPE model: byte-level, or Metaspace with byte fallback).
+      special: ``bos``/``eos``/``pad``/``unk`` ids (None where absent).
+      chat_template: written as ``tokenizer.chat_template`` when given.
+      vocab_size: the model's embedding rows; the token list is padded to it (``[PAD<i>]``).
+
+    Raises:
+      VocabError: a tokenizer GGUF cannot express, or more tokens than embedding rows.
+    """
+    spec = json.loads(tok.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise VocabError(f"a {model.get('type')} tokenizer cannot be written to GGUF; "
+                         "byte-level BPE and SentencePiece BPE can")
+    by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    n = max(by_id) + 1 if by_id else 0
+    if n > vocab_size:
+        raise VocabError(f"the tokenizer has {n} tokens but the model only {vocab_size} "
+                         "embedding rows")
+    missing = [i for i in range(n) if i not in by_id]
+    if missing:
+        raise VocabError(f"the tokenizer has no token for ids {missing[:5]}")
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    tokens = [by_id[i] for i in range(n)] + [f"[PAD{i}]" for i in range(n, vocab_size)]
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or \
+        (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    types = []
+    for i, t in enumerate(tokens):
+        if i >= n:
+            types.append(UNUSED)
+        elif i in added:
+            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
+        elif i == special.get("unk"):
+            types.append(UNKNOWN)
+        elif not byte_level and re.fullmatch(r"<0x[0-9A-F]{2}>", t):
+            types.append(BYTE)
+        else:
+            types.append(NORMAL)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
+    meta: dict[str, Any] = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                            "tokenizer.ggml.merges": merges}
+    if byte_level:
+        meta["tokenizer.ggml.model"] = "gpt2"
+        meta["tokenizer.ggml.pre"] = _pre_name(spec.get("pre_tokenizer") or {})
+    else:
+        pre = spec.get("pre_tokenizer") or {}
+        if pre.get("type") != "Metaspace" or not model.get("byte_fallback"):
+            raise VocabError("a BPE tokenizer that is neither byte-level nor SentencePiece-style "
+                             "(Metaspace + byte fallback) cannot be written to GGUF")
+        meta["tokenizer.ggml.model"] = "llama"
+        meta["tokenizer.ggml.add_space_prefix"] = pre.get("prepend_scheme", "always") != "never"
+        rank = {"".join(m.split(" ", 1)): r for r, m in reversed(list(enumerate(merges)))}
+        meta["tokenizer.ggml.scores"] = [-float(rank[t] + 1) if t in rank else 0.0
+                                         for t in tokens]
+    names = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "padding_token_id",
+             "unk": "unknown_token_id"}
+    for role, key in names.items():
+        if special.get(role) is not None:
+            meta[f"tokenizer.ggml.{key}"] = int(special[role])
+    first, last = _template_edges(spec)
+    for role, flag, edge in (("bos", "add_bos_token", first), ("eos", "add_eos_token", last)):
+        ident = special.get(role)
+        meta[f"tokenizer.ggml.{flag}"] = ident is not None and edge == by_id.get(ident)
+    if chat_template:
+        meta["tokenizer.chat_template"] = chat_template
+    return meta
+
+
+def _template_edges(spec: Mapping[str, Any]) -> tuple[Optional[str], Optional[str]]:
+    """The special tokens the post-processor puts before / after a single sequence."""
+    post = spec.get("post_processor") or {}
+    procs = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for p in procs:
+        if p.get("type") == "TemplateProcessing":
+            single = p.get("single", [])
+            ids = [(x.get("SpecialToken") or {}).get("id") for x in single]
+            return (ids[0] if ids else None), (ids[-1] if len(ids) > 1 else None)
+    return None, None
+
+
+def typed_entries(meta: Mapping[str, Any]) -> list[tuple[str, Any, Any, Any]]:
+    """``(key, value, GGUFValueType, sub_type)`` for ``tokenizer.*`` metadata, typed as
+    llama.cpp writes them (ids uint32, token types int32, scores float32, flags bool)."""
+    import gguf
+    T = gguf.GGUFValueType
+    out = []
+    for key, value in meta.items():
+        if isinstance(value, list):
+            if not value:
+                continue  # GGUF has no empty arrays
+            sub = T.INT32 if key.endswith("token_type") else \
+                T.FLOAT32 if key.endswith("scores") else T.STRING
+            out.append((key, value, T.ARRAY, sub))
+        elif isinstance(value, bool):
+            out.append((key, value, T.BOOL, None))
+        elif isinstance(value, int):
+            out.append((key, value, T.UINT32, None))
+        elif isinstance(value, float):
+            out.append((key, value, T.FLOAT32, None))
+        else:
+            out.append((key, str(value), T.STRING, None))
     return out

@@ -29,6 +29,7 @@ class LoraSpec:
     scaling: float
     dropout: float
     init: str
+    use_dora: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,8 @@ class LoraConfig:
         quantized bases). PiSSA/OLoRA change the base weight to ``W - s B A``.
         PEFT's True/False are accepted.
       use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
-      use_dora: weight-decomposed LoRA (not implemented yet).
+      use_dora: DoRA (weight-decomposed LoRA, as PEFT): a trained magnitude per output
+        feature (``lora_magnitude``) times the row-normalised ``W + s B A``.
       rank_pattern / alpha_pattern: ``{pattern: value}`` overriding r / alpha for
         modules whose name matches ``(.*\\.)?pattern$``.
       modules_to_save: module names (suffix match) trained in full, e.g. a
@@ -88,9 +90,6 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.loftq_iter must be an integer >= 1, got "
                              f"{self.loftq_iter!r}")
         object.__setattr__(self, "init", init)
-        if self.use_dora:
-            raise NotImplementedError("use_dora=True (DoRA) is not implemented in qlora_jax yet; "
-                                      "use plain LoRA (use_dora=False)")
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -133,7 +132,8 @@ class LoraConfig:
         alpha = _pattern_value(self.alpha_pattern, module_name, self.alpha)
         scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
         return LoraSpec(r=int(r), alpha=float(alpha), scaling=float(scaling),
-                        dropout=float(self.dropout), init=self.init)
+                        dropout=float(self.dropout), init=self.init,
+                        use_dora=bool(self.use_dora))
 
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)

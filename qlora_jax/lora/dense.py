@@ -9,6 +9,7 @@ Parameters (names kept from ``nn.Dense`` so a base checkpoint loads unchanged):
   (``lora.plan.resolve`` gives each module a model's LoraConfig targets its spec).
 
 ``y = x W (+ b) + scaling * dropout(x) A B``. A zero B leaves ``y`` unchanged to the bit.
+With DoRA (``use_dora``) also ``lora_magnitude`` ``[out]`` and PEFT's formula (lora/dora.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
+from qlora_jax.lora import dora
 from qlora_jax.lora.config import LoraSpec
 from qlora_jax.quant import ops as qops
 from qlora_jax.quant.blockwise import quantize
@@ -80,8 +82,14 @@ class LoraDense(nn.Module):
     lora_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        """x ``[..., in]`` -> ``[..., out]``; dropout on the adapter input unless deterministic."""
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 adapter_index: Optional[jax.Array] = None) -> jax.Array:
+        """x ``[..., in]`` -> ``[..., out]``; dropout on the adapter input unless deterministic.
+
+        Adapters stacked by ``qj.lora.stack_adapters`` (``lora_a`` ``[N, in, R]``) need
+        ``adapter_index`` (int ``[B]``, x ``[B, ..., in]``): row b uses adapter
+        ``adapter_index[b]`` (a gather per row over one shared frozen kernel).
+        """
         in_features = x.shape[-1]
         if self.has_variable("params", "kernel"):
             # Loaded weights may be a QTensor whatever `quant` says: read them as they are.
@@ -97,20 +105,65 @@ class LoraDense(nn.Module):
         else:
             x_c, k_c = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
             y = jnp.dot(x_c, k_c)
+        bias = None
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            y = y + bias.astype(y.dtype)
         spec = self.lora
         if spec is None:
-            return y
+            return y + bias.astype(y.dtype) if bias is not None else y
+        if self.has_variable("params", "lora_a") and jnp.ndim(
+                meta.unbox(self.get_variable("params", "lora_a"))) == 3:
+            if spec.use_dora:
+                raise ValueError(f"{'.'.join(self.scope.path)}: stacked adapters "
+                                 "(qj.lora.stack_adapters) are LoRA only, not DoRA")
+            y = y + self._stacked_delta(x, spec, adapter_index).astype(y.dtype)
+            return y + bias.astype(y.dtype) if bias is not None else y
         a = self.param("lora_a", lora_a_init(spec), (in_features, spec.r), self.lora_dtype)
         b = self.param("lora_b", lora_b_init(spec), (spec.r, self.features), self.lora_dtype)
         h = x
+        dropped = spec.dropout > 0.0 and not deterministic
         if spec.dropout > 0.0:
             h = nn.Dropout(rate=spec.dropout)(h, deterministic=deterministic)
-        h, a, b = nn.dtypes.promote_dtype(h, a, b, dtype=self.dtype)
-        delta = jnp.dot(jnp.dot(h, a), b) * jnp.asarray(spec.scaling, h.dtype)
-        return y + delta.astype(y.dtype)
+        h, a_c, b_c = nn.dtypes.promote_dtype(h, a, b, dtype=self.dtype)
+        delta = jnp.dot(jnp.dot(h, a_c), b_c) * jnp.asarray(spec.scaling, h.dtype)
+        if spec.use_dora:
+            y = self._dora(y, h, kernel, a, b, delta, spec.scaling, dropped)
+        else:
+            y = y + delta.astype(y.dtype)
+        return y + bias.astype(y.dtype) if bias is not None else y
+
+    def _dora(self, y: jax.Array, h: jax.Array, kernel: Any, a: jax.Array, b: jax.Array,
+              delta: jax.Array, scaling: float, dropped: bool) -> jax.Array:
+        """PEFT's DoRA output from the base output ``y`` (no bias) and the scaled update."""
+        m = self.param(dora.MAGNITUDE, lambda _, shape: dora.weight_norm(kernel, a, b, scaling)
+                       .astype(self.lora_dtype), (self.features,))
+        norm = dora.weight_norm(kernel, a, b, scaling)  # a constant for the gradient
+        scale = (m.astype(jnp.float32) / norm).astype(y.dtype)
+        if dropped:  # the base term sees the dropped-out input too, as in PEFT
+            base_d = jnp.dot(h.astype(y.dtype), dora.dense_weight(kernel).astype(y.dtype))
+            return y + (scale - 1) * base_d + scale * delta.astype(y.dtype)
+        return scale * (y + delta.astype(y.dtype))
+
+    def _stacked_delta(self, x: jax.Array, spec: LoraSpec,
+                       adapter_index: Optional[jax.Array]) -> jax.Array:
+        """``scaling * x A_i B_i`` with ``i = adapter_index[b]`` for row b (stacked adapters)."""
+        a = meta.unbox(self.get_variable("params", "lora_a"))  # [N, in, R]
+        b = meta.unbox(self.get_variable("params", "lora_b"))  # [N, R, out]
+        if adapter_index is None:
+            raise ValueError(f"{'.'.join(self.scope.path)}: the params hold {a.shape[0]} stacked "
+                             "adapters (qj.lora.stack_adapters); pass adapter_index (int [B]) "
+                             "to pick each row's adapter")
+        if x.ndim < 2 or jnp.shape(adapter_index) != x.shape[:1]:
+            raise ValueError(f"adapter_index must be [B] = {list(x.shape[:1])} for x of shape "
+                             f"{list(x.shape)}, got {list(jnp.shape(adapter_index))}")
+        a = jnp.take(a, adapter_index, axis=0)  # [B, in, R]
+        b = jnp.take(b, adapter_index, axis=0)  # [B, R, out]
+        h, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=self.dtype)
+        lead = h.shape
+        h3 = h.reshape(lead[0], -1, lead[-1])  # [B, T, in]
+        low = jnp.einsum("bti,bir->btr", h3, a)
+        delta = jnp.einsum("btr,bro->bto", low, b) * jnp.asarray(spec.scaling, h.dtype)
+        return delta.reshape(lead[:-1] + (b.shape[-1],))
 
     def _init_kernel(self, key: jax.Array, shape: tuple[int, int]) -> Any:
         w = self.kernel_init(key, shape, self.param_dtype)

@@ -1,7 +1,7 @@
 """Params-tree utilities: which leaves train, and splitting a tree into trainable and frozen parts.
 
 The params tree holds frozen weights (float arrays or QTensors), adapters
-(``lora_a`` / ``lora_b`` leaves beside the kernel they adapt) and
+(``lora_a`` / ``lora_b`` leaves, and DoRA's ``lora_magnitude``, beside the kernel they adapt) and
 ``modules_to_save`` weights (boxed in ``Trainable``). "Leaves" here treat a
 QTensor and a Trainable box as single leaves.
 """
@@ -17,7 +17,7 @@ from flax import traverse_util
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.quant.qtensor import QTensor
 
-ADAPTER_NAMES = ("lora_a", "lora_b")
+ADAPTER_NAMES = ("lora_a", "lora_b", "lora_magnitude")
 Params = dict[str, Any]
 
 
@@ -78,7 +78,7 @@ def combine(*trees: Params) -> Params:
 
 
 def adapters(params: Params) -> Params:
-    """The adapter leaves only (``lora_a`` / ``lora_b``)."""
+    """The adapter leaves only (``lora_a`` / ``lora_b`` / ``lora_magnitude``)."""
     return unflatten({p: v for p, v in flatten(params).items() if is_adapter_path(p)})
 
 

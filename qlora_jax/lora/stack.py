@@ -23,7 +23,7 @@ from qlora_jax.lora.params import flatten, is_adapter_path, unflatten
 from qlora_jax.quant.qtensor import QTensor
 
 #: Axes of an adapter leaf's own value (after any layer axes): A and B are matrices.
-_OWN_NDIM = {"lora_a": 2, "lora_b": 2, "lora_magnitude_vector": 1}
+_OWN_NDIM = {"lora_a": 2, "lora_b": 2, "lora_magnitude": 1}
 
 
 def own_ndim(name: str) -> int:
@@ -73,6 +73,27 @@ def stack_adapters(trees: Sequence[Any]) -> Any:
                                  "differs from tree 0's; stacked adapters share one base")
         out[path] = leaves[0]
     return unflatten(out)
+
+
+def adapter_count(params: Any, plain: Any) -> int:
+    """N when ``params`` hold adapters stacked by ``stack_adapters``, else 0.
+
+    Args:
+      params: the params to inspect.
+      plain: the same model's params (or their shapes, ``jax.eval_shape``) with one adapter
+        set: a stacked adapter leaf has one axis more than its plain counterpart.
+    """
+    ref = flatten(plain)
+    for path, leaf in flatten(params).items():
+        if path[-1] == "lora_a" and path in ref:
+            extra = np.ndim(leaf) - len(np.shape(ref[path]))
+            if extra == 1:
+                return int(np.shape(leaf)[np.ndim(leaf) - 1 - own_ndim("lora_a")])
+            if extra:
+                raise ValueError(f"{'/'.join(path)} has shape {list(np.shape(leaf))}; the model "
+                                 f"expects {list(np.shape(ref[path]))} (or one adapter axis more)")
+            return 0
+    return 0
 
 
 def _same(a: Any, b: Any) -> bool:

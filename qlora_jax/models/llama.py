@@ -225,14 +225,15 @@ class _Attention(nn.Module):
     settings: LayerSettings
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv, index, segment_ids=None):
+    def __call__(self, x, cos, sin, mask, cache_kv, index, segment_ids=None, adapter_index=None):
         s = self.settings
         c, det = s.config, s.deterministic
         b, t, _ = x.shape
         h, g, k = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = s.dense(h * k, "q_proj", c.qkv_bias)(x, det).reshape(b, t, h, k)
-        kk = s.dense(g * k, "k_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
-        v = s.dense(g * k, "v_proj", c.qkv_bias)(x, det).reshape(b, t, g, k)
+        ai = adapter_index
+        q = s.dense(h * k, "q_proj", c.qkv_bias)(x, det, ai).reshape(b, t, h, k)
+        kk = s.dense(g * k, "k_proj", c.qkv_bias)(x, det, ai).reshape(b, t, g, k)
+        v = s.dense(g * k, "v_proj", c.qkv_bias)(x, det, ai).reshape(b, t, g, k)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         q = constrain(q, ("batch", "length", "heads", None))
         kk, v = (constrain(a, ("batch", "length", "kv", None)) for a in (kk, v))
@@ -246,20 +247,20 @@ class _Attention(nn.Module):
             kk, v = ck.astype(q.dtype), cv.astype(q.dtype)
         out = dot_product_attention(q, kk, v, mask, k ** -0.5, s.attention, segment_ids)
         out = constrain(out.reshape(b, t, h * k), ("batch", "length", "heads"))
-        return s.dense(c.hidden_size, "o_proj", c.o_bias)(out, det), new_cache
+        return s.dense(c.hidden_size, "o_proj", c.o_bias)(out, det, ai), new_cache
 
 
 class _MLP(nn.Module):
     settings: LayerSettings
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, adapter_index=None):
         s = self.settings
-        c, det = s.config, s.deterministic
-        gate = s.dense(c.intermediate_size, "gate_proj", c.mlp_bias)(x, det)
-        up = s.dense(c.intermediate_size, "up_proj", c.mlp_bias)(x, det)
+        c, det, ai = s.config, s.deterministic, adapter_index
+        gate = s.dense(c.intermediate_size, "gate_proj", c.mlp_bias)(x, det, ai)
+        up = s.dense(c.intermediate_size, "up_proj", c.mlp_bias)(x, det, ai)
         act = constrain(_ACTS[c.hidden_act](gate) * up, ("batch", "length", "mlp"))
-        return s.dense(c.hidden_size, "down_proj", c.mlp_bias)(act, det)
+        return s.dense(c.hidden_size, "down_proj", c.mlp_bias)(act, det, ai)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -269,16 +270,17 @@ class LlamaDecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h, cache_kv, shared):
-        cos, sin, mask, index, segment_ids = shared
+        cos, sin, mask, index, segment_ids, adapter_index = shared
         s = self.settings
         c = s.config
         h = constrain(h, _HIDDEN)
         norm = dict(epsilon=c.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
         a, new_cache = _Attention(s, name="self_attn")(
             RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index,
-            segment_ids)
+            segment_ids, adapter_index)
         h = h + a
-        h = h + _MLP(s, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h))
+        h = h + _MLP(s, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h),
+                                    adapter_index)
         return constrain(h, _HIDDEN), new_cache
 
 
@@ -308,7 +310,8 @@ class LlamaModel(nn.Module):
                               length=c.num_hidden_layers)(s)
         self.norm = RMSNorm(c.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None):
+    def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None,
+                 adapter_index=None):
         s = self.settings
         c = s.config
         b, t = input_ids.shape
@@ -349,7 +352,7 @@ class LlamaModel(nn.Module):
             position_ids = jnp.take_along_axis(all_pos, jnp.broadcast_to(slots, (b, t)), axis=1)
         cos, sin = (constrain(a, ("batch", "length", None))
                     for a in rope_cos_sin(c.rope(), position_ids, h.dtype))
-        shared = (cos, sin, mask, index, fused_segments)
+        shared = (cos, sin, mask, index, fused_segments, adapter_index)
         caches = None if cache is None else (cache.k, cache.v)
         if self.is_initializing():
             h, new_kv = self.layers(h, caches, shared)
@@ -447,7 +450,8 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
                  deterministic: bool = True, position_ids: Optional[jax.Array] = None,
                  cache: Optional[KVCache] = None, return_hidden: bool = False,
                  hidden: Optional[jax.Array] = None,
-                 segment_ids: Optional[jax.Array] = None) -> Any:
+                 segment_ids: Optional[jax.Array] = None,
+                 adapter_index: Optional[jax.Array] = None) -> Any:
         """Logits ``[B, T, V]``; ``(logits, new_cache)`` when a cache is given.
 
         With ``return_hidden`` the final normed hidden state ``[B, T, D]`` replaces the
@@ -455,12 +459,15 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
         ``segment_ids`` (int32 ``[B, T]``, 0 = padding) packs several examples a row: a token
         attends only to earlier tokens of its segment, and ``position_ids`` default to restart
         at 0 in each segment (``models.segments``); not with a cache.
+        ``adapter_index`` (int32 ``[B]``) picks each row's adapter when the params hold several
+        stacked by ``qj.lora.stack_adapters``.
         """
         backbone = self._backbone(deterministic)
         if hidden is not None:
-            return self._head(backbone, hidden, deterministic)
-        h, new_cache = backbone(input_ids, attention_mask, position_ids, cache, segment_ids)
-        out = h if return_hidden else self._head(backbone, h, deterministic)
+            return self._head(backbone, hidden, deterministic, adapter_index)
+        h, new_cache = backbone(input_ids, attention_mask, position_ids, cache, segment_ids,
+                                adapter_index)
+        out = h if return_hidden else self._head(backbone, h, deterministic, adapter_index)
         return out if cache is None else (out, new_cache)
 
     def _backbone(self, deterministic: bool) -> LlamaModel:
@@ -478,7 +485,7 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
         return LayerSettings(self.config, specs, self.quant, quantized, self.dtype,
                              self.param_dtype, self.impl, deterministic, self.attention)
 
-    def _head(self, backbone, h, deterministic):
+    def _head(self, backbone, h, deterministic, adapter_index=None):
         c = self.config
         h = constrain(h, _HIDDEN)
         if c.tie_word_embeddings:
@@ -488,7 +495,8 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
             quant = self.quant if ("lm_head",) in self.quantized_paths() else None
             logits = LoraDense(c.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
                                lora=None if plan is None else plan.spec_at(("lm_head",)),
-                               quant=quant, impl=self.impl, name="lm_head")(h, deterministic)
+                               quant=quant, impl=self.impl, name="lm_head")(
+                                   h, deterministic, adapter_index)
         logits = constrain(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32) if self.float32_logits else logits
 

@@ -90,3 +90,43 @@ def test_nf4_load(smollm2_gguf, smollm2, smollm2_torch, rng):
     out = qmodel.apply({"params": qparams}, jnp.asarray(ids, jnp.int32))
     # NF4 on top of Q4_1 on random ids: measured 0.27 relative; a wrong layout gives > 1.
     assert rel_err(out, ref) < 0.4
+
+
+@pytest.mark.slow
+def test_merged_lora_f16_roundtrip_through_transformers(smollm2_gguf, smollm2, tmp_path, rng):
+    """Load, add a non-zero LoRA, save merged F16 GGUF; transformers reads the same model."""
+    import transformers
+
+    from qlora_jax.checkpoints.hf_load import add_adapters
+    from qlora_jax.lora.params import flatten, unflatten
+    model, params = smollm2
+    model = model.clone(lora=qj.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    flat = flatten(add_adapters(model, params))
+    for k, v in flat.items():
+        if k[-1] == "lora_b":
+            flat[k] = jnp.asarray(0.02 * rng.standard_normal(v.shape), jnp.float32)
+    params = unflatten(flat)
+    tok = qj.data.load_tokenizer(smollm2_gguf)
+    out = qj.save_pretrained(model, params, str(tmp_path / "merged.gguf"), format="gguf",
+                             tokenizer=tok)
+    merged_model, merged = qj.lora.merge(model, params)
+    stored = unflatten({p: v.astype(jnp.float16).astype(jnp.float32)
+                        if p[-1] in ("kernel", "embedding") else v
+                        for p, v in flatten(merged).items()})  # what the F16 file holds
+    ids = _ids(rng, model.config.vocab_size)
+    want = merged_model.apply({"params": stored}, jnp.asarray(ids, jnp.int32))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="merged.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = ref(torch.as_tensor(ids)).logits.numpy()
+    assert rel_err(got, want) < 1e-4
+    base = smollm2[0].apply({"params": smollm2[1]}, jnp.asarray(ids, jnp.int32))
+    assert rel_err(got, base) > 1e-2  # the merged adapter changed the model
+    reread = qj.data.load_tokenizer(out)
+    assert reread.metadata["tokenizer.ggml.tokens"] == tok.metadata["tokenizer.ggml.tokens"]
+    assert reread.metadata["tokenizer.ggml.merges"] == tok.metadata["tokenizer.ggml.merges"]
+    assert reread.chat_template == tok.chat_template
+    text = "<|im_start|>user\nWhat is 2+2? Ünïcödé 🙂<|im_end|>\n"
+    assert reread.encode(text) == tok.encode(text)
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="merged.gguf")
+    assert ref_tok(text)["input_ids"] == tok.encode(text)

@@ -134,3 +134,54 @@ def test_unsupported_tokenizers_named(tmp_path):
     _write_sentencepiece_gguf(path, True)
     with pytest.raises(data.DataError, match="pad_token 'nope' is not in the vocabulary"):
         data.load_tokenizer(path, pad_token="nope")
+
+
+def _write_metadata_only(path: str, meta: dict) -> None:
+    from qlora_jax.formats.gguf_vocab import typed_entries
+    w = gguf.GGUFWriter(path, "llama")
+    for key, value, vtype, sub in typed_entries(meta):
+        w.add_key_value(key, value, vtype, sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.slow
+def test_smollm2_converted_back_to_metadata(smollm2_tokenizers, tmp_path):
+    """A tokenizer without GGUF metadata (as read from tokenizer.json) converts to the same
+    vocabulary, merges, pre-tokenizer name and ids the original file holds."""
+    from qlora_jax.formats.gguf_vocab import metadata_from_tokenizer
+    ours, _ = smollm2_tokenizers
+    special = {"bos": ours.bos_id, "eos": ours.eos_id, "pad": ours.pad_id, "unk": ours.unk_id}
+    meta = metadata_from_tokenizer(ours.backend, special, ours.chat_template, ours.vocab_size)
+    src = ours.metadata
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+                "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.chat_template",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.add_bos_token"):
+        assert meta[key] == src[key], key
+    _write_metadata_only(str(tmp_path / "t.gguf"), meta)
+    again = data.load_tokenizer(str(tmp_path / "t.gguf"))
+    for text in TEXTS:
+        assert again.encode(text) == ours.encode(text)
+
+
+def test_sentencepiece_converted_back(tmp_path):
+    import transformers
+
+    from qlora_jax.formats.gguf_vocab import metadata_from_tokenizer
+    _write_sentencepiece_gguf(str(tmp_path / "sp.gguf"), True)
+    src = data.load_tokenizer(str(tmp_path / "sp.gguf"))
+    special = {"bos": src.bos_id, "eos": src.eos_id, "pad": None, "unk": src.unk_id}
+    meta = metadata_from_tokenizer(src.backend, special, None, src.vocab_size + 3)
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_bos_token"]
+    assert meta["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6]
+    assert meta["tokenizer.ggml.tokens"][-3:] == ["[PAD300]", "[PAD301]", "[PAD302]"]
+    out = tmp_path / "out"
+    out.mkdir()
+    _write_metadata_only(str(out / "sp2.gguf"), meta)
+    again = data.load_tokenizer(str(out / "sp2.gguf"))
+    ref = transformers.AutoTokenizer.from_pretrained(str(out), gguf_file="sp2.gguf")
+    for text in ("hello world", "the thing is in the world, is it", "ünï 🙂", "  x"):
+        assert again.encode(text) == src.encode(text) == ref(text)["input_ids"], text

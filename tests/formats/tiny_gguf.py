@@ -131,3 +131,23 @@ def transformers_gguf_logits(path: str, ids: np.ndarray) -> np.ndarray:
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
     with torch.no_grad():
         return model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def tiny_byte_tokenizer(vocab: int = 160, chat_template: Optional[str] = None) -> Any:
+    """A byte-level BPE `qj.data.Tokenizer` of ``vocab`` tokens: 3 specials, then single bytes
+    (space and the printable ASCII first) and 4 merges."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from qlora_jax.data.tokenizer import Tokenizer as QJTokenizer
+    from qlora_jax.formats.gguf_vocab import byte_alphabet
+    spell = byte_alphabet()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    merges = [("h", "e"), ("l", "l"), (spell[32], "w"), ("he", "ll")]
+    chars = [spell[b] for b in range(32, 32 + vocab - len(specials) - len(merges))]
+    pieces = specials + chars + ["".join(m) for m in merges]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(pieces)}, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    return QJTokenizer(tok, {"bos": 1, "eos": 2, "pad": 0, "unk": None},
+                       chat_template=chat_template)

@@ -117,7 +117,7 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
     prefill = float(np.median([timed(1) for _ in range(3)]))
     decode = max(total - prefill, 1e-9) / (new - 1)
     bw = copy_bandwidth()
-    limit = weights_bytes / (bw / 2)  # read once a token at half the read+write copy rate
+    limit = weights_bytes / bw  # read once a token at the copy's rate (bytes read + written /s)
     dev = jax.devices()[0]
     kv = 2 * shape.layers * batch * (prompt + new) * shape.kv_heads * shape.head_dim * 2
     return dict(system="qlora_jax", weights=weights, first_call_s=round(first, 2),

@@ -263,8 +263,7 @@ def bench_linear(shape: tuple, tokens: int, quick: bool, grad: bool,
          us=round(time_torch(fns) * 1e6, 2))
 
 
-SWEEP_PARTS = ("dequant", "gemv", "mm16", "big", "dequant2", "gemv2", "diag", "lut", "fusedp", "final",
-               "gemv_rows")
+SWEEP_PARTS = ("dequant", "gemv", "mm16", "big", "dequant2", "gemv2", "diag", "lut", "fusedp", "final")
 
 
 def sweep(part: str, quick: bool, ceil: dict) -> None:
@@ -342,13 +341,6 @@ def sweep(part: str, quick: bool, ceil: dict) -> None:
         g = gpu.default_config(1, *shape, False, quick)
         gemv = [g, dataclasses.replace(g, lut="diagnostic_no_lut"), dataclasses.replace(g, bn=16)]
         bench_linear(shape, 1, quick, grad=False, configs=gemv * 2)
-    elif part == "gemv_rows":  # the scale once a block (gemv_reduce="rows") against "tile"
-        gemv = [gpu.MatmulConfig(bm=None, bn=bn, bk=bk, num_warps=w, lut="prmt", gemv_reduce=red)
-                for bn, bk, w in ((8, 512, 2), (8, 1024, 2), (16, 512, 2), (16, 1024, 4),
-                                  (32, 512, 4), (4, 1024, 1), (32, 256, 4), (64, 256, 8))
-                for red in ("tile", "rows")]
-        for shp in ([shape, (14336, 4096), (4096, 4096)] if not quick else [shape]):
-            bench_linear(shp, 1, quick, grad=False, configs=cut(gemv))
     else:
         raise ValueError(f"unknown sweep part {part!r}; expected one of {SWEEP_PARTS}")
 
@@ -389,7 +381,7 @@ def table() -> str:
         if r.get("config"):
             c = r["config"]
             tiles = "x".join(str(c.get(k)) for k in ("bm", "bn", "bk", "elements") if k in c)
-            impl = f"{tiles} w{c['num_warps']}s{c['num_stages']}{(c['lut'] or 'default')[0]}{c.get('split') or ''}{'R' if c.get('gemv_reduce') == 'rows' else ''}"
+            impl = f"{tiles} w{c['num_warps']}s{c['num_stages']}{(c['lut'] or 'default')[0]}{c.get('split') or ''}"
         lines.append(f"{r['what']:18} {impl:20} {shape:>13} {r.get('tokens', ''):>5} "
                      f"{r['us']:>10.2f} {r.get('GBps', r.get('weight_GBps', '')):>8} "
                      f"{r.get('TFLOPs', ''):>8} {str(r.get('rel_err', '')):>8}")

@@ -191,8 +191,9 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
                       head_dim=shape.head_dim, max_position_embeddings=max(seq, 2048),
                       rope_theta=500000.0)
     lora = qj.LoraConfig(r=r, alpha=16, target_modules="all-linear")
+    auto = remat == "auto"  # chosen below on the compiled step (qlora_jax.train.remat)
     model = LlamaForCausalLM(cfg, lora=lora, quant=qj.QuantConfig(), dtype=jnp.bfloat16,
-                             param_dtype=jnp.bfloat16, impl=impl, remat=remat,
+                             param_dtype=jnp.bfloat16, impl=impl, remat="full" if auto else remat,
                              attention=attention, in_place=in_place)
     t0 = time.perf_counter()
     params = random_params(model, shape, r, seed=0, placement=placement)
@@ -216,6 +217,21 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     b = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
          "loss_mask": np.ones((batch, seq), np.float32)}
     b = placement.batch(b)
+    auto_line = None
+    if auto:  # the launcher's model.remat="auto": fastest policy whose compiled step fits
+        from qlora_jax.train import remat as remat_auto
+
+        def make(mode):
+            return tstep.make_train_step(Task(model.clone(remat=mode), "causal_lm",
+                                              loss_chunk=loss_chunk), tx,
+                                         optax.constant_schedule(2e-4), dropout=False,
+                                         offload_state=offload_state,
+                                         shardings=placement.step_shardings(state_sh))
+        budget, source = remat_auto.memory_budget(0.0, list(placement.mesh.devices.flat))
+        choice = remat_auto.choose(lambda m: remat_auto.compiled_peak(make(m), state, b),
+                                   budget, source)
+        remat, auto_line, step = choice.mode, choice.describe(), make(choice.mode)
+        print(auto_line, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     compiled = step.lower(state, b).compile()
     compile_s = time.perf_counter() - t0
@@ -236,7 +252,7 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devs]
     tps = batch * seq / med
     pf = peak_flops(devs[0].device_kind) * n_dev
-    result = dict(system="qlora_jax", remat=remat, loss_chunk=loss_chunk,
+    result = dict(system="qlora_jax", remat=remat, remat_auto=auto_line, loss_chunk=loss_chunk,
                   adapter_dtype=adapter_dtype, offload_state=offload_state,
                   impl=qj.quant.resolve_impl(impl), mesh="x".join(map(str, mesh)),
                   attention=attention, in_place=in_place, xla_memory_gib=xla_memory,
@@ -317,7 +333,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="timed steps after the compiling one")
     p.add_argument("--remat", default="full",
-                   choices=("none", "full", "dots_saveable", "offload", "qkv", "attention"))
+                   choices=("none", "full", "dots_saveable", "offload", "qkv", "attention",
+                            "auto"))
     p.add_argument("--loss-chunk", type=int, default=512, help="0: full logits")
     p.add_argument("--offload-state", action="store_true")
     p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"))

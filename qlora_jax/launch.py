@@ -106,6 +106,12 @@ def report(summary: dict) -> str:
                      else "")
             lines.append(f"held-out {name}: accuracy {res['eval_accuracy']:.4f}, "
                          f"loss {res['eval_loss']:.4f}{extra}")
+    for i, row in enumerate(summary.get("samples", ()), start=1):
+        lines.append(f"held-out prompt {i}: {row['prompt']}")
+        for key in ("reference", "before", "after"):
+            if key in row:
+                text = row[key].replace("\n", "\n      ")
+                lines.append(f"  {key:>9}: {text}")
     lines.append(f"trainable parameters: {summary['trainable_params']:,}; frozen parameters: "
                  f"{summary['frozen_params']:,} at {summary['bits_per_frozen_param']:.3f} bits "
                  f"each on average, {summary['bits_per_4bit_param']:.3f} bits in the 4-bit "

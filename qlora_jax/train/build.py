@@ -35,11 +35,16 @@ class Data:
 
 def check_paths(config: Any) -> None:
     """Raises ConfigError (one short line) for a model/tokenizer path that does not exist."""
+    from qlora_jax.formats.gguf import is_gguf
+
     path = config.model.path
-    if path and not os.path.isdir(path):
+    if path and is_gguf(path):  # a llama.cpp file (or a directory holding one)
+        pass
+    elif path and not os.path.isdir(path):
         raise ConfigError(f"model path {path} does not exist (config.model.path)")
-    if path and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"model path {path} holds no config.json (config.model.path)")
+    elif path and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"model path {path} holds no config.json and no .gguf file "
+                          "(config.model.path)")
     tok = config.model.tokenizer or path
     if not tok:
         raise ConfigError("config.model.tokenizer is empty and there is no model.path to take "

@@ -150,26 +150,6 @@ def test_fused_matmul_kernel(tokens, dtype, transpose, double_quant):
     assert _rel(got, ref) < TOL[dtype], (_rel(got, ref), f"seed={seed}")
 
 
-@pytest.mark.parametrize("bn,bk,split,double_quant", [
-    (16, 128, 2, True),   # two quantization blocks a step, a partial output tile (40 rows)
-    (8, 32, 3, False),    # half a block a step
-    (32, 256, 1, True)])  # a partial reduction tile (320 columns)
-def test_gemv_block_reduction_variant(bn, bk, split, double_quant):
-    """GEMV with the scale applied once a block (``gemv_reduce="rows"``) against float64."""
-    rng, seed = _rng()
-    q = qj.quant.quantize(_weight(rng, (40, 320)), "nf4", 64, double_quant)
-    w = np.asarray(dequantize_xla(q, jnp.float32), np.float64)
-    for dtype in (jnp.float32, jnp.bfloat16):
-        x = jnp.asarray(rng.standard_normal((1, 320)), dtype)
-        config = gpu.MatmulConfig(bm=None, bn=bn, bk=bk, split=split, gemv_reduce="rows")
-        got = gpu.matmul_4bit(x, q, transpose=False, config=config)
-        ref = np.asarray(x, np.float64) @ w.T
-        assert got.dtype == dtype and got.shape == (1, 40)
-        assert _rel(got, ref) < TOL[dtype], (_rel(got, ref), f"seed={seed}")
-    with pytest.raises(ValueError, match="gemv_reduce"):
-        gpu.matmul_4bit(x, q, transpose=False, config=gpu.MatmulConfig(bm=None, gemv_reduce="x"))
-
-
 # Explicit tiles: several tiles along every axis, reductions split over programs.
 POISON_CASES = [
     (1, gpu.MatmulConfig(bm=None, bn=16, bk=64, split=3)),

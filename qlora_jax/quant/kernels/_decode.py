@@ -206,8 +206,7 @@ def num_qrefs(double_quant: bool) -> int:
 
 
 def weight_tile(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_rows: int, n_cols: int,
-                block_size: int, masked: bool = True, row_base: Any = 0,
-                factored: bool = False) -> Any:
+                block_size: int, masked: bool = True, row_base: Any = 0) -> jax.Array:
     """Decodes rows ``n0:n0+bn``, columns ``k0:k0+bk`` of a 2-D ``[N, K]`` weight to float32.
 
     The packed ref is ``[N, K // 2]`` and the absmax ref ``[N, K // block_size]``
@@ -216,9 +215,6 @@ def weight_tile(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_rows: int
     caller knows the tile lies inside the weight) drops the bound checks.
     ``row_base`` (a layer of a stack read in place: the refs hold ``[L * N, ...]``) moves the
     loads to rows ``row_base + n0``; bounds and absmax indices stay those of the layer.
-    ``factored`` returns ``(codebook values [bn, bk], absmax [bn, max(bk // block_size, 1)])``
-    unmultiplied (lanes outside the weight have absmax 0), for kernels that apply the scale
-    once a block instead of once an element.
     """
     rows = n0 + jnp.arange(bn, dtype=jnp.int32)[:, None]
     row_ok = rows < n_rows
@@ -238,8 +234,6 @@ def weight_tile(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_rows: int
     absmax = decode_absmax(raw, rows * n_blocks_row + kbs, qrefs)
     if masked:
         absmax = jnp.where(am_ok, absmax, jnp.float32(0))
-    if factored:
-        return values, absmax
     if nbt == 1:
         return values * absmax
     return (values.reshape(bn, nbt, block_size) * absmax[:, :, None]).reshape(bn, bk)

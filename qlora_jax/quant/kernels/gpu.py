@@ -74,10 +74,6 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     lut: Optional[str] = None
-    # GEMV (``x @ W.T``) only: ``"tile"`` accumulates a [bn, bk] tile and reduces it once at
-    # the end; ``"rows"`` reduces each step's products a quantization block at a time, scales
-    # the block sums by absmax (one multiply a block, not an element) and keeps [bn] sums.
-    gemv_reduce: str = "tile"
 
 
 def _interpret() -> bool:
@@ -263,7 +259,7 @@ def _layer_base(refs: list, nq: int, qrefs: dec.QRefs, q_static: tuple, n_rows: 
 
 
 def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_static, lut,
-                 exact, aliased, masked, layered=False, reduce="tile"):
+                 exact, aliased, masked, layered=False):
     """One program: a ``bn x bk`` window sliding along the reduction axis (split ``s``)."""
     nq = dec.num_qrefs(q_static[1])
     v_ref = refs[0]
@@ -286,24 +282,11 @@ def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_st
         idx = k0 + jnp.arange(bk, dtype=jnp.int32)
         v = dec.load(v_ref.at[pl.ds(0, 1), pl.ds(k0, bk)],
                      mask=(idx[None, :] < n_cols) if masked else None, other=0).reshape(bk)
-        if reduce == "rows":  # acc [bn, 1]: block sums of code values * x, scaled per block
-            vals, am = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows,
-                                       n_cols=n_cols, block_size=block_size, masked=masked,
-                                       row_base=row_base, factored=True)
-            prod = vals * v.astype(jnp.float32)[None, :]
-            nbt = am.shape[1]
-            if nbt > 1:
-                sums = jnp.sum(prod.reshape(bn, nbt, bk // nbt), axis=2)
-            else:
-                sums = jnp.sum(prod, axis=1, keepdims=True)
-            return acc + jnp.sum(sums * am, axis=1, keepdims=True)
         w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
                             block_size=block_size, masked=masked, row_base=row_base)
         return acc + w * v.astype(jnp.float32)[None, :]
 
-    rows_only = reduce == "rows" and not transpose
-    acc = jax.lax.fori_loop(0, tps, step,
-                            jnp.zeros((bn, 1 if rows_only else bk), jnp.float32))
+    acc = jax.lax.fori_loop(0, tps, step, jnp.zeros((bn, bk), jnp.float32))
     if transpose:
         k_idx = i * bk + jnp.arange(bk, dtype=jnp.int32)
         dec.store(out_ref.at[s, pl.ds(i * bk, bk)], jnp.sum(acc, axis=0),
@@ -419,10 +402,8 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
         out_shape = jax.ShapeDtypeStruct((split, width), jnp.float32)
         inputs, aliases = _with_out([a] + qin, out_shape, out)
         masked = (n_rows % config.bn != 0 or n_cols % bk != 0 or tiles % tps != 0)
-        if config.gemv_reduce not in ("tile", "rows"):
-            raise ValueError(f"gemv_reduce must be 'tile' or 'rows', got {config.gemv_reduce!r}")
         kernel = functools.partial(_gemv_kernel, bn=config.bn, bk=bk, tps=tps, masked=masked,
-                                   reduce=config.gemv_reduce, **common)
+                                   **common)
         part = pl.pallas_call(kernel, out_shape=out_shape, grid=(n_out, split),
                               input_output_aliases=aliases, name="qlora_gemv_4bit",
                               **_params(config.num_warps, config.num_stages, interpret)

@@ -49,8 +49,6 @@ _PROCESS_ID = flags.DEFINE_integer(
     lower_bound=0)
 flags.mark_flags_as_required(["config", "workdir"])
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
-
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
@@ -106,6 +104,12 @@ def report(summary: dict) -> str:
                      else "")
             lines.append(f"held-out {name}: accuracy {res['eval_accuracy']:.4f}, "
                          f"loss {res['eval_loss']:.4f}{extra}")
+    for i, row in enumerate(summary.get("samples", ()), start=1):
+        lines.append(f"held-out prompt {i}: {row['prompt']}")
+        for key in ("reference", "before", "after"):
+            if key in row:
+                text = row[key].replace("\n", "\n      ")
+                lines.append(f"  {key:>9}: {text}")
     lines.append(f"trainable parameters: {summary['trainable_params']:,}; frozen parameters: "
                  f"{summary['frozen_params']:,} at {summary['bits_per_frozen_param']:.3f} bits "
                  f"each on average, {summary['bits_per_4bit_param']:.3f} bits in the 4-bit "
@@ -116,10 +120,5 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run() -> None:
-    """Console entry point."""
-    app.run(lambda argv: sys.exit(main(argv)))
-
-
 if __name__ == "__main__":
-    run()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -285,7 +285,8 @@ def _readme(splits: dict[str, list[dict]], stats: dict) -> str:
 A small text classification dataset: the opening of a docstring from the Python standard library,
 labelled by the family of the module it comes from. It is the dataset of the quickstart
 (`experiments/quickstart.py`), small enough to ship in the repository and to fine-tune a MiniLM
-encoder on in minutes on a CPU.
+encoder on in minutes on a CPU. (The chat dataset of the chat quickstart, `stdlib_chat`, is
+described in `stdlib_chat.md`.)
 
 ## Source and license
 

@@ -35,8 +35,10 @@ Shapes are fixed ([B, seq_len], or one of ``length_buckets``), so a jitted step 
 shape. Bad input raises `DataError` (a ValueError) naming the file, line and problem, before any
 model work.
 
-Builtin datasets: ``"stdlib_docstrings"`` (splits train/validation/test; 8 labels; Python
-standard-library docstrings labelled by module family; see qlora_jax/data/assets/README.md).
+Builtin datasets (see qlora_jax/data/assets/README.md): ``"stdlib_docstrings"`` (splits
+train/validation/test; 8 labels; Python standard-library docstrings labelled by module family)
+and ``"stdlib_chat"`` (splits train/validation; chat conversations about standard-library
+functions, answered in a fixed three-line card).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import Any
 
 import ml_collections
 
-from qlora_jax.data.builtin import BUILTINS, builtin_labels, builtin_path
+from qlora_jax.data.builtin import BUILTINS, CLASSIFICATION, builtin_labels, builtin_path
 from qlora_jax.data.chat_template import apply_chat_template
 from qlora_jax.data.classification import ClassificationDataset, resolve_labels
 from qlora_jax.data.errors import DataError
@@ -68,7 +70,7 @@ def build_dataset(path: str, tokenizer: Tokenizer | str, seq_len: int, *, split:
     """Reads, validates and tokenises a dataset.
 
     Args:
-        path: a builtin dataset name (``"stdlib_docstrings"``) or a JSONL file.
+        path: a builtin dataset name (``"stdlib_docstrings"``, ``"stdlib_chat"``) or a JSONL file.
         tokenizer: a `Tokenizer`, or a checkpoint directory / tokenizer.json path to load.
         seq_len: tokens per row (T); longer examples are cut at the right (see ``overlong``).
         split: split of a builtin dataset ("train", "validation", "test"); ignored for files.
@@ -90,7 +92,7 @@ def build_dataset(path: str, tokenizer: Tokenizer | str, seq_len: int, *, split:
         raise DataError(f"seq_len must be an int >= 2, got {seq_len!r}")
     if path in BUILTINS:
         file = builtin_path(path, split)
-        if label_names is None:
+        if label_names is None and path in CLASSIFICATION:
             label_names = builtin_labels(path)
     else:
         file = path

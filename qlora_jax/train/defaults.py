@@ -160,6 +160,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.loss_chunk = 0
     # Progress display: auto (bar on a terminal), bar or lines.
     c.train.progress = "auto"
+    # Held-out prompts of a causal LM answered greedily before and after training (printed).
+    c.train.samples = 0
+    # Tokens generated for each of them.
+    c.train.sample_tokens = 48
 
     c.mesh = ml_collections.ConfigDict()
     # Data-parallel devices.

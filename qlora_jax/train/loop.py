@@ -15,7 +15,9 @@ metrics.jsonl records of training steps hold ``step``, ``loss`` (mean over the l
 included in the first), ``padding_fraction`` (share of the window's token slots that are padding),
 ``steps_per_s``, ``peak_memory_bytes`` and ``peak_memory_source`` (see
 qlora_jax.train.metrics); eval.jsonl records hold ``eval_loss``, ``eval_accuracy``,
-``eval_perplexity`` (causal LMs) and ``eval_count``.
+``eval_perplexity`` (causal LMs) and ``eval_count``. With ``train.samples = N`` (causal LMs with
+eval data) the summary also holds the greedy answers to the first N held-out prompts before and
+after training (`qlora_jax.train.samples`).
 
 Running the same config on the same workdir again resumes from the latest complete checkpoint
 and continues exactly as the uninterrupted run would have (deterministic data order; dropout keys
@@ -49,6 +51,7 @@ import numpy as np
 
 from qlora_jax import data as qdata
 from qlora_jax.lora import params as lora_params
+from qlora_jax.lora import tree as lora_tree
 from qlora_jax.train import build
 from qlora_jax.train import config as train_config
 from qlora_jax.train import preemption
@@ -135,10 +138,10 @@ def _bits_per_frozen_param(frozen: Any) -> tuple[float, float]:
     """(bits a frozen parameter over all frozen leaves, bits a parameter of the 4-bit leaves)."""
     from qlora_jax.quant.qtensor import QTensor
 
-    n = lora_params.count(frozen)
-    qs = [v for v in lora_params.flatten(frozen).values() if isinstance(v, QTensor)]
+    n = lora_tree.count(frozen)
+    qs = [v for v in lora_tree.flatten(frozen).values() if isinstance(v, QTensor)]
     q_bits = 8.0 * sum(q.nbytes for q in qs) / max(sum(q.size for q in qs), 1)
-    return 8.0 * lora_params.nbytes(frozen) / max(n, 1), q_bits
+    return 8.0 * lora_tree.nbytes(frozen) / max(n, 1), q_bits
 
 
 def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str, Any]:
@@ -192,7 +195,7 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
     initial = (jax.device_get(lora_params.adapters(params))
                if str(config.lora.init).startswith(("pissa", "olora")) else None)
     del params
-    shardings = placement.state_shardings(state)
+    shardings = placement.state_shardings(state, model.param_axes())
     state = placement.put(state, shardings)
     step_shardings = placement.step_shardings(shardings)
 
@@ -244,8 +247,8 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
 
     log = (MetricsLogger(workdir, config.train.steps, start, config.train.progress, stream)
            if writer else NullLogger())
-    n_trainable = lora_params.count(state.trainable)
-    n_frozen = lora_params.count(state.frozen)
+    n_trainable = lora_tree.count(state.trainable)
+    n_frozen = lora_tree.count(state.frozen)
     bits, q_bits = _bits_per_frozen_param(state.frozen)
     log.message(f"{'resuming at' if start else 'starting'} step {start} of {config.train.steps}: "
                 f"{n_trainable:,} trainable parameters, {n_frozen:,} frozen at "
@@ -256,6 +259,24 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
     summary: dict[str, Any] = {"trainable_params": n_trainable, "frozen_params": n_frozen,
                                "bits_per_frozen_param": bits, "bits_per_4bit_param": q_bits,
                                "start_step": start}
+    samples = _sample_prompts(config, data, model)
+
+    def run_samples(key: str) -> None:
+        if not samples:
+            return
+        from qlora_jax.train import samples as samples_lib
+
+        params = lora_params.combine(state.trainable, state.frozen)
+        texts = samples_lib.generate_texts(model, params, data.tokenizer, samples,
+                                           config.train.sample_tokens)
+        rows = summary.setdefault("samples", [
+            {"prompt": samples_lib.prompt_text(data.tokenizer, p),
+             "reference": data.tokenizer.decode(r).strip()} for p, r in samples])
+        for row, text in zip(rows, texts):
+            row[key] = text
+
+    if start == 0:
+        run_samples("before")
     if config.train.eval_every and start == 0:
         before = run_eval()
         if before is not None:
@@ -315,6 +336,7 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
             result = run_eval()  # a finished run re-run: report its final metric again
             if result is not None:
                 summary["eval_after"] = result
+        run_samples("after")
         export_adapter(model, state, workdir, placement, initial)
     finally:
         log.close()
@@ -323,6 +345,17 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
                     "wall_s": time.time() - t_start})
     summary["peak_memory_bytes"], summary["peak_memory_source"] = peak_memory()
     return summary
+
+
+def _sample_prompts(config: Any, data: Any, model: Any) -> list[tuple[list[int], list[int]]]:
+    """Held-out prompts to generate from before and after training (``train.samples``)."""
+    count = config.train.samples
+    if not count or data.eval is None or config.model.task != "causal_lm" \
+            or not hasattr(model, "init_cache"):
+        return []
+    from qlora_jax.train import samples as samples_lib
+
+    return samples_lib.held_out_prompts(data.eval, count)
 
 
 def make_placement(config: Any) -> Placement:

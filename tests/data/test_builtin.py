@@ -92,3 +92,27 @@ def test_build_script_reproduces_the_assets():
     script = os.path.join(REPO, "scripts", "build_docstring_dataset.py")
     result = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(platform.python_version() != "3.11.7",
+                    reason="the assets were built from the CPython 3.11.7 standard library")
+def test_chat_build_script_reproduces_the_assets():
+    script = os.path.join(REPO, "scripts", "build_chat_dataset.py")
+    result = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_stdlib_chat_builtin(tmp_path):
+    from tests.data.test_chat_template import FORMATS, _plain, _tokenizer_dir
+
+    template, specials = FORMATS["qwen2.5"]
+    tok = data.load_tokenizer(_tokenizer_dir(str(tmp_path), _plain(template), specials))
+    train, evaluation = data.datasets_from_config({"path": "stdlib_chat"}, tok, 512)
+    assert (len(train), len(evaluation)) == (777, 60) and train.format == "chat"
+    for ds in (train, evaluation):
+        for ids, learned in zip(ds.ids[:20], ds.learned[:20]):
+            card = tok.decode([i for i, m in zip(ids, learned) if m])
+            lines = card.split("\n")
+            assert [ln.split(":")[0] for ln in lines] == ["Signature", "Summary", "Module"], card
+    with pytest.raises(data.DataError, match="unknown split 'test'"):
+        data.build_dataset("stdlib_chat", tok, 64, split="test")

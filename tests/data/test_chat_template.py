@@ -176,6 +176,20 @@ def test_smollm2_real_template(smollm2_tok_dir, rng):
     assert sum(prompt_mask) == sum(mask[:len(prompt)])
 
 
+def test_smollm2_template_through_our_gguf_loader(smollm2_tok_dir, rng):
+    from tests.data.conftest import smollm2_gguf
+
+    ours = data.load_tokenizer(smollm2_gguf())  # tokenizer and template from the GGUF metadata
+    ref = transformers.AutoTokenizer.from_pretrained(smollm2_tok_dir)
+    assert ours.chat_template == ref.chat_template
+    for system, gen in ((False, True), (True, False)):
+        messages = _conversation(rng, 2, system)
+        ids, mask = data.apply_chat_template(ours, messages, add_generation_prompt=gen)
+        assert ids == _ids(ref.apply_chat_template(messages, tokenize=True,
+                                                  add_generation_prompt=gen))
+        assert sum(mask) > 0
+
+
 def test_chat_template_sources(tmp_path):
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     d = _tokenizer_dir(str(tmp_path / "list"), "", {"eos_token": "</s>"})

@@ -104,14 +104,15 @@ def random_params(model: Any, shape: Shape, r: int, seed: int, placement: Any = 
     import jax
     import jax.numpy as jnp
 
-    from qlora_jax.lora import params as lp
+    from qlora_jax.lora import tree as lora_tree
     from qlora_jax.quant.qtensor import QTensor
 
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
-    shardings = lp.flatten(placement.tree_shardings(abstract)) if placement is not None else {}
+    shardings = (lora_tree.flatten(placement.tree_shardings(abstract, model.param_axes()))
+                 if placement is not None else {})
     key = jax.random.key(seed)
     out = {}
-    for i, (path, leaf) in enumerate(lp.flatten(abstract).items()):
+    for i, (path, leaf) in enumerate(lora_tree.flatten(abstract).items()):
         k = jax.random.fold_in(key, i)
         sh = shardings.get(path)
         if isinstance(leaf, QTensor):
@@ -126,7 +127,7 @@ def random_params(model: Any, shape: Shape, r: int, seed: int, placement: Any = 
             make = lambda k, s=leaf.shape, d=leaf.dtype, sd=std: (  # noqa: E731
                 jax.random.normal(k, s, jnp.float32) * sd).astype(d)
         out[path] = jax.jit(make, out_shardings=sh)(k)
-    return lp.unflatten(out)
+    return lora_tree.unflatten(out)
 
 
 def _random_qtensor(abstract: Any, key: Any, sharding: Any = None) -> Any:
@@ -171,6 +172,8 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     import optax
 
     import qlora_jax as qj
+
+    from qlora_jax.lora import tree as lora_tree
     from qlora_jax import sharding as shd
     from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
     from qlora_jax.train import state as tstate
@@ -191,19 +194,20 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
                       head_dim=shape.head_dim, max_position_embeddings=max(seq, 2048),
                       rope_theta=500000.0)
     lora = qj.LoraConfig(r=r, alpha=16, target_modules="all-linear")
+    auto = remat == "auto"  # chosen below on the compiled step (qlora_jax.train.remat)
     model = LlamaForCausalLM(cfg, lora=lora, quant=qj.QuantConfig(), dtype=jnp.bfloat16,
-                             param_dtype=jnp.bfloat16, impl=impl, remat=remat,
+                             param_dtype=jnp.bfloat16, impl=impl, remat="full" if auto else remat,
                              attention=attention, in_place=in_place)
     t0 = time.perf_counter()
     params = random_params(model, shape, r, seed=0, placement=placement)
     jax.block_until_ready(params)
     build_s = time.perf_counter() - t0
-    weights_bytes = qj.lora.nbytes(params)
+    weights_bytes = lora_tree.nbytes(params)
     tx = optax.adamw(2e-4)
     state = tstate.create_state(params, tx, seed=0, adapter_dtype=jnp.dtype(adapter_dtype),
                                 offload_state=offload_state)
     del params
-    state_sh = placement.state_shardings(state)
+    state_sh = placement.state_shardings(state, model.param_axes())
     state = placement.put(state, state_sh)
     task = Task(model, "causal_lm", loss_chunk=loss_chunk)
     # The trainer's own jit: state shardings in and out, batch rows split over the batch axes,
@@ -216,6 +220,21 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     b = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
          "loss_mask": np.ones((batch, seq), np.float32)}
     b = placement.batch(b)
+    auto_line = None
+    if auto:  # the launcher's model.remat="auto": fastest policy whose compiled step fits
+        from qlora_jax.train import remat as remat_auto
+
+        def make(mode):
+            return tstep.make_train_step(Task(model.clone(remat=mode), "causal_lm",
+                                              loss_chunk=loss_chunk), tx,
+                                         optax.constant_schedule(2e-4), dropout=False,
+                                         offload_state=offload_state,
+                                         shardings=placement.step_shardings(state_sh))
+        budget, source = remat_auto.memory_budget(0.0, list(placement.mesh.devices.flat))
+        choice = remat_auto.choose(lambda m: remat_auto.compiled_peak(make(m), state, b),
+                                   budget, source)
+        remat, auto_line, step = choice.mode, choice.describe(), make(choice.mode)
+        print(auto_line, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     compiled = step.lower(state, b).compile()
     compile_s = time.perf_counter() - t0
@@ -236,7 +255,7 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devs]
     tps = batch * seq / med
     pf = peak_flops(devs[0].device_kind) * n_dev
-    result = dict(system="qlora_jax", remat=remat, loss_chunk=loss_chunk,
+    result = dict(system="qlora_jax", remat=remat, remat_auto=auto_line, loss_chunk=loss_chunk,
                   adapter_dtype=adapter_dtype, offload_state=offload_state,
                   impl=qj.quant.resolve_impl(impl), mesh="x".join(map(str, mesh)),
                   attention=attention, in_place=in_place, xla_memory_gib=xla_memory,
@@ -317,7 +336,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="timed steps after the compiling one")
     p.add_argument("--remat", default="full",
-                   choices=("none", "full", "dots_saveable", "offload", "qkv", "attention"))
+                   choices=("none", "full", "dots_saveable", "offload", "qkv", "attention",
+                            "auto"))
     p.add_argument("--loss-chunk", type=int, default=512, help="0: full logits")
     p.add_argument("--offload-state", action="store_true")
     p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"))

@@ -5,7 +5,7 @@ Launch (from the repository root):
     python -m qlora_jax.launch --config experiments/smoke.py --workdir /tmp/qj_smoke
 
 Hardware: any CPU (2 cores are plenty). Expected result: 15-40 s in all, most of it
-compilation; 40 steps of 8 rows; the response-only training loss falls from ~6.5 (about ln 512,
+compilation; 40 steps of 8 packed rows (160 examples in 110 rows); the response-only training loss falls from ~6.5 (about ln 512,
 the vocabulary) to ~1, held-out loss from ~6.5 to ~0.7 and held-out next-token accuracy on the
 response tokens from ~0.02 to ~0.65 (about 30 CPU-seconds); the workdir ends with config.json,
 metrics.jsonl, eval.jsonl, TensorBoard events, checkpoints/ (steps 30 and 40) and adapter/
@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.schedule = "cosine"
     c.optim.warmup_steps = 4
     c.optim.end_lr_ratio = 0.1
+    # Packed rows: the examples (24-81 tokens) fill 81% of the rows instead of 54%.
+    c.data.packing = True
     # 40 steps of 8 rows of 96 tokens.
     c.train.steps = 40
     c.train.batch_size = 8

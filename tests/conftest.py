@@ -5,17 +5,52 @@ Every test that draws random numbers takes the ``rng`` fixture: a
 replays exactly. ``QLORA_JAX_SEED=<int>`` picks another seed and
 ``QLORA_JAX_SEED=random`` draws a fresh one a test; the seed is printed during
 setup, so pytest shows it in the report of a failing test.
+
+The session compiles each XLA program once (a persistent compilation cache in a fresh temporary
+directory, shared with xdist workers and subprocesses; see `pytest_configure`).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 SEED_ENV = "QLORA_JAX_SEED"
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_OWN_CACHE: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One XLA compilation cache for the whole test session (fresh, removed at the end).
+
+    Many tests compile the same programs (the tiny models' init and forward, the smoke step in
+    launcher subprocesses): with JAX's persistent cache each is compiled once a session, also
+    across pytest-xdist workers and subprocesses, which inherit the variable. Cached
+    executables are the ones XLA would compile; nothing a test checks changes. An existing
+    ``JAX_COMPILATION_CACHE_DIR`` is used as it is.
+    """
+    if CACHE_ENV in os.environ or hasattr(config, "workerinput"):
+        return  # given by the caller, or an xdist worker that inherited the controller's
+    path = tempfile.mkdtemp(prefix="qlora_jax_xla_cache_")
+    _OWN_CACHE.append(path)
+    os.environ[CACHE_ENV] = path
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    if "jax" in sys.modules:  # imported before this hook: set its config too
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for path in _OWN_CACHE:
+        shutil.rmtree(path, ignore_errors=True)
 DEFAULT_SEED = 20261128
 
 

@@ -25,12 +25,17 @@ def test_length_sets_have_the_stated_shapes():
 @pytest.mark.slow
 def test_layouts_run_on_the_tiny_shape():
     results = {r["layout"]: r for r in real_data.run_ours(
-        "tiny", "stdlib_docstrings", ("padded", "bucketed"), batch=2, seq=512, r=4,
+        "tiny", "stdlib_docstrings", ("padded", "bucketed", "packed"), batch=2, seq=512, r=4,
         steps=2, remat="full", loss_chunk=0, buckets=(128, 512))}
-    padded, bucketed = results["padded"], results["bucketed"]
+    padded, bucketed, packed = results["padded"], results["bucketed"], results["packed"]
     for r in results.values():
         assert "error" not in r, r
         assert r["useful_tokens_per_s"] > 0 and np.isfinite(r["loss_last"])
     assert padded["examples_per_row"] == bucketed["examples_per_row"] == 1
     assert padded["row_lengths"] == [512] and 128 in bucketed["row_lengths"]
-    assert 0.5 < bucketed["padding_fraction"] < padded["padding_fraction"]
+    ids, _ = real_data.examples("stdlib_docstrings", 512, 1000)
+    lengths = np.array([len(x) for x in ids])
+    rows = pack_rows(lengths, np.random.default_rng([0, 0]).permutation(len(ids)), 512)
+    assert abs(packed["examples_per_row"] - len(ids) / len(rows)) < 2
+    assert packed["padding_fraction"] < 0.1 < 0.5 < bucketed["padding_fraction"] \
+        < padded["padding_fraction"]

@@ -29,10 +29,11 @@ import numpy as np
 
 from qlora_jax.checkpoints.safetensors_io import CheckpointReader
 from qlora_jax.formats.gguf import GGUFTensors, is_gguf
+from qlora_jax.lora import dora
 from qlora_jax.lora.config import LoraConfig, data_aware
 from qlora_jax.lora.dense import lora_a_init, lora_b_init
 from qlora_jax.lora.init import init_kernel
-from qlora_jax.lora.params import flatten, unflatten
+from qlora_jax.lora.tree import flatten, unflatten
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.models.common import HFParam
 from qlora_jax.models.registry import build_model
@@ -221,6 +222,15 @@ def _path_key(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF)
 
 
+def add_magnitudes(plan: Any, flat: dict) -> None:
+    """DoRA: ``lora_magnitude = ||W + s B A||_row`` for every DoRA module that lacks one."""
+    for path, spec in plan.specs:
+        if spec.use_dora and path + (dora.MAGNITUDE,) not in flat:
+            flat[path + (dora.MAGNITUDE,)] = dora.weight_norm(
+                getattr(flat[path + ("kernel",)], "value", flat[path + ("kernel",)]),
+                flat[path + ("lora_a",)], flat[path + ("lora_b",)], spec.scaling)
+
+
 def add_adapters(model: Any, params: dict, seed: int = 0) -> dict:
     """Adds freshly initialised adapters for ``model.lora_plan()`` and boxes modules_to_save.
 
@@ -253,6 +263,7 @@ def add_adapters(model: Any, params: dict, seed: int = 0) -> dict:
             jax.random.split(kb, n))
         flat[path + ("lora_a",)] = a.reshape(stack + a.shape[1:])
         flat[path + ("lora_b",)] = b.reshape(stack + b.shape[1:])
+    add_magnitudes(plan, flat)
     for p, v in list(flat.items()):
         if plan.saves(p[:-1]) and not isinstance(v, Trainable):
             if isinstance(v, QTensor):

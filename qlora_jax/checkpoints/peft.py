@@ -3,7 +3,8 @@
 Files: ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``) with keys
 ``base_model.model.<module>.lora_A.weight`` ``[R, in]`` and ``...lora_B.weight``
 ``[out, R]``, one pair a layer (our stacked ``lora_a`` ``[L, in, R]`` and
-``lora_b`` ``[L, R, out]`` are split and transposed), ``modules_to_save``
+``lora_b`` ``[L, R, out]`` are split and transposed), DoRA's ``lora_magnitude`` ``[L, out]`` as
+``...lora_magnitude_vector`` ``[out]`` a layer, ``modules_to_save``
 weights saved whole under ``base_model.model.<module>.weight``; and
 ``adapter_config.json``.
 
@@ -29,15 +30,19 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax import module_names
 from qlora_jax.checkpoints.atomic import atomic_directory
 from qlora_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 from qlora_jax.lora import init as lora_init
+from qlora_jax.lora.dora import MAGNITUDE
 from qlora_jax.lora.config import LoraConfig
-from qlora_jax.lora.params import flatten, is_adapter_path, unbox, unflatten
+from qlora_jax.lora.params import is_adapter_path
+from qlora_jax.lora.tree import flatten, unbox, unflatten
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.quant.qtensor import QTensor
 
 PREFIX = "base_model.model."
+PEFT_MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude, [out] a layer
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -75,7 +80,7 @@ def _peft_config(model: Any, lora: LoraConfig, plan: Any, base: str) -> dict[str
     return {
         "peft_type": "LORA", "task_type": model.task, "r": lora.r, "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout, "target_modules": tm, "bias": "none",
-        "use_rslora": lora.use_rslora, "use_dora": False, "fan_in_fan_out": False,
+        "use_rslora": lora.use_rslora, "use_dora": bool(lora.use_dora), "fan_in_fan_out": False,
         "modules_to_save": list(lora.modules_to_save) or None,
         "rank_pattern": dict(lora.rank_pattern), "alpha_pattern": dict(lora.alpha_pattern),
         "init_lora_weights": init, "base_model_name_or_path": base or None,
@@ -132,7 +137,7 @@ def save_peft(model: Any, params: dict, out_dir: str, base_model_name_or_path: s
         a = np.asarray(array)
         specs.append((PREFIX + key, a.dtype, a.shape, lambda a=a: a))
 
-    for path, _ in plan.specs:
+    for path, spec in plan.specs:
         a, b = flat.get(path + ("lora_a",)), flat.get(path + ("lora_b",))
         if a is None or b is None:
             raise KeyError(f"params lack the adapter of {'/'.join(path)} that the model declares")
@@ -145,10 +150,15 @@ def save_peft(model: Any, params: dict, out_dir: str, base_model_name_or_path: s
             b = jnp.concatenate([jnp.asarray(b), -jnp.asarray(b0).astype(b.dtype)], axis=-2)
         names = sites[path].hf_names
         stacked = a.ndim == 3
+        m = flat.get(path + (MAGNITUDE,))
+        if spec.use_dora and m is None:
+            raise KeyError(f"params lack the DoRA magnitude of {'/'.join(path)}")
         for i, name in enumerate(names):
             ai, bi = (a[i], b[i]) if stacked else (a, b)
             add(f"{name}.lora_A.weight", jnp.asarray(ai).T)
             add(f"{name}.lora_B.weight", jnp.asarray(bi).T)
+            if spec.use_dora:
+                add(f"{name}.{PEFT_MAGNITUDE}", m[i] if stacked else m)
     for entry in _saved_entries(model, plan):
         v = flat[entry.path]
         if isinstance(v, QTensor):
@@ -175,6 +185,8 @@ def _normalise(key: str) -> str:
         key = key.replace(seg, ".")
     for ab in ("lora_A", "lora_B"):
         key = key.replace(f".{ab}.default.weight", f".{ab}.weight")
+    key = key.replace(f".{PEFT_MAGNITUDE}.default.weight", f".{PEFT_MAGNITUDE}")
+    key = key.replace(f".{PEFT_MAGNITUDE}.default", f".{PEFT_MAGNITUDE}")
     return key
 
 
@@ -183,13 +195,13 @@ def lora_config_from_peft(cfg: dict[str, Any], source: str = "adapter_config.jso
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{source}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
     unsupported = [(k, cfg.get(k)) for k, ok in (
-        ("use_dora", (False, None)), ("bias", ("none", None)), ("fan_in_fan_out", (False, None)),
+        ("bias", ("none", None)), ("fan_in_fan_out", (False, None)),
         ("layers_to_transform", (None,)), ("layer_replication", (None,)),
         ("target_parameters", (None,)), ("lora_bias", (False, None)))
         if cfg.get(k) not in ok]
     if unsupported:
         raise ValueError(f"{source}: unsupported PEFT settings {unsupported}; qlora_jax reads "
-                         "plain LoRA adapters (no DoRA, bias='none', no layer selection)")
+                         "LoRA and DoRA adapters (bias='none', no layer selection)")
     init = cfg.get("init_lora_weights", True)
     # PiSSA/OLoRA: the base is made residual again on load (as PEFT does); others as default.
     init = init if init in (True, False, "gaussian", "pissa", "olora") else True
@@ -197,6 +209,7 @@ def lora_config_from_peft(cfg: dict[str, Any], source: str = "adapter_config.jso
                       dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
                       target_modules=cfg.get("target_modules"), init=init,
                       use_rslora=bool(cfg.get("use_rslora", False)),
+                      use_dora=bool(cfg.get("use_dora", False)),
                       rank_pattern=dict(cfg.get("rank_pattern") or {}),
                       alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
                       modules_to_save=tuple(cfg.get("modules_to_save") or ()))
@@ -233,7 +246,7 @@ def load_peft(model: Any, params: dict, adapter_dir: str) -> tuple[Any, dict]:
     names = [n for s in model.module_sites() for n in s.hf_names]
     # PEFT adds its task's head names ("classifier", "score") to modules_to_save on its own.
     mts = tuple(m for m in lora.modules_to_save
-                if any(n == m or n.endswith("." + m) for n in names))
+                if any(module_names.matches(n, m) for n in names))
     lora = lora.replace(modules_to_save=mts)
     new_model = model.clone(lora=lora)
     plan = new_model.lora_plan()
@@ -267,6 +280,9 @@ def load_peft(model: Any, params: dict, adapter_dir: str) -> tuple[Any, dict]:
         stacked = len(kernel.shape) == 3  # layers stacked by nn.scan (also for one layer)
         flat[path + ("lora_a",)] = jnp.asarray(np.stack(a) if stacked else a[0])
         flat[path + ("lora_b",)] = jnp.asarray(np.stack(b) if stacked else b[0])
+        if spec.use_dora:
+            m = [read(f"{n}.{PEFT_MAGNITUDE}", (out_f,)).astype(np.float32) for n in hf]
+            flat[path + (MAGNITUDE,)] = jnp.asarray(np.stack(m) if stacked else m[0])
     for entry in _saved_entries(new_model, plan):
         base = flat[entry.path]
         layers = range(model.config.num_hidden_layers) if entry.layered else [None]

@@ -35,10 +35,10 @@ def load_gguf_tokenizer(path: str, bos_token: str | None = None, eos_token: str 
     """
     try:
         reader = open_reader(path)
-        arch = architecture(reader, reader.data.filename)
+        arch = architecture(reader, reader.path)
         meta = read_metadata(reader, [k for k in reader.fields if k.startswith("tokenizer.")])
         ctx = read_metadata(reader, [f"{arch}.context_length"]).get(f"{arch}.context_length")
-        tok = tokenizer_from_metadata(meta, reader.data.filename)
+        tok = tokenizer_from_metadata(meta, reader.path)
     except (GGUFError, VocabError, FileNotFoundError) as e:
         raise DataError(str(e)) from e
     special = special_ids(meta)
@@ -50,4 +50,4 @@ def load_gguf_tokenizer(path: str, bos_token: str | None = None, eos_token: str 
     template = meta.get("tokenizer.chat_template")
     return GGUFTokenizer(tok, special, int(ctx) if ctx else None,
                          template if isinstance(template, str) else None,
-                         metadata=meta, path=str(reader.data.filename))
+                         metadata=meta, path=str(reader.path))

@@ -7,6 +7,8 @@ import math
 import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from qlora_jax import module_names
+
 INITS = ("default", "gaussian", "random", "pissa", "pissa_niter_K", "olora", "loftq")
 DATA_AWARE = ("pissa", "olora", "loftq")
 
@@ -29,6 +31,7 @@ class LoraSpec:
     scaling: float
     dropout: float
     init: str
+    use_dora: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,8 @@ class LoraConfig:
         quantized bases). PiSSA/OLoRA change the base weight to ``W - s B A``.
         PEFT's True/False are accepted.
       use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
-      use_dora: weight-decomposed LoRA (not implemented yet).
+      use_dora: DoRA (weight-decomposed LoRA, as PEFT): a trained magnitude per output
+        feature (``lora_magnitude``) times the row-normalised ``W + s B A``.
       rank_pattern / alpha_pattern: ``{pattern: value}`` overriding r / alpha for
         modules whose name matches ``(.*\\.)?pattern$``.
       modules_to_save: module names (suffix match) trained in full, e.g. a
@@ -88,9 +92,6 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.loftq_iter must be an integer >= 1, got "
                              f"{self.loftq_iter!r}")
         object.__setattr__(self, "init", init)
-        if self.use_dora:
-            raise NotImplementedError("use_dora=True (DoRA) is not implemented in qlora_jax yet; "
-                                      "use plain LoRA (use_dora=False)")
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -117,15 +118,15 @@ class LoraConfig:
         if isinstance(tm, str):
             if tm == "all-linear":
                 return not is_head
-            return re.fullmatch(tm, module_name) is not None
-        return any(module_name == t or module_name.endswith("." + t) for t in tm)
+            return module_names.matches_regex(module_name, tm)
+        return module_names.matches_any(module_name, tm)
 
-    def target_matches_anything(self, target: str, module_names: Sequence[str]) -> bool:
-        return any(n == target or n.endswith("." + target) for n in module_names)
+    def target_matches_anything(self, target: str, names: Sequence[str]) -> bool:
+        return any(module_names.matches(n, target) for n in names)
 
     def saves(self, module_name: str) -> bool:
         """Whether ``module_name`` is trained in full (``modules_to_save``)."""
-        return any(module_name == m or module_name.endswith("." + m) for m in self.modules_to_save)
+        return module_names.matches_any(module_name, self.modules_to_save)
 
     def spec(self, module_name: str) -> LoraSpec:
         """The adapter settings for a targeted module (patterns applied)."""
@@ -133,7 +134,8 @@ class LoraConfig:
         alpha = _pattern_value(self.alpha_pattern, module_name, self.alpha)
         scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
         return LoraSpec(r=int(r), alpha=float(alpha), scaling=float(scaling),
-                        dropout=float(self.dropout), init=self.init)
+                        dropout=float(self.dropout), init=self.init,
+                        use_dora=bool(self.use_dora))
 
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
@@ -141,7 +143,7 @@ class LoraConfig:
 
 def _pattern_value(pattern: Mapping[str, Any], module_name: str, default: Any) -> Any:
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if module_names.matches_pattern(module_name, key):
             return value
     return default
 

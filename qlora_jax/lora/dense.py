@@ -9,6 +9,7 @@ Parameters (names kept from ``nn.Dense`` so a base checkpoint loads unchanged):
   (``lora.plan.resolve`` gives each module a model's LoraConfig targets its spec).
 
 ``y = x W (+ b) + scaling * dropout(x) A B``. A zero B leaves ``y`` unchanged to the bit.
+With DoRA (``use_dora``) also ``lora_magnitude`` ``[out]`` and PEFT's formula (lora/dora.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
+from qlora_jax.lora import dora
 from qlora_jax.lora.config import LoraSpec
 from qlora_jax.quant import ops as qops
 from qlora_jax.quant.blockwise import quantize
@@ -29,6 +31,19 @@ from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
 
 Initializer = Callable[..., jax.Array]
+Axes = tuple[Optional[str], ...]
+
+
+def adapter_axes(kernel_axes: Axes) -> tuple[Axes, Axes]:
+    """Logical axes of ``lora_a`` ``[in, R]`` and ``lora_b`` ``[R, out]`` for a kernel's
+    ``(in, out)`` axes: ``(in, "rank")`` and ``("rank", out)``."""
+    axis_in, axis_out = kernel_axes
+    return (axis_in, "rank"), ("rank", axis_out)
+
+
+def declare_axes(init: Initializer, axes: Axes) -> Initializer:
+    """``init`` boxed with the logical ``axes`` of what it creates (unchanged without axes)."""
+    return nn.with_logical_partitioning(init, axes) if axes else init
 
 
 def lora_a_init(spec: LoraSpec) -> Initializer:
@@ -66,6 +81,8 @@ class LoraDense(nn.Module):
       quant: quantize the kernel at init (loading code builds QTensors directly).
       impl: implementation of the 4-bit matmul: ``"auto"``, ``"xla"``, ``"pallas"``.
       lora_dtype: dtype of the adapter parameters.
+      kernel_axes: logical axes of the float kernel ``[in, out]`` (e.g. ``("embed", "mlp")``);
+        the bias and the adapters take theirs from it. Empty: none declared.
     """
 
     features: int
@@ -78,6 +95,7 @@ class LoraDense(nn.Module):
     quant: Optional[QuantConfig] = None
     impl: str = "auto"
     lora_dtype: Any = jnp.float32
+    kernel_axes: Axes = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True,
@@ -93,7 +111,8 @@ class LoraDense(nn.Module):
             # Loaded weights may be a QTensor whatever `quant` says: read them as they are.
             kernel = meta.unbox(self.get_variable("params", "kernel"))
         else:
-            kernel = self.param("kernel", self._init_kernel, (in_features, self.features))
+            kernel = self.param("kernel", declare_axes(self._init_kernel, self.kernel_axes),
+                                (in_features, self.features))
         if isinstance(kernel, (QTensor, LayerView)):  # a view: one layer of a stack, in place
             if kernel.shape != (self.features, in_features):
                 raise ValueError(f"{'.'.join(self.scope.path)}: 4-bit kernel is {kernel.shape}, "
@@ -103,23 +122,49 @@ class LoraDense(nn.Module):
         else:
             x_c, k_c = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
             y = jnp.dot(x_c, k_c)
+        bias = None
         if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            y = y + bias.astype(y.dtype)
+            bias = self.param("bias", declare_axes(self.bias_init, self.kernel_axes[1:]),
+                              (self.features,), self.param_dtype)
         spec = self.lora
         if spec is None:
-            return y
+            return y + bias.astype(y.dtype) if bias is not None else y
         if self.has_variable("params", "lora_a") and jnp.ndim(
                 meta.unbox(self.get_variable("params", "lora_a"))) == 3:
-            return y + self._stacked_delta(x, spec, adapter_index).astype(y.dtype)
-        a = self.param("lora_a", lora_a_init(spec), (in_features, spec.r), self.lora_dtype)
-        b = self.param("lora_b", lora_b_init(spec), (spec.r, self.features), self.lora_dtype)
+            if spec.use_dora:
+                raise ValueError(f"{'.'.join(self.scope.path)}: stacked adapters "
+                                 "(qj.lora.stack_adapters) are LoRA only, not DoRA")
+            y = y + self._stacked_delta(x, spec, adapter_index).astype(y.dtype)
+            return y + bias.astype(y.dtype) if bias is not None else y
+        a_axes, b_axes = adapter_axes(self.kernel_axes) if self.kernel_axes else ((), ())
+        a = self.param("lora_a", declare_axes(lora_a_init(spec), a_axes), (in_features, spec.r),
+                       self.lora_dtype)
+        b = self.param("lora_b", declare_axes(lora_b_init(spec), b_axes), (spec.r, self.features),
+                       self.lora_dtype)
         h = x
+        dropped = spec.dropout > 0.0 and not deterministic
         if spec.dropout > 0.0:
             h = nn.Dropout(rate=spec.dropout)(h, deterministic=deterministic)
-        h, a, b = nn.dtypes.promote_dtype(h, a, b, dtype=self.dtype)
-        delta = jnp.dot(jnp.dot(h, a), b) * jnp.asarray(spec.scaling, h.dtype)
-        return y + delta.astype(y.dtype)
+        h, a_c, b_c = nn.dtypes.promote_dtype(h, a, b, dtype=self.dtype)
+        delta = jnp.dot(jnp.dot(h, a_c), b_c) * jnp.asarray(spec.scaling, h.dtype)
+        if spec.use_dora:
+            y = self._dora(y, h, kernel, a, b, delta, spec.scaling, dropped)
+        else:
+            y = y + delta.astype(y.dtype)
+        return y + bias.astype(y.dtype) if bias is not None else y
+
+    def _dora(self, y: jax.Array, h: jax.Array, kernel: Any, a: jax.Array, b: jax.Array,
+              delta: jax.Array, scaling: float, dropped: bool) -> jax.Array:
+        """PEFT's DoRA output from the base output ``y`` (no bias) and the scaled update."""
+        m = self.param(dora.MAGNITUDE, declare_axes(
+            lambda _, shape: dora.weight_norm(kernel, a, b, scaling).astype(self.lora_dtype),
+            self.kernel_axes[1:]), (self.features,))
+        norm = dora.weight_norm(kernel, a, b, scaling)  # a constant for the gradient
+        scale = (m.astype(jnp.float32) / norm).astype(y.dtype)
+        if dropped:  # the base term sees the dropped-out input too, as in PEFT
+            base_d = jnp.dot(h.astype(y.dtype), dora.dense_weight(kernel).astype(y.dtype))
+            return y + (scale - 1) * base_d + scale * delta.astype(y.dtype)
+        return scale * (y + delta.astype(y.dtype))
 
     def _stacked_delta(self, x: jax.Array, spec: LoraSpec,
                        adapter_index: Optional[jax.Array]) -> jax.Array:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax.lora import dora
 from qlora_jax.lora.config import LoraSpec, data_aware
 from qlora_jax.quant.blockwise import dequantize_xla, quantize, quantize_like
 from qlora_jax.quant.config import QuantConfig
@@ -189,7 +190,7 @@ def initialize(model: Any, params: dict, seed: int = 0,
     other leaves are kept. ``quant`` quantizes the new float kernels of modules the model
     quantizes (``model.quantized_paths()``); QTensor kernels keep their settings.
     """
-    from qlora_jax.lora.params import flatten, unflatten  # same layer
+    from qlora_jax.lora.tree import flatten, unflatten
 
     plan = model.lora_plan()
     if plan is None:
@@ -205,4 +206,6 @@ def initialize(model: Any, params: dict, seed: int = 0,
                               quant if path in qpaths else None,
                               plan.config.loftq_iter, "/".join(path))
         flat[path + ("kernel",)], flat[path + ("lora_a",)], flat[path + ("lora_b",)] = k, a, b
+        if spec.use_dora:  # DoRA's magnitude starts at the norm of the new W + s B A
+            flat[path + (dora.MAGNITUDE,)] = dora.weight_norm(k, a, b, spec.scaling)
     return unflatten(flat)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import qlora_jax as qj
 from qlora_jax import data
-from qlora_jax.lora.params import flatten, unflatten
+from qlora_jax.lora.tree import flatten, unflatten
 from tests.formats.tiny_gguf import tiny_byte_tokenizer
 from tests.models.tiny import rel_err
 
@@ -72,6 +72,9 @@ def test_f16_roundtrip_through_transformers(llama_ckpt, tmp_path, rng, variant):
     want = merged_model.apply({"params": _f16_rounded(merged)}, jnp.asarray(ids, jnp.int32))
     got = _transformers_logits(out, ids)
     assert rel_err(got, want) < 1e-5  # the same float16 weights, both computed in float32
+    back, back_params = qj.from_pretrained(out, dtype=jnp.float32)
+    assert back.config.model_type == ("qwen2" if variant == "qwen2_tied" else "llama")
+    assert rel_err(back.apply({"params": back_params}, jnp.asarray(ids, jnp.int32)), want) < 1e-5
     base = qj.save_pretrained(model, params, str(tmp_path / "base.gguf"), format="gguf",
                               merge_lora=False, tokenizer=tiny_byte_tokenizer())
     assert rel_err(_transformers_logits(base, ids), want) > 1e-2  # the adapter mattered

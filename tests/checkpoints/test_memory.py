@@ -71,3 +71,51 @@ def test_quantize_on_load_peak_memory_stays_under_budget(tmp_path, rng):
           f"peak growth {stats['peak_growth'] / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB")
     assert big > 3 * budget  # the float checkpoint could never fit the budget
     assert stats["peak_growth"] < budget
+
+
+def _write_gguf(path: str, layers: int, rng: np.random.Generator) -> int:
+    """The same model as ``_write``, as a float32 llama GGUF (tensors produced one at a time)."""
+    import gguf
+
+    from qlora_jax.formats.gguf import gguf_name, write_gguf
+    T = gguf.GGUFValueType
+    meta = [("llama.block_count", layers, T.UINT32, None),
+            ("llama.embedding_length", D, T.UINT32, None),
+            ("llama.feed_forward_length", F, T.UINT32, None),
+            ("llama.attention.head_count", 8, T.UINT32, None),
+            ("llama.vocab_size", V, T.UINT32, None),
+            ("llama.context_length", 128, T.UINT32, None)]
+    shapes = [("model.embed_tokens.weight", (V, D))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [(p + f"self_attn.{n}_proj.weight", (D, D)) for n in "qkvo"]
+        shapes += [(p + f"mlp.{n}_proj.weight", (F, D)) for n in ("gate", "up")]
+        shapes += [(p + "mlp.down_proj.weight", (D, F)), (p + "input_layernorm.weight", (D,)),
+                   (p + "post_attention_layernorm.weight", (D,))]
+    shapes += [("model.norm.weight", (D,)), ("lm_head.weight", (V, D))]
+    tensors = [(gguf_name(k), s, "F32",
+                (lambda s=s: rng.standard_normal(s, dtype=np.float32) * 0.02) if len(s) == 2
+                else (lambda: np.ones(D, np.float32))) for k, s in shapes]
+    write_gguf(path, "llama", meta, tensors)
+    return os.path.getsize(path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_gguf_quantize_on_load_peak_memory_stays_under_budget(tmp_path, rng):
+    big = _write_gguf(str(tmp_path / "big.gguf"), 12, rng)
+    _write_gguf(str(tmp_path / "warm.gguf"), 1, rng)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "tests.checkpoints._memory_probe",
+                           str(tmp_path / "big.gguf"), str(tmp_path / "warm.gguf")],
+                          capture_output=True, text=True, cwd=root, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if proc.returncode != 0 and "clear_refs" in proc.stderr:
+        pytest.skip("cannot reset the peak RSS counter here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    budget = stats["params_bytes"] + 8 * F * D * 4
+    print(f"GGUF {big / 1e6:.0f} MB, quantized params {stats['params_bytes'] / 1e6:.1f} MB, "
+          f"peak growth {stats['peak_growth'] / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB")
+    assert big > 3 * budget
+    assert stats["peak_growth"] < budget

@@ -147,6 +147,7 @@ def _write_metadata_only(path: str, meta: dict) -> None:
     w.close()
 
 
+@pytest.mark.slow
 def test_smollm2_converted_back_to_metadata(smollm2_tokenizers, tmp_path):
     """A tokenizer without GGUF metadata (as read from tokenizer.json) converts to the same
     vocabulary, merges, pre-tokenizer name and ids the original file holds."""

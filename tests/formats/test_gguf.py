@@ -89,6 +89,14 @@ def test_llama3_rope_recovered_from_rope_freqs():
     np.testing.assert_allclose(base / factors, inv.numpy(), rtol=1e-5)
 
 
+def test_truncated_file_named(tmp_path, rng):
+    path = write_tiny_gguf(str(tmp_path / "t.gguf"), tiny_llama(int(rng.integers(1 << 30))))
+    with open(path, "rb+") as f:
+        f.truncate(os.path.getsize(path) - 1000)
+    with pytest.raises(ValueError, match=r"t\.gguf.*(truncated|not a readable GGUF)"):
+        qj.from_pretrained(path)
+
+
 def test_unsupported_architecture_and_missing(tmp_path):
     import gguf
     path = str(tmp_path / "phi.gguf")
@@ -100,6 +108,8 @@ def test_unsupported_architecture_and_missing(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="architecture 'phi2' is not supported"):
         qj.from_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        qj.from_pretrained(str(tmp_path / "missing.gguf"))
     bad = tmp_path / "junk.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(ValueError, match="not a readable GGUF"):
@@ -110,3 +120,29 @@ def test_unsupported_architecture_and_missing(tmp_path):
         os.link(path, two / n)
     with pytest.raises(ValueError, match="2 .gguf files"):
         qj.from_pretrained(str(two))
+
+
+def _assert_header_equals_gguf_reader(path: str) -> None:
+    import gguf
+    ours, ref = qgguf.open_reader(path), gguf.GGUFReader(path)
+    want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert ours.fields.keys() == want.keys()
+    for key, value in want.items():
+        assert ours.fields[key] == pytest.approx(value) if isinstance(value, float) else \
+            ours.fields[key] == value, key
+    assert [(t.name, tuple(int(d) for d in t.shape), t.tensor_type, int(t.n_bytes),
+             int(t.data_offset)) for t in ref.tensors] == [tuple(t) for t in ours.tensors]
+    for t, u in list(zip(ref.tensors, ours.tensors))[:12]:
+        np.testing.assert_array_equal(ours.read(u), np.asarray(t.data))
+
+
+def test_header_parse_equals_gguf_reader(tmp_path, rng):
+    model = tiny_llama(int(rng.integers(1 << 30)))
+    tokens = [f"tok{i}" for i in range(model.config.vocab_size)]
+    _assert_header_equals_gguf_reader(write_tiny_gguf(str(tmp_path / "h.gguf"), model, "Q8_0",
+                                                      tokens=tokens))
+
+
+@pytest.mark.slow
+def test_header_parse_equals_gguf_reader_smollm2(smollm2_gguf):
+    _assert_header_equals_gguf_reader(smollm2_gguf)

@@ -95,11 +95,6 @@ def test_bad_settings(kwargs, match):
         qj.LoraConfig(**kwargs)
 
 
-def test_dora_not_implemented():
-    with pytest.raises(NotImplementedError, match="DoRA"):
-        qj.LoraConfig(use_dora=True)
-
-
 def test_peft_bool_init_values():
     assert qj.LoraConfig(init=True).init == "default"
     assert qj.LoraConfig(init=False).init == "random"

@@ -79,8 +79,8 @@ def test_right_padded_task_drops_the_mask_and_keeps_the_loss(rng):
     model = LlamaForCausalLM(cfg, lora=qj.LoraConfig(r=2, target_modules="all-linear",
                                                      init="random"))
     b, t = 3, 12
-    params = model.init(jax.random.key(int(rng.integers(1 << 30))),
-                        jnp.ones((1, t), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(int(rng.integers(1 << 30))),
+                                 jnp.ones((1, t), jnp.int32))["params"]
     ids = rng.integers(1, cfg.vocab_size, (b, t)).astype(np.int32)
     lengths = np.array([t, t - 4, t // 2])
     attn = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
@@ -89,11 +89,11 @@ def test_right_padded_task_drops_the_mask_and_keeps_the_loss(rng):
              "targets": np.roll(ids, -1, axis=1)}
     masked, unmasked = Task(model, "causal_lm"), Task(model, "causal_lm", right_padded=True)
     with jax.default_matmul_precision("highest"):  # float32 on GPUs too (not TF32)
-        want = [float(x) for x in masked.sums(params, batch)]
-        got = [float(x) for x in unmasked.sums(params, batch)]
+        want = [float(x) for x in jax.jit(masked.sums)(params, batch)]
+        got = [float(x) for x in jax.jit(unmasked.sums)(params, batch)]
         # The mask really was dropped: padded slots (no loss) now see the padding before them.
-        a = np.asarray(masked.logits(params, batch))
-        c = np.asarray(unmasked.logits(params, batch))
+        a = np.asarray(jax.jit(masked.logits)(params, batch))
+        c = np.asarray(jax.jit(unmasked.logits)(params, batch))
     np.testing.assert_allclose(got, want, rtol=2e-6)
     real = attn.astype(bool)
     np.testing.assert_allclose(c[real], a[real], rtol=1e-5, atol=1e-5)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import qlora_jax as qj
 from tests.models import tiny
 from tests.models.conftest import llama_ckpt  # noqa: F401  (fixture)
+
+torch = pytest.importorskip("torch")
 
 
 def test_llama_beyond_max_position_embeddings_equals_transformers(llama_ckpt, rng):

@@ -105,11 +105,13 @@ def test_smoke_run_writes_the_workdir_and_learns(reference):
     assert [r["step"] for r in records] == list(range(1, 13))
     for r in records:
         assert {"step", "loss", "learning_rate", "tokens_per_s", "peak_memory_bytes",
-                "grad_norm"} <= set(r)
+                "grad_norm", "padding_fraction"} <= set(r)
         assert r["peak_memory_bytes"] > 0 and r["tokens_per_s"] > 0
+        assert 0 <= r["padding_fraction"] < 0.5   # packed rows (about 0.19 on average)
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]
     assert sorted(int(s) for s in os.listdir(wd / "checkpoints")) == [8, 12]  # keep 2
     assert "step 12:" in out and "Traceback" not in out
+    assert "160 examples packed into 110 rows of 96 tokens" in out
     import qlora_jax as qj
     if hasattr(qj, "save_peft"):
         assert {"adapter_model.safetensors", "adapter_config.json"} <= set(

@@ -173,13 +173,13 @@ def build_step(shape: Any, mesh: tuple[int, int, int], batch: int, seq: int, r: 
                                 jnp.ones((1, 8), jnp.int32))["params"]
         state = jax.eval_shape(
             lambda p: tstate.create_state(p, tx, seed=0, adapter_dtype=jnp.float32), params)
-        state_sh = placement.state_shardings(state)
+        state_sh = placement.state_shardings(state, model.param_axes())
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              state, state_sh)
     else:
         params = random_params(model, shape, r, seed=0, placement=placement)
         state = tstate.create_state(params, tx, seed=0, adapter_dtype=jnp.float32)
-        state_sh = placement.state_shardings(state)
+        state_sh = placement.state_shardings(state, model.param_axes())
         state = placement.put(state, state_sh)
     task = Task(model, "causal_lm", loss_chunk=loss_chunk)
     fn = tstep.train_step_fn(task, tx, optax.constant_schedule(2e-4), dropout=False)

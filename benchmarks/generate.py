@@ -76,15 +76,15 @@ def _nonzero_b(params: Any, seed: int) -> Any:
     import jax
     import jax.numpy as jnp
 
-    from qlora_jax.lora import params as lp
+    from qlora_jax.lora import tree as lora_tree
 
-    flat = lp.flatten(params)
+    flat = lora_tree.flatten(params)
     key = jax.random.key(seed)
     for i, (path, leaf) in enumerate(sorted(flat.items())):
         if path[-1] == "lora_b":
             flat[path] = (jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)
                           * 1e-3).astype(leaf.dtype)
-    return lp.unflatten(flat)
+    return lora_tree.unflatten(flat)
 
 
 def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: int
@@ -94,12 +94,14 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
     import numpy as np
 
     import qlora_jax as qj
+
+    from qlora_jax.lora import tree as lora_tree
     from benchmarks.train_step import random_params
 
     model = _model(shape, weights, prompt + new, r)
     params = _nonzero_b(random_params(model, shape, r, seed=0), seed=1)
     jax.block_until_ready(params)
-    weights_bytes = qj.lora.nbytes(params)
+    weights_bytes = lora_tree.nbytes(params)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, shape.vocab, (batch, prompt),
                                                         dtype=np.int32))
 

@@ -104,14 +104,15 @@ def random_params(model: Any, shape: Shape, r: int, seed: int, placement: Any = 
     import jax
     import jax.numpy as jnp
 
-    from qlora_jax.lora import params as lp
+    from qlora_jax.lora import tree as lora_tree
     from qlora_jax.quant.qtensor import QTensor
 
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8), jnp.int32))["params"]
-    shardings = lp.flatten(placement.tree_shardings(abstract)) if placement is not None else {}
+    shardings = (lora_tree.flatten(placement.tree_shardings(abstract, model.param_axes()))
+                 if placement is not None else {})
     key = jax.random.key(seed)
     out = {}
-    for i, (path, leaf) in enumerate(lp.flatten(abstract).items()):
+    for i, (path, leaf) in enumerate(lora_tree.flatten(abstract).items()):
         k = jax.random.fold_in(key, i)
         sh = shardings.get(path)
         if isinstance(leaf, QTensor):
@@ -126,7 +127,7 @@ def random_params(model: Any, shape: Shape, r: int, seed: int, placement: Any = 
             make = lambda k, s=leaf.shape, d=leaf.dtype, sd=std: (  # noqa: E731
                 jax.random.normal(k, s, jnp.float32) * sd).astype(d)
         out[path] = jax.jit(make, out_shardings=sh)(k)
-    return lp.unflatten(out)
+    return lora_tree.unflatten(out)
 
 
 def _random_qtensor(abstract: Any, key: Any, sharding: Any = None) -> Any:
@@ -171,6 +172,8 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     import optax
 
     import qlora_jax as qj
+
+    from qlora_jax.lora import tree as lora_tree
     from qlora_jax import sharding as shd
     from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
     from qlora_jax.train import state as tstate
@@ -199,12 +202,12 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     params = random_params(model, shape, r, seed=0, placement=placement)
     jax.block_until_ready(params)
     build_s = time.perf_counter() - t0
-    weights_bytes = qj.lora.nbytes(params)
+    weights_bytes = lora_tree.nbytes(params)
     tx = optax.adamw(2e-4)
     state = tstate.create_state(params, tx, seed=0, adapter_dtype=jnp.dtype(adapter_dtype),
                                 offload_state=offload_state)
     del params
-    state_sh = placement.state_shardings(state)
+    state_sh = placement.state_shardings(state, model.param_axes())
     state = placement.put(state, state_sh)
     task = Task(model, "causal_lm", loss_chunk=loss_chunk)
     # The trainer's own jit: state shardings in and out, batch rows split over the batch axes,

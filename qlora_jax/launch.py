@@ -49,8 +49,6 @@ _PROCESS_ID = flags.DEFINE_integer(
     lower_bound=0)
 flags.mark_flags_as_required(["config", "workdir"])
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
-
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
@@ -122,10 +120,5 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run() -> None:
-    """Console entry point."""
-    app.run(lambda argv: sys.exit(main(argv)))
-
-
 if __name__ == "__main__":
-    run()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -213,7 +213,7 @@ def compiled_step_memory(config: Any) -> dict[str, float]:
     import jax
 
     from qlora_jax import data as qdata
-    from qlora_jax.lora import params as lora_params
+    from qlora_jax.lora import tree as lora_tree
     from qlora_jax.train import build
     from qlora_jax.train import config as train_config
     from qlora_jax.train.state import create_state
@@ -233,8 +233,8 @@ def compiled_step_memory(config: Any) -> dict[str, float]:
                            accum_steps=config.train.grad_accum,
                            dropout=config.lora.dropout > 0)
     analysis = step.lower(state, batch).compile().memory_analysis()
-    out = {"frozen": float(lora_params.nbytes(state.frozen)),
-           "trainable": float(lora_params.nbytes(state.trainable)),
+    out = {"frozen": float(lora_tree.nbytes(state.frozen)),
+           "trainable": float(lora_tree.nbytes(state.trainable)),
            "optimizer": float(sum(x.nbytes for x in jax.tree.leaves(state.opt_state))),
            "arguments": float(analysis.argument_size_in_bytes),
            "outputs": float(analysis.output_size_in_bytes),

@@ -10,9 +10,11 @@ Model code names axes logically (``batch``, ``length``, ``embed``, ``heads``, ``
 ``vocab``, ``layers``, ``rank``, ``qblocks``; ``act_embed`` for the model width of activations)
 and never names a mesh axis; ``DEFAULT_RULES`` (or ``config.mesh.rules``) maps each logical name
 to mesh axes, in the form ``flax.linen.logical_axis_rules`` takes. Parameters get their logical
-names from their path (``param_logical_axes``), so the same rules shard float kernels, adapters
-and the arrays inside QTensors: a QTensor's packed codes and absmax are split along their block
-axis consistently, on whole blocks (``qlora_jax.quant.partition``).
+names from the model that declares them (``model.param_axes()``: each module names the axes of
+the parameters it creates; adapters take theirs from their kernel's), so the same rules shard
+float kernels, adapters and the arrays inside QTensors: a QTensor's packed codes and absmax are
+split along their block axis consistently, on whole blocks (``qlora_jax.quant.partition``).
+Nothing here knows a model family.
 
 A mesh axis that does not divide a dimension is dropped for that dimension (the dimension is
 replicated instead), so any model runs on any mesh; ``describe`` tells what was split.
@@ -60,17 +62,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("act_embed", None),
 )
-
-# Float kernels [..., in, out] by module name: the logical names of (in, out).
-_KERNEL_AXES = {
-    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv"), "v_proj": ("embed", "kv"),
-    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
-    "down_proj": ("mlp", "embed"), "lm_head": ("embed", "vocab"),
-    # BERT family
-    "query": ("embed", "heads"), "key": ("embed", "heads"), "value": ("embed", "heads"),
-    "dense": ("embed", "mlp"), "classifier": ("embed", None),
-}
-
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -139,58 +130,62 @@ def _rebox(like: Any, value: Any) -> Any:
 
 # -- logical axes of parameters ---------------------------------------------------------------
 
-def _leaf_axes(path: tuple[str, ...], shape: tuple[int, ...], stacked: bool) -> tuple:
-    """Logical names for a float parameter at ``path`` with ``shape``."""
-    lead = ("layers",) if stacked else ()
-    name, module = path[-1], (path[-2] if len(path) > 1 else "")
-    body = len(shape) - len(lead)
-    if name == "embedding":
-        return lead + ("vocab", "embed")[-body:]
-    if name in ("kernel", "lora_a", "lora_b") and body == 2:
-        io = _KERNEL_AXES.get(module, ("embed", "mlp"))
-        if name == "kernel":
-            return lead + io
-        if name == "lora_a":
-            return lead + (io[0], "rank")
-        return lead + ("rank", io[1])
-    if name == "bias" and body == 1:
-        return lead + (_KERNEL_AXES.get(module, (None, None))[1],)
-    return lead + (None,) * body
+def logical_axes(params: Any, axes: Any) -> Any:
+    """A tree like ``params`` whose leaves are tuples of logical names (None: replicated).
 
+    Args:
+      params: a params tree (or a part of one: its paths are looked up in ``axes``).
+      axes: the model's declared axes (``model.param_axes()``): one tuple of names a parameter,
+        a QTensor kernel named like the float kernel it stands for.
 
-def param_logical_axes(params: Any) -> Any:
-    """A tree like ``params`` whose leaves are tuples of logical axis names (None: replicated).
+    A QTensor maps to a QTensor whose array fields hold their names (its stack axes, then
+    ``"qblocks"``); boxes keep their box.
 
-    QTensors map to QTensors whose array fields hold the names; boxes keep their box.
+    Raises:
+      ValueError: a parameter the model does not declare, or one whose rank differs from its
+        declaration's (e.g. adapters stacked for several tasks).
     """
+    flat_axes = _flatten(axes)
     out = {}
     for path, leaf in _flatten(params).items():
-        stacked = "layers" in path or "layer" in path
-        value = _unbox(leaf)
+        if path not in flat_axes:
+            raise ValueError(f"parameter {'/'.join(path)} is not one of the model's parameters "
+                             "(its param_axes() does not name it)")
+        value, names = _unbox(leaf), flat_axes[path]
         if isinstance(value, QTensor):
-            axes = qtensor_axes(value)
-        else:
-            axes = _leaf_axes(path, tuple(np.shape(value)), stacked and np.ndim(value) >= 1)
-        out[path] = _rebox(leaf, axes)
+            stack = len(value.stack_shape)
+            lead = tuple(names[:stack]) if names is not None else (None,) * stack
+            out[path] = _rebox(leaf, qtensor_axes(value, lead))
+            continue
+        ndim = np.ndim(value)
+        names = (None,) * ndim if names is None else tuple(names)
+        if len(names) != ndim:
+            raise ValueError(f"parameter {'/'.join(path)} of shape {np.shape(value)} is declared "
+                             f"with {len(names)} logical axes {names}")
+        out[path] = _rebox(leaf, names)
     return traverse_util.unflatten_dict(out)
 
 
 # -- logical -> mesh --------------------------------------------------------------------------
 
-def param_shardings(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+def param_shardings(params: Any, axes: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
                     memory_kind: Optional[str] = None) -> Any:
-    """``NamedSharding``s for every array of ``params`` (QTensor fields and boxes included)."""
+    """``NamedSharding``s for every array of ``params`` (QTensor fields and boxes included).
+
+    ``axes``: the model's declared axes (``model.param_axes()``; see ``logical_axes``).
+    """
     kw = {} if memory_kind is None else {"memory_kind": memory_kind}
 
     def named(spec: Optional[P]) -> Optional[NamedSharding]:
         return None if spec is None else NamedSharding(mesh, spec, **kw)
 
     out = {}
-    flat_axes = _flatten(param_logical_axes(params))
+    flat_axes = _flatten(logical_axes(params, axes))
     for path, leaf in _flatten(params).items():
         value, names = _unbox(leaf), _unbox(flat_axes[path])
         if isinstance(value, QTensor):
-            specs = qtensor_specs(value, mesh.shape, rules)
+            specs = qtensor_specs(value, names, mesh.shape, rules)
             sh = value.replace(packed=named(specs.packed), absmax=named(specs.absmax),
                                nested_absmax=named(specs.nested_absmax),
                                offset=named(specs.offset))
@@ -230,10 +225,11 @@ def shard_batch(batch: dict[str, Any], mesh: Mesh,
     return out
 
 
-def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+def shard_params(params: Any, axes: Any, mesh: Mesh,
+                 rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
                  memory_kind: Optional[str] = None) -> Any:
-    """``jax.device_put`` of params onto their shardings."""
-    return jax.device_put(params, param_shardings(params, mesh, rules, memory_kind))
+    """``jax.device_put`` of params onto their shardings (``axes``: ``model.param_axes()``)."""
+    return jax.device_put(params, param_shardings(params, axes, mesh, rules, memory_kind))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -262,10 +258,11 @@ class in_mesh:  # noqa: N801 - used like a function (a decorator)
             return self.jitted.lower(*args, **kwargs)
 
 
-def describe(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> str:
+def describe(params: Any, axes: Any, mesh: Mesh,
+             rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> str:
     """One line a parameter: path, shape and PartitionSpec (what got split where)."""
     lines = []
-    sh = _flatten(param_shardings(params, mesh, rules))
+    sh = _flatten(param_shardings(params, axes, mesh, rules))
     for path, leaf in _flatten(params).items():
         s, v = _unbox(sh[path]), _unbox(leaf)
         if isinstance(v, QTensor):
@@ -278,6 +275,6 @@ def describe(params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT
 
 __all__ = [
     "DEFAULT_RULES", "MESH_AXES", "batch_divisor", "batch_sharding", "describe", "in_mesh",
-    "make_mesh", "param_logical_axes", "param_shardings", "replicated", "rules_from_config",
+    "logical_axes", "make_mesh", "param_shardings", "replicated", "rules_from_config",
     "shard_batch", "shard_params",
 ]

@@ -9,12 +9,14 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "qlora_jax"
 
-#: Layer of each top-level module or subpackage of qlora_jax: quant < lora < sharding, models,
+#: Layer of each top-level module or subpackage of qlora_jax: module_names (a leaf utility,
+#: importing nothing of the package) < quant < lora < sharding, models,
 #: formats (file formats) < checkpoints, data, generate, eval < train < launch and the other
 #: tools built on train. A module imports from its own package and from lower layers only (not
 #: from another package of its layer). The package root (``qlora_jax/__init__.py``) gathers the
 #: public API, above them all.
 LAYERS = {
+    "module_names": -1,
     "quant": 0,
     "lora": 1,
     "sharding": 2, "models": 2, "formats": 2,

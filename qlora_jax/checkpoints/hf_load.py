@@ -33,7 +33,7 @@ from qlora_jax.lora import dora
 from qlora_jax.lora.config import LoraConfig, data_aware
 from qlora_jax.lora.dense import lora_a_init, lora_b_init
 from qlora_jax.lora.init import init_kernel
-from qlora_jax.lora.params import flatten, unflatten
+from qlora_jax.lora.tree import flatten, unflatten
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.models.common import HFParam
 from qlora_jax.models.registry import build_model

@@ -20,7 +20,8 @@ import numpy as np
 from qlora_jax.checkpoints.atomic import atomic_directory
 from qlora_jax.checkpoints.safetensors_io import write_safetensors
 from qlora_jax.lora.merge import merge
-from qlora_jax.lora.params import flatten, is_adapter_path, unbox, unflatten
+from qlora_jax.lora.params import is_adapter_path
+from qlora_jax.lora.tree import flatten, unbox, unflatten
 from qlora_jax.quant.blockwise import dequantize_xla
 from qlora_jax.quant.bnb_format import BNB_QTYPES, to_bnb_state_dict
 from qlora_jax.quant.qtensor import QTensor
@@ -86,18 +87,12 @@ def _config_dict(model: Any, params_flat: dict, dtype: Any, keep_quantized: bool
     d.pop("quantization_config", None)
     d.pop("torch_dtype", None)
     d["dtype"] = jnp.dtype(dtype).name
-    family = getattr(model, "family", "")
-    if family == "llama":
-        d["architectures"] = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "qwen2": "Qwen2ForCausalLM"}[model.config.model_type]]
-    elif family == "bert":
-        stem = "Bert" if model.config.model_type == "bert" else "Roberta"
+    d["architectures"] = [model.hf_architecture()]
+    if getattr(model, "family", "") == "bert":
         if model.num_labels > 0:
-            d["architectures"] = [f"{stem}ForSequenceClassification"]
             d["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
             d["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
         else:
-            d["architectures"] = [f"{stem}Model"]
             d.pop("id2label", None)
             d.pop("label2id", None)
     qts = [(p, v) for p, v in params_flat.items() if isinstance(v, QTensor)]

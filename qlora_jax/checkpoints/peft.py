@@ -30,12 +30,14 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax import module_names
 from qlora_jax.checkpoints.atomic import atomic_directory
 from qlora_jax.checkpoints.safetensors_io import SafetensorsFile, write_safetensors
 from qlora_jax.lora import init as lora_init
 from qlora_jax.lora.dora import MAGNITUDE
 from qlora_jax.lora.config import LoraConfig
-from qlora_jax.lora.params import flatten, is_adapter_path, unbox, unflatten
+from qlora_jax.lora.params import is_adapter_path
+from qlora_jax.lora.tree import flatten, unbox, unflatten
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.quant.qtensor import QTensor
 
@@ -244,7 +246,7 @@ def load_peft(model: Any, params: dict, adapter_dir: str) -> tuple[Any, dict]:
     names = [n for s in model.module_sites() for n in s.hf_names]
     # PEFT adds its task's head names ("classifier", "score") to modules_to_save on its own.
     mts = tuple(m for m in lora.modules_to_save
-                if any(n == m or n.endswith("." + m) for n in names))
+                if any(module_names.matches(n, m) for n in names))
     lora = lora.replace(modules_to_save=mts)
     new_model = model.clone(lora=lora)
     plan = new_model.lora_plan()

@@ -7,6 +7,8 @@ import math
 import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from qlora_jax import module_names
+
 INITS = ("default", "gaussian", "random", "pissa", "pissa_niter_K", "olora", "loftq")
 DATA_AWARE = ("pissa", "olora", "loftq")
 
@@ -116,15 +118,15 @@ class LoraConfig:
         if isinstance(tm, str):
             if tm == "all-linear":
                 return not is_head
-            return re.fullmatch(tm, module_name) is not None
-        return any(module_name == t or module_name.endswith("." + t) for t in tm)
+            return module_names.matches_regex(module_name, tm)
+        return module_names.matches_any(module_name, tm)
 
-    def target_matches_anything(self, target: str, module_names: Sequence[str]) -> bool:
-        return any(n == target or n.endswith("." + target) for n in module_names)
+    def target_matches_anything(self, target: str, names: Sequence[str]) -> bool:
+        return any(module_names.matches(n, target) for n in names)
 
     def saves(self, module_name: str) -> bool:
         """Whether ``module_name`` is trained in full (``modules_to_save``)."""
-        return any(module_name == m or module_name.endswith("." + m) for m in self.modules_to_save)
+        return module_names.matches_any(module_name, self.modules_to_save)
 
     def spec(self, module_name: str) -> LoraSpec:
         """The adapter settings for a targeted module (patterns applied)."""
@@ -141,7 +143,7 @@ class LoraConfig:
 
 def _pattern_value(pattern: Mapping[str, Any], module_name: str, default: Any) -> Any:
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if module_names.matches_pattern(module_name, key):
             return value
     return default
 

@@ -31,6 +31,19 @@ from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
 
 Initializer = Callable[..., jax.Array]
+Axes = tuple[Optional[str], ...]
+
+
+def adapter_axes(kernel_axes: Axes) -> tuple[Axes, Axes]:
+    """Logical axes of ``lora_a`` ``[in, R]`` and ``lora_b`` ``[R, out]`` for a kernel's
+    ``(in, out)`` axes: ``(in, "rank")`` and ``("rank", out)``."""
+    axis_in, axis_out = kernel_axes
+    return (axis_in, "rank"), ("rank", axis_out)
+
+
+def declare_axes(init: Initializer, axes: Axes) -> Initializer:
+    """``init`` boxed with the logical ``axes`` of what it creates (unchanged without axes)."""
+    return nn.with_logical_partitioning(init, axes) if axes else init
 
 
 def lora_a_init(spec: LoraSpec) -> Initializer:
@@ -68,6 +81,8 @@ class LoraDense(nn.Module):
       quant: quantize the kernel at init (loading code builds QTensors directly).
       impl: implementation of the 4-bit matmul: ``"auto"``, ``"xla"``, ``"pallas"``.
       lora_dtype: dtype of the adapter parameters.
+      kernel_axes: logical axes of the float kernel ``[in, out]`` (e.g. ``("embed", "mlp")``);
+        the bias and the adapters take theirs from it. Empty: none declared.
     """
 
     features: int
@@ -80,6 +95,7 @@ class LoraDense(nn.Module):
     quant: Optional[QuantConfig] = None
     impl: str = "auto"
     lora_dtype: Any = jnp.float32
+    kernel_axes: Axes = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True,
@@ -95,7 +111,8 @@ class LoraDense(nn.Module):
             # Loaded weights may be a QTensor whatever `quant` says: read them as they are.
             kernel = meta.unbox(self.get_variable("params", "kernel"))
         else:
-            kernel = self.param("kernel", self._init_kernel, (in_features, self.features))
+            kernel = self.param("kernel", declare_axes(self._init_kernel, self.kernel_axes),
+                                (in_features, self.features))
         if isinstance(kernel, (QTensor, LayerView)):  # a view: one layer of a stack, in place
             if kernel.shape != (self.features, in_features):
                 raise ValueError(f"{'.'.join(self.scope.path)}: 4-bit kernel is {kernel.shape}, "
@@ -107,7 +124,8 @@ class LoraDense(nn.Module):
             y = jnp.dot(x_c, k_c)
         bias = None
         if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            bias = self.param("bias", declare_axes(self.bias_init, self.kernel_axes[1:]),
+                              (self.features,), self.param_dtype)
         spec = self.lora
         if spec is None:
             return y + bias.astype(y.dtype) if bias is not None else y
@@ -118,8 +136,11 @@ class LoraDense(nn.Module):
                                  "(qj.lora.stack_adapters) are LoRA only, not DoRA")
             y = y + self._stacked_delta(x, spec, adapter_index).astype(y.dtype)
             return y + bias.astype(y.dtype) if bias is not None else y
-        a = self.param("lora_a", lora_a_init(spec), (in_features, spec.r), self.lora_dtype)
-        b = self.param("lora_b", lora_b_init(spec), (spec.r, self.features), self.lora_dtype)
+        a_axes, b_axes = adapter_axes(self.kernel_axes) if self.kernel_axes else ((), ())
+        a = self.param("lora_a", declare_axes(lora_a_init(spec), a_axes), (in_features, spec.r),
+                       self.lora_dtype)
+        b = self.param("lora_b", declare_axes(lora_b_init(spec), b_axes), (spec.r, self.features),
+                       self.lora_dtype)
         h = x
         dropped = spec.dropout > 0.0 and not deterministic
         if spec.dropout > 0.0:
@@ -135,8 +156,9 @@ class LoraDense(nn.Module):
     def _dora(self, y: jax.Array, h: jax.Array, kernel: Any, a: jax.Array, b: jax.Array,
               delta: jax.Array, scaling: float, dropped: bool) -> jax.Array:
         """PEFT's DoRA output from the base output ``y`` (no bias) and the scaled update."""
-        m = self.param(dora.MAGNITUDE, lambda _, shape: dora.weight_norm(kernel, a, b, scaling)
-                       .astype(self.lora_dtype), (self.features,))
+        m = self.param(dora.MAGNITUDE, declare_axes(
+            lambda _, shape: dora.weight_norm(kernel, a, b, scaling).astype(self.lora_dtype),
+            self.kernel_axes[1:]), (self.features,))
         norm = dora.weight_norm(kernel, a, b, scaling)  # a constant for the gradient
         scale = (m.astype(jnp.float32) / norm).astype(y.dtype)
         if dropped:  # the base term sees the dropped-out input too, as in PEFT

@@ -190,7 +190,7 @@ def initialize(model: Any, params: dict, seed: int = 0,
     other leaves are kept. ``quant`` quantizes the new float kernels of modules the model
     quantizes (``model.quantized_paths()``); QTensor kernels keep their settings.
     """
-    from qlora_jax.lora.params import flatten, unflatten  # same layer
+    from qlora_jax.lora.tree import flatten, unflatten
 
     plan = model.lora_plan()
     if plan is None:

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 
 from qlora_jax.lora import dora
 from qlora_jax.lora.config import LoraConfig
-from qlora_jax.lora.params import (Params, adapters as get_adapters, flatten, is_adapter_path,
-                                   unbox, unflatten)
+from qlora_jax.lora.params import adapters as get_adapters, is_adapter_path
+from qlora_jax.lora.tree import Params, flatten, unbox, unflatten
 from qlora_jax.lora.plan import LoraPlan
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.quant.blockwise import dequantize_xla, quantize_like

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+from qlora_jax import module_names
 from qlora_jax.lora.config import LoraConfig, LoraSpec
 
 Path = tuple[str, ...]
@@ -82,7 +83,7 @@ def resolve(config: LoraConfig, sites: Sequence[ModuleSite],
             raise ValueError(f"target_modules {missing} match no linear module of this model; "
                              f"its linear module names end in: {_suffixes(all_linear_names)}")
     for m in config.modules_to_save:
-        if not any(n == m or n.endswith("." + m) for n in all_names):
+        if not any(module_names.matches(n, m) for n in all_names):
             raise ValueError(f"modules_to_save entry {m!r} matches no module of this model; "
                              f"modules: {_suffixes(all_names)}")
     specs: list[tuple[Path, LoraSpec]] = []

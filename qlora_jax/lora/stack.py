@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax.lora.params import flatten, is_adapter_path, unflatten
+from qlora_jax.lora.params import is_adapter_path
+from qlora_jax.lora.tree import flatten, unflatten
 from qlora_jax.quant.qtensor import QTensor
 
 #: Axes of an adapter leaf's own value (after any layer axes): A and B are matrices.

@@ -29,7 +29,3 @@ class Trainable(struct.PyTreeNode, meta.AxisMetadata):
 
     def remove_axis(self, index: int, params: dict[Any, Any]) -> "Trainable":
         return self
-
-
-def is_trainable_box(x: Any) -> bool:
-    return isinstance(x, Trainable)

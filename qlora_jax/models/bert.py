@@ -45,6 +45,8 @@ from qlora_jax.models.common import HFParam, LayerNorm, maybe_remat, quantized_p
 from qlora_jax.quant.config import QuantConfig
 
 MODEL_TYPES = ("bert", "roberta")
+#: Logical axes of the query, key and value kernels ``[D, H * K]``.
+_QKV = ("embed", "heads")
 _ACTS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "relu": jax.nn.relu,
          "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
          "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -114,12 +116,14 @@ class _Common(nn.Module):
     impl: str
     deterministic: bool
 
-    def dense(self, features: int, name: str) -> LoraDense:
+    def dense(self, features: int, name: str, axes: tuple[Optional[str], ...]) -> LoraDense:
+        """Linear module ``name``; ``axes``: logical axes of its float kernel ``[in, out]``."""
         path = tuple(self.scope.path) + (name,)
         spec = None if self.plan is None else self.plan.spec_at(path)
         return LoraDense(features, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
                          lora=spec, quant=self.quant if path in self.quant_paths else None,
-                         impl=self.impl, kernel_init=nn.initializers.normal(0.02), name=name)
+                         impl=self.impl, kernel_init=nn.initializers.normal(0.02),
+                         kernel_axes=axes, name=name)
 
     def kw(self) -> dict[str, Any]:
         return dict(config=self.config, plan=self.plan, quant=self.quant,
@@ -140,17 +144,22 @@ class _SelfAttention(_Common):
         c = self.config
         b, t, d = x.shape
         h, k = c.num_attention_heads, c.head_dim
-        q = self.dense(d, "query")(x, self.deterministic).reshape(b, t, h, k)
-        kk = self.dense(d, "key")(x, self.deterministic).reshape(b, t, h, k)
-        v = self.dense(d, "value")(x, self.deterministic).reshape(b, t, h, k)
+        q = self.dense(d, "query", _QKV)(x, self.deterministic).reshape(b, t, h, k)
+        kk = self.dense(d, "key", _QKV)(x, self.deterministic).reshape(b, t, h, k)
+        v = self.dense(d, "value", _QKV)(x, self.deterministic).reshape(b, t, h, k)
         out = jax.nn.dot_product_attention(q, kk, v, mask=mask, scale=k ** -0.5)
         return out.reshape(b, t, d)
 
 
 class _Output(_Common):
+    """Projection back to the model width, dropout, residual, LayerNorm: ``attention.output``
+    (from the heads, ``[D, D]``) and ``output`` (from the MLP, ``[F, D]``)."""
+
+    axes: tuple[str, str] = ("heads", "embed")
+
     @nn.compact
     def __call__(self, x, residual):
-        y = self.drop(self.dense(residual.shape[-1], "dense")(x, self.deterministic))
+        y = self.drop(self.dense(residual.shape[-1], "dense", self.axes)(x, self.deterministic))
         return self.norm("LayerNorm")(y + residual)
 
 
@@ -165,7 +174,8 @@ class _Intermediate(_Common):
     @nn.compact
     def __call__(self, x):
         return _ACTS[self.config.hidden_act](
-            self.dense(self.config.intermediate_size, "dense")(x, self.deterministic))
+            self.dense(self.config.intermediate_size, "dense", ("embed", "mlp"))(
+                x, self.deterministic))
 
 
 class BertLayer(_Common):
@@ -175,7 +185,7 @@ class BertLayer(_Common):
     def __call__(self, h, mask):
         a = _Attention(**self.kw(), name="attention")(h, mask)
         i = _Intermediate(**self.kw(), name="intermediate")(a)
-        return _Output(**self.kw(), name="output")(i, a), None
+        return _Output(**self.kw(), axes=("mlp", "embed"), name="output")(i, a), None
 
 
 class _Encoder(_Common):
@@ -186,7 +196,8 @@ class _Encoder(_Common):
         layer = maybe_remat(BertLayer, self.remat)
         scanned = nn.scan(layer, variable_axes={"params": 0},
                           split_rngs={"params": True, "dropout": True},
-                          in_axes=(nn.broadcast,), length=self.config.num_hidden_layers)
+                          in_axes=(nn.broadcast,), length=self.config.num_hidden_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
         h, _ = scanned(**self.kw(), name="layer")(h, mask)
         return h
 
@@ -195,19 +206,23 @@ class _Embeddings(_Common):
     @nn.compact
     def __call__(self, input_ids, token_type_ids, position_ids):
         c = self.config
-        emb = dict(features=c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                   embedding_init=nn.initializers.normal(0.02))
-        x = nn.Embed(c.vocab_size, **emb, name="word_embeddings")(input_ids)
-        x = x + nn.Embed(c.type_vocab_size, **emb, name="token_type_embeddings")(token_type_ids)
-        x = x + nn.Embed(c.max_position_embeddings, **emb,
-                         name="position_embeddings")(position_ids)
+        def emb(rows: int, axes: tuple[Optional[str], str], name: str) -> nn.Embed:
+            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
+            return nn.Embed(rows, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                            embedding_init=init, name=name)
+        # Position and token-type tables are small: their rows stay whole on every device.
+        x = emb(c.vocab_size, ("vocab", "embed"), "word_embeddings")(input_ids)
+        x = x + emb(c.type_vocab_size, (None, "embed"), "token_type_embeddings")(token_type_ids)
+        x = x + emb(c.max_position_embeddings, (None, "embed"),
+                    "position_embeddings")(position_ids)
         return self.drop(self.norm("LayerNorm")(x))
 
 
 class _Pooler(_Common):
     @nn.compact
     def __call__(self, h):
-        return jnp.tanh(self.dense(self.config.hidden_size, "dense")(h[:, 0], self.deterministic))
+        dense = self.dense(self.config.hidden_size, "dense", ("embed", "mlp"))
+        return jnp.tanh(dense(h[:, 0], self.deterministic))
 
 
 class _RobertaHead(_Common):
@@ -216,8 +231,10 @@ class _RobertaHead(_Common):
     @nn.compact
     def __call__(self, h):
         x = self.drop(h[:, 0])
-        x = jnp.tanh(self.dense(self.config.hidden_size, "dense")(x, self.deterministic))
-        return self.dense(self.num_labels, "out_proj")(self.drop(x), self.deterministic)
+        x = jnp.tanh(self.dense(self.config.hidden_size, "dense", ("embed", "mlp"))(
+            x, self.deterministic))
+        return self.dense(self.num_labels, "out_proj", ("mlp", None))(self.drop(x),
+                                                                      self.deterministic)
 
 
 class BertModel(LoraModelMixin, nn.Module):
@@ -304,7 +321,7 @@ class BertModel(LoraModelMixin, nn.Module):
                              lora=None if kw["plan"] is None else kw["plan"].spec_at(
                                  ("classifier",)),
                              kernel_init=nn.initializers.normal(0.02), impl=self.impl,
-                             name="classifier")(x, deterministic)
+                             kernel_axes=("embed", None), name="classifier")(x, deterministic)
         return (h, pooled) if return_pooled else h
 
     # -- LoRA / checkpoint layout ----------------------------------------------------------------
@@ -379,6 +396,11 @@ class BertModel(LoraModelMixin, nn.Module):
         """Flax paths of the linear modules ``quant`` turns into QTensors (never the head)."""
         return tuple(p for p in quantized_paths(self.quant, self.module_sites())
                      if p[0] != "classifier")
+
+    def hf_architecture(self) -> str:
+        """The transformers class this model is (``config.json``'s ``architectures``)."""
+        stem = "Bert" if self.config.model_type == "bert" else "Roberta"
+        return f"{stem}ForSequenceClassification" if self.num_labels > 0 else f"{stem}Model"
 
     def dummy_inputs(self) -> tuple[jax.Array, ...]:
         return (jnp.ones((1, 2), jnp.int32),)

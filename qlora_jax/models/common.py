@@ -34,16 +34,19 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 class RMSNorm(nn.Module):
     """RMSNorm as transformers computes it: float32 statistics, ``weight * x.to(input dtype)``.
 
-    Param ``scale`` ``[D]`` (Hugging Face ``weight``), initialised to ones.
+    Param ``scale`` ``[D]`` (Hugging Face ``weight``; logical axes ``axes``), initialised to ones.
     """
 
     epsilon: float = 1e-6
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    axes: tuple[Optional[str], ...] = ("norm",)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                                 self.axes),
+                           (x.shape[-1],), self.param_dtype)
         in_dtype = x.dtype
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.epsilon)
@@ -53,17 +56,21 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with float32 statistics (``scale`` and ``bias`` ``[D]``, HF weight/bias)."""
+    """LayerNorm with float32 statistics (``scale`` and ``bias`` ``[D]``, HF weight/bias; logical
+    axes ``axes``)."""
 
     epsilon: float = 1e-12
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    axes: tuple[Optional[str], ...] = ("norm",)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones_init(), (d,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros_init(), (d,), self.param_dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                                 self.axes), (d,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                               self.axes), (d,), self.param_dtype)
         h = x.astype(jnp.float32)
         mean = jnp.mean(h, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)

@@ -165,7 +165,7 @@ class LlamaConfig:
                  max_position_embeddings=self.max_position_embeddings)
         if self.model_type == "qwen2":
             d.pop("head_dim", None)
-        d.setdefault("architectures", [_ARCH[self.model_type]])
+        d.setdefault("architectures", [ARCHITECTURES[self.model_type]])
         if "rope_parameters" not in d and "rope_theta" not in d:
             d["rope_parameters"] = dict(rope_theta=self.rope_theta, **dict(self.rope_scaling)) \
                 if self.rope_scaling else {"rope_theta": self.rope_theta, "rope_type": "default"}
@@ -176,8 +176,9 @@ class LlamaConfig:
                          self.max_position_embeddings)
 
 
-_ARCH = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-         "qwen2": "Qwen2ForCausalLM"}
+#: The transformers class of each model_type (``config.json``'s ``architectures``).
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM"}
 
 
 def _hashable(v: Any) -> Any:
@@ -213,12 +214,13 @@ class LayerSettings:
     deterministic: bool = True
     attention: str = "auto"
 
-    def dense(self, features: int, name: str, bias: bool) -> LoraDense:
-        """The layer's linear module ``name`` (created in the calling module's scope)."""
+    def dense(self, features: int, name: str, bias: bool, axes: tuple[str, str]) -> LoraDense:
+        """The layer's linear module ``name`` (created in the calling module's scope); ``axes``:
+        the logical axes of its float kernel ``[in, out]``."""
         return LoraDense(features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
                          lora=dict(self.lora).get(name),
                          quant=self.quant if name in self.quantized else None,
-                         impl=self.impl, name=name)
+                         impl=self.impl, kernel_axes=axes, name=name)
 
 
 class _Attention(nn.Module):
@@ -231,9 +233,10 @@ class _Attention(nn.Module):
         b, t, _ = x.shape
         h, g, k = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         ai = adapter_index
-        q = s.dense(h * k, "q_proj", c.qkv_bias)(x, det, ai).reshape(b, t, h, k)
-        kk = s.dense(g * k, "k_proj", c.qkv_bias)(x, det, ai).reshape(b, t, g, k)
-        v = s.dense(g * k, "v_proj", c.qkv_bias)(x, det, ai).reshape(b, t, g, k)
+        q = s.dense(h * k, "q_proj", c.qkv_bias, ("embed", "heads"))(x, det, ai).reshape(
+            b, t, h, k)
+        kk = s.dense(g * k, "k_proj", c.qkv_bias, ("embed", "kv"))(x, det, ai).reshape(b, t, g, k)
+        v = s.dense(g * k, "v_proj", c.qkv_bias, ("embed", "kv"))(x, det, ai).reshape(b, t, g, k)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         q = constrain(q, ("batch", "length", "heads", None))
         kk, v = (constrain(a, ("batch", "length", "kv", None)) for a in (kk, v))
@@ -247,7 +250,8 @@ class _Attention(nn.Module):
             kk, v = ck.astype(q.dtype), cv.astype(q.dtype)
         out = dot_product_attention(q, kk, v, mask, k ** -0.5, s.attention, segment_ids)
         out = constrain(out.reshape(b, t, h * k), ("batch", "length", "heads"))
-        return s.dense(c.hidden_size, "o_proj", c.o_bias)(out, det, ai), new_cache
+        return s.dense(c.hidden_size, "o_proj", c.o_bias, ("heads", "embed"))(
+            out, det, ai), new_cache
 
 
 class _MLP(nn.Module):
@@ -257,10 +261,10 @@ class _MLP(nn.Module):
     def __call__(self, x, adapter_index=None):
         s = self.settings
         c, det, ai = s.config, s.deterministic, adapter_index
-        gate = s.dense(c.intermediate_size, "gate_proj", c.mlp_bias)(x, det, ai)
-        up = s.dense(c.intermediate_size, "up_proj", c.mlp_bias)(x, det, ai)
+        gate = s.dense(c.intermediate_size, "gate_proj", c.mlp_bias, ("embed", "mlp"))(x, det, ai)
+        up = s.dense(c.intermediate_size, "up_proj", c.mlp_bias, ("embed", "mlp"))(x, det, ai)
         act = constrain(_ACTS[c.hidden_act](gate) * up, ("batch", "length", "mlp"))
-        return s.dense(c.hidden_size, "down_proj", c.mlp_bias)(act, det, ai)
+        return s.dense(c.hidden_size, "down_proj", c.mlp_bias, ("mlp", "embed"))(act, det, ai)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -303,11 +307,13 @@ class LlamaModel(nn.Module):
             raise ValueError(f"remat={self.remat!r} is not supported; use one of {REMAT_MODES}")
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=s.dtype,
                                      param_dtype=s.param_dtype,
-                                     embedding_init=nn.initializers.normal(0.02))
+                                     embedding_init=nn.with_logical_partitioning(
+                                         nn.initializers.normal(0.02), ("vocab", "embed")))
         # Only ``init`` calls the scan: it creates the params tree model/layers/... [L, ...].
         self.layers = nn.scan(LlamaDecoderLayer, variable_axes={"params": 0},
                               split_rngs={"params": True}, in_axes=(0, nn.broadcast),
-                              length=c.num_hidden_layers)(s)
+                              length=c.num_hidden_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})(s)
         self.norm = RMSNorm(c.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache, segment_ids=None,
@@ -495,8 +501,8 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
             quant = self.quant if ("lm_head",) in self.quantized_paths() else None
             logits = LoraDense(c.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
                                lora=None if plan is None else plan.spec_at(("lm_head",)),
-                               quant=quant, impl=self.impl, name="lm_head")(
-                                   h, deterministic, adapter_index)
+                               quant=quant, impl=self.impl, kernel_axes=("embed", "vocab"),
+                               name="lm_head")(h, deterministic, adapter_index)
         logits = constrain(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32) if self.float32_logits else logits
 
@@ -559,6 +565,10 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
     def quantized_paths(self) -> tuple[tuple[str, ...], ...]:
         """Flax paths of the linear modules ``quant`` turns into QTensors."""
         return quantized_paths(self.quant, self.module_sites())
+
+    def hf_architecture(self) -> str:
+        """The transformers class this model is (``config.json``'s ``architectures``)."""
+        return ARCHITECTURES[self.config.model_type]
 
     def dummy_inputs(self) -> tuple[jax.Array, ...]:
         return (jnp.ones((1, 2), jnp.int32),)

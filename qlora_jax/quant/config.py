@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from qlora_jax import module_names
 from qlora_jax.quant.blockwise import validate_settings
 
 
@@ -37,4 +38,4 @@ class QuantConfig:
 
     def skips(self, module_name: str) -> bool:
         """True when ``module_name`` (dotted, Hugging Face style) stays unquantized."""
-        return any(module_name == s or module_name.endswith("." + s) for s in self.skip)
+        return module_names.matches_any(module_name, self.skip)

@@ -72,11 +72,12 @@ def fit_spec(shape: Sequence[int], names: Sequence[Optional[str]], mesh_shape: M
     return P(*spec)
 
 
-def qtensor_axes(q: QTensor) -> QTensor:
+def qtensor_axes(q: QTensor, lead: Optional[Sequence[Optional[str]]] = None) -> QTensor:
     """A QTensor like ``q`` whose array fields hold their logical names: the stack axes are
-    ``"layers"``, packed codes and absmax lie on ``"qblocks"``, the second-level scales and
-    the offset are replicated."""
-    lead = ("layers",) * len(q.stack_shape)
+    ``lead`` (default ``"layers"`` each: the declared leading axes of the kernel ``q`` stands
+    for), packed codes and absmax lie on ``"qblocks"``, the second-level scales and the offset
+    are replicated."""
+    lead = ("layers",) * len(q.stack_shape) if lead is None else tuple(lead)
     return q.replace(packed=lead + (QBLOCKS,), absmax=lead + (QBLOCKS,),
                      nested_absmax=None if q.nested_absmax is None else lead + (None,),
                      offset=None if q.offset is None else lead)
@@ -91,10 +92,12 @@ def codes_spec(q: QTensor, mesh_shape: Mapping[str, int], rules: Rules) -> P:
     return fit_spec(tuple(q.packed.shape), names, mesh_shape, rules, q.block_size // 2)
 
 
-def qtensor_specs(q: QTensor, mesh_shape: Mapping[str, int], rules: Rules) -> QTensor:
-    """A QTensor like ``q`` whose array fields hold their PartitionSpecs."""
-    names = qtensor_axes(q)
-    packed = codes_spec(q, mesh_shape, rules)
+def qtensor_specs(q: QTensor, names: QTensor, mesh_shape: Mapping[str, int],
+                  rules: Rules) -> QTensor:
+    """A QTensor like ``q`` whose array fields hold their PartitionSpecs, from ``names`` (a
+    QTensor of logical names, ``qtensor_axes``): codes split on whole blocks, the absmax the
+    same way (one scale a block, its blocks on the devices of their codes)."""
+    packed = fit_spec(tuple(q.packed.shape), names.packed, mesh_shape, rules, q.block_size // 2)
 
     def small(a, n):
         return None if a is None else fit_spec(tuple(a.shape), n, mesh_shape, rules)

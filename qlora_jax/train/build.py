@@ -15,7 +15,7 @@ import optax
 
 from qlora_jax import data as qdata
 from qlora_jax.lora import init as lora_init
-from qlora_jax.lora import params as lp
+from qlora_jax.lora import tree as lora_tree
 from qlora_jax.lora.config import LoraConfig, data_aware
 from qlora_jax.models.common import DTYPES
 from qlora_jax.quant.config import QuantConfig
@@ -139,11 +139,11 @@ def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
     aware = [p for p, s in (plan.specs if plan else ()) if data_aware(s.init)]
     if aware and quant is not None:
         # Data-aware inits decompose the float weights the 4-bit kernels were made from.
-        floats = lp.flatten(jax.jit(base.init)(key, *base.dummy_inputs())["params"])
-        flat = lp.flatten(params)
+        floats = lora_tree.flatten(jax.jit(base.init)(key, *base.dummy_inputs())["params"])
+        flat = lora_tree.flatten(params)
         for path in aware:
             flat[path + ("kernel",)] = floats[path + ("kernel",)]
-        params = lp.unflatten(flat)
+        params = lora_tree.unflatten(flat)
     params = hf_load.add_adapters(model, params, config.train.seed)
     return model, lora_init.initialize(model, params, config.train.seed, quant)
 

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from qlora_jax import sharding as shd
-from qlora_jax.lora import params as lora_params
+from qlora_jax.lora import tree as lora_tree
 from qlora_jax.lora.trainable import Trainable
 from qlora_jax.train.step import StepShardings
 
@@ -61,21 +61,22 @@ class Placement:
     def replicated(self) -> NamedSharding:
         return shd.replicated(self.mesh)
 
-    def tree_shardings(self, tree: Any) -> Any:
-        return shd.param_shardings(tree, self.mesh, self.rules)
+    def tree_shardings(self, tree: Any, axes: Any) -> Any:
+        """Shardings of a params tree (or part of one); ``axes``: ``model.param_axes()``."""
+        return shd.param_shardings(tree, axes, self.mesh, self.rules)
 
-    def opt_state_shardings(self, opt_state: Any, trainable: Any) -> Any:
+    def opt_state_shardings(self, opt_state: Any, trainable: Any, axes: Any) -> Any:
         """Optimizer-state leaves that mirror a trainable leaf get its sharding; others replicate.
 
         optax states hold trees shaped like the params (``mu``, ``nu``...), so the path of such a
         leaf ends with the path of the parameter it belongs to.
         """
-        flat_sh = lora_params.flatten(self.tree_shardings(trainable))
+        flat_sh = lora_tree.flatten(self.tree_shardings(trainable, axes))
         by_path = {}
         for p, s in flat_sh.items():
             by_path[p] = s.value if isinstance(s, Trainable) else s
         shapes = {p: np.shape(v.value if isinstance(v, Trainable) else v)
-                  for p, v in lora_params.flatten(trainable).items()}
+                  for p, v in lora_tree.flatten(trainable).items()}
 
         def pick(path, leaf):
             keys = tuple(k for k in _keystr(path) if k not in ("value",))
@@ -93,12 +94,13 @@ class Placement:
 
         return jax.tree_util.tree_map_with_path(pick, opt_state)
 
-    def state_shardings(self, state: Any) -> Any:
+    def state_shardings(self, state: Any, axes: Any) -> Any:
+        """Shardings of a train state; ``axes``: the model's ``param_axes()``."""
         return state.replace(
             step=self.replicated(), rng=self.replicated(),
-            trainable=self.tree_shardings(state.trainable),
-            frozen=self.tree_shardings(state.frozen),
-            opt_state=self.opt_state_shardings(state.opt_state, state.trainable))
+            trainable=self.tree_shardings(state.trainable, axes),
+            frozen=self.tree_shardings(state.frozen, axes),
+            opt_state=self.opt_state_shardings(state.opt_state, state.trainable, axes))
 
     def put(self, tree: Any, shardings: Any) -> Any:
         """Places host or single-device arrays onto ``shardings`` (the same values everywhere)."""
@@ -192,14 +194,6 @@ def distributed_initialize(coordinator: Optional[str] = None, num_processes: Opt
 def is_writer() -> bool:
     """Only process 0 writes the workdir's files (orbax coordinates its own writes)."""
     return jax.process_index() == 0
-
-
-def local_rows(global_batch: int) -> tuple[int, int, int]:
-    """(rows of this process, shard index, shard count) of a global batch."""
-    n = jax.process_count()
-    if global_batch % n:
-        raise ValueError(f"train.batch_size={global_batch} does not split over {n} processes")
-    return global_batch // n, jax.process_index(), n
 
 
 def describe_mesh(placement: Optional[Placement]) -> str:

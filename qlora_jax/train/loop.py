@@ -51,6 +51,7 @@ import numpy as np
 
 from qlora_jax import data as qdata
 from qlora_jax.lora import params as lora_params
+from qlora_jax.lora import tree as lora_tree
 from qlora_jax.train import build
 from qlora_jax.train import config as train_config
 from qlora_jax.train import preemption
@@ -137,10 +138,10 @@ def _bits_per_frozen_param(frozen: Any) -> tuple[float, float]:
     """(bits a frozen parameter over all frozen leaves, bits a parameter of the 4-bit leaves)."""
     from qlora_jax.quant.qtensor import QTensor
 
-    n = lora_params.count(frozen)
-    qs = [v for v in lora_params.flatten(frozen).values() if isinstance(v, QTensor)]
+    n = lora_tree.count(frozen)
+    qs = [v for v in lora_tree.flatten(frozen).values() if isinstance(v, QTensor)]
     q_bits = 8.0 * sum(q.nbytes for q in qs) / max(sum(q.size for q in qs), 1)
-    return 8.0 * lora_params.nbytes(frozen) / max(n, 1), q_bits
+    return 8.0 * lora_tree.nbytes(frozen) / max(n, 1), q_bits
 
 
 def run(config: Any, workdir: str, stream: Optional[TextIO] = None) -> dict[str, Any]:
@@ -194,7 +195,7 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
     initial = (jax.device_get(lora_params.adapters(params))
                if str(config.lora.init).startswith(("pissa", "olora")) else None)
     del params
-    shardings = placement.state_shardings(state)
+    shardings = placement.state_shardings(state, model.param_axes())
     state = placement.put(state, shardings)
     step_shardings = placement.step_shardings(shardings)
 
@@ -246,8 +247,8 @@ def _run(config: Any, workdir: str, stream: TextIO, signals: preemption.StopSign
 
     log = (MetricsLogger(workdir, config.train.steps, start, config.train.progress, stream)
            if writer else NullLogger())
-    n_trainable = lora_params.count(state.trainable)
-    n_frozen = lora_params.count(state.frozen)
+    n_trainable = lora_tree.count(state.trainable)
+    n_frozen = lora_tree.count(state.frozen)
     bits, q_bits = _bits_per_frozen_param(state.frozen)
     log.message(f"{'resuming at' if start else 'starting'} step {start} of {config.train.steps}: "
                 f"{n_trainable:,} trainable parameters, {n_frozen:,} frozen at "

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from qlora_jax.lora import params as lora_params
+
+from qlora_jax.lora import tree as lora_tree
 from qlora_jax.train import optim as train_optim
 
 #: Adapter (``lora_a`` / ``lora_b``) dtypes a run may train in, by their config names.
@@ -59,7 +61,7 @@ def create_state(params: Any, tx: optax.GradientTransformation, seed: int,
         raise ValueError("the model has no trainable parameters: give it a LoraConfig with "
                          "target_modules or modules_to_save")
     if adapter_dtype is not None:
-        trainable = lora_params.map_leaves(
+        trainable = lora_tree.map_leaves(
             lambda p, v: v.astype(adapter_dtype) if lora_params.is_adapter_path(p) else v,
             trainable)
     opt_state = tx.init(trainable)

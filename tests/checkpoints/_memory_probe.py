@@ -21,6 +21,8 @@ def main() -> None:
 
     import qlora_jax as qj
 
+    from qlora_jax.lora import tree as lora_tree
+
     path, warmup = sys.argv[1], sys.argv[2]
     # Same tensor shapes, one layer: compiles every kernel the real load needs.
     qj.from_pretrained(warmup, dtype=jnp.bfloat16, quant=qj.QuantConfig())
@@ -30,7 +32,7 @@ def main() -> None:
     model, params = qj.from_pretrained(path, dtype=jnp.bfloat16, quant=qj.QuantConfig())
     peak = _status("VmHWM")
     print(json.dumps({"baseline": baseline, "peak_growth": peak - baseline,
-                      "params_bytes": qj.lora.nbytes(params)}))
+                      "params_bytes": lora_tree.nbytes(params)}))
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def test_merged_lora_f16_roundtrip_through_transformers(smollm2_gguf, smollm2, t
     import transformers
 
     from qlora_jax.checkpoints.hf_load import add_adapters
-    from qlora_jax.lora.params import flatten, unflatten
+    from qlora_jax.lora.tree import flatten, unflatten
     model, params = smollm2
     model = model.clone(lora=qj.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     flat = flatten(add_adapters(model, params))

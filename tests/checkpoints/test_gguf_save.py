@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import qlora_jax as qj
 from qlora_jax import data
-from qlora_jax.lora.params import flatten, unflatten
+from qlora_jax.lora.tree import flatten, unflatten
 from tests.formats.tiny_gguf import tiny_byte_tokenizer
 from tests.models.tiny import rel_err
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import qlora_jax as qj
+from qlora_jax.lora import tree as lora_tree
 from tests.models import tiny
 
 peft = pytest.importorskip("peft")
@@ -32,12 +33,12 @@ def _torch_out(model, ids, mask):
 
 def _trained(params, rng):
     """The adapters moved away from their init, as training would."""
-    flat = qj.lora.flatten(params)
+    flat = lora_tree.flatten(params)
     for p, v in flat.items():
         if p[-1] in ("lora_a", "lora_b"):
             flat[p] = v + 0.05 * jnp.asarray(rng.standard_normal(v.shape), v.dtype) * \
                 jnp.std(v)
-    return qj.lora.unflatten(flat)
+    return lora_tree.unflatten(flat)
 
 
 @pytest.mark.slow

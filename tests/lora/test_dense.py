@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import qlora_jax as qj
+from qlora_jax.lora import tree as lora_tree
 from qlora_jax.lora import LoraDense, ModuleSite, resolve
 from tests.lora.toy import ToyModel
 
@@ -118,7 +119,7 @@ def test_exact_param_tree():
                      quant=qj.QuantConfig())
     params = model.init(jax.random.key(0), x)["params"]
     shapes = {"/".join(p): ("QTensor" if isinstance(v, qj.quant.QTensor) else "Array", tuple(v.shape))
-              for p, v in qj.lora.flatten(params).items()}
+              for p, v in lora_tree.flatten(params).items()}
     assert shapes == {
         "layers/q_proj/kernel": ("QTensor", (3, 64, 64)),
         "layers/q_proj/lora_a": ("Array", (3, 64, 4)),

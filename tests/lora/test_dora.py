@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import qlora_jax as qj
+from qlora_jax.lora import tree as lora_tree
 from tests.lora.test_dense import Wrap, plan_for, rel
 from tests.models import tiny
 from tests.models.conftest import llama_ckpt  # noqa: F401
@@ -113,10 +114,10 @@ def test_dora_merge_and_unmerge(llama_ckpt, rng, quant):  # noqa: F811
     lora = qj.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], init="random",
                          use_dora=True)
     model, params = qj.from_pretrained(path, dtype=jnp.float32, quant=quant, lora=lora)
-    flat = qj.lora.flatten(params)
+    flat = lora_tree.flatten(params)
     for p in [p for p in flat if p[-1] == "lora_magnitude"]:
         flat[p] = flat[p] * jnp.asarray(1 + 0.1 * rng.standard_normal(flat[p].shape), jnp.float32)
-    params = qj.lora.unflatten(flat)
+    params = lora_tree.unflatten(flat)
     ids, mask = tiny.left_padded(rng, 2, 8)
     run = lambda m, p: np.asarray(m.apply({"params": p}, jnp.asarray(ids), jnp.asarray(mask)))
     ours = run(model, params)
@@ -190,10 +191,10 @@ def test_dora_adapters_both_ways_with_peft(llama_ckpt, tmp_path, rng, bnb_base):
                          use_dora=True)
     model, params = qj.from_pretrained(path, dtype=jnp.float32, lora=lora,
                                        seed=int(rng.integers(1 << 30)))
-    flat = qj.lora.flatten(params)
+    flat = lora_tree.flatten(params)
     for p in [p for p in flat if p[-1] == "lora_magnitude"]:
         flat[p] = flat[p] * 1.2
-    params = qj.lora.unflatten(flat)
+    params = lora_tree.unflatten(flat)
     qj.save_peft(model, params, str(tmp_path / "ours"))
     pm = peft.PeftModel.from_pretrained(torch_base(), str(tmp_path / "ours"))
     pm = pm.train() if bnb_base else pm.eval()  # bnb's CPU layout: see formats.md traps

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import qlora_jax as qj
+from qlora_jax.lora import tree as lora_tree
 from qlora_jax.quant.blockwise import dequantize_xla
 from tests.conftest import run_seed
 from tests.lora.toy import ToyModel
@@ -30,7 +31,7 @@ def test_float_merge_matches_adapted_output(rslora):
     y = model.apply({"params": params}, x)
     merged_model, merged = qj.lora.merge(model, params)
     assert merged_model.lora is None
-    assert not any(p[-1].startswith("lora_") for p in qj.lora.flatten(merged))
+    assert not any(p[-1].startswith("lora_") for p in lora_tree.flatten(merged))
     assert rel(merged_model.apply({"params": merged}, x), y) < 1e-6
 
 
@@ -67,8 +68,8 @@ def test_unmerge_inverts_float_merge():
     merged_model, merged = qj.lora.merge(model, params)
     back_model, back = qj.lora.unmerge(merged_model, merged, ad, cfg)
     assert back_model.lora == cfg
-    for p, v in qj.lora.flatten(params).items():
-        np.testing.assert_allclose(qj.lora.flatten(back)[p], v, rtol=1e-5, atol=1e-6,
+    for p, v in lora_tree.flatten(params).items():
+        np.testing.assert_allclose(lora_tree.flatten(back)[p], v, rtol=1e-5, atol=1e-6,
                                    err_msg="/".join(p))
     np.testing.assert_allclose(back_model.apply({"params": back}, x),
                                model.apply({"params": params}, x), rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import qlora_jax as qj
-from qlora_jax.lora import params as lp
+from qlora_jax.lora import tree as lp
 from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
 gen = importlib.import_module("qlora_jax.generate")  # the module (qj.generate is the function)

@@ -1,4 +1,9 @@
-"""Only adapters (and modules_to_save) train: masks, gradients and optimizer state."""
+"""Only adapters (and modules_to_save) train: masks, gradients and optimizer state.
+
+Freezing has one form: ``qj.lora.partition`` splits the params into trainable and frozen trees,
+gradients and any optax optimizer see the trainable tree only, ``qj.lora.combine`` joins them
+(what ``qlora_jax.train`` does).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +12,7 @@ import optax
 import pytest
 
 import qlora_jax as qj
+from qlora_jax.lora import tree as lora_tree
 from tests.conftest import run_seed
 from tests.lora.toy import ToyModel
 
@@ -23,7 +29,7 @@ def setup(request):
 
 def test_mask_marks_exactly_adapters_and_saved(setup):
     _, params, _ = setup
-    flat = qj.lora.flatten(qj.lora.trainable_mask(params))
+    flat = lora_tree.flatten(qj.lora.trainable_mask(params))
     trainable = {"/".join(p) for p, v in flat.items() if v}
     assert trainable == {"layers/q_proj/lora_a", "layers/q_proj/lora_b", "layers/v_proj/lora_a",
                          "layers/v_proj/lora_b", "lm_head/kernel"}
@@ -40,21 +46,23 @@ def test_gradients_and_adamw_state_cover_only_trainable_leaves(setup):
 
     grads = jax.grad(loss)(trainable)
     assert jax.tree.structure(grads) == jax.tree.structure(trainable)
-    assert qj.lora.nbytes(grads) == qj.lora.nbytes(trainable)
+    assert lora_tree.nbytes(grads) == lora_tree.nbytes(trainable)
 
-    tx = qj.lora.masked(optax.adamw(1e-2))
-    state = tx.init(params)
-    adapter_bytes = qj.lora.nbytes(trainable)
+    tx = optax.adamw(1e-2)
+    state = tx.init(trainable)
+    adapter_bytes = lora_tree.nbytes(trainable)
     # AdamW keeps mu and nu for each trainable leaf, plus one int32 step counter.
-    assert qj.lora.state_nbytes(state) == 2 * adapter_bytes + 4
-    updates, state = tx.update(grads, state, params)
-    new = qj.lora.apply_updates(params, updates)
-    for p, v in qj.lora.flatten(new).items():
-        old = qj.lora.flatten(params)[p]
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    assert state_bytes == 2 * adapter_bytes + 4
+    updates, state = tx.update(grads, state, trainable)
+    new = qj.lora.combine(optax.apply_updates(trainable, updates), frozen)
+    flat_new, flat_old = lora_tree.flatten(new), lora_tree.flatten(params)
+    assert flat_new.keys() == flat_old.keys()
+    for p, v in flat_new.items():
         if p[-1].startswith("lora_") or p[0] == "lm_head":
             continue
         # Frozen leaves (QTensors included) are the very same objects, untouched.
-        assert v is old, "/".join(p)
+        assert v is flat_old[p], "/".join(p)
     assert float(loss(qj.lora.partition(new)[0])) != float(loss(trainable))
 
 
@@ -67,9 +75,3 @@ def test_frozen_base_is_never_differentiated(setup):
     out_sizes = [int(np.prod(v.aval.shape)) for v in jaxpr.jaxpr.outvars]
     assert sum(out_sizes) == sum(int(np.prod(np.shape(l))) for l in jax.tree.leaves(trainable))
     assert n_frozen > sum(out_sizes)
-
-
-def test_masked_update_requires_params():
-    tx = qj.lora.masked(optax.sgd(0.1))
-    with pytest.raises(ValueError, match="needs params"):
-        tx.update({}, tx.init({"a": {"lora_a": jnp.ones(2)}}))

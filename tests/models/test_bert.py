@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import qlora_jax as qj
+from qlora_jax.lora import tree as lora_tree
 from tests.models import tiny
 
 torch = pytest.importorskip("torch")
@@ -60,7 +61,7 @@ def test_sequence_classifier_logits_equal_transformers(tmp_path, model_type, rng
     assert logits.shape == (3, 3)
     assert tiny.rel_err(logits, want) < 1e-4
     # The head is trained in full, the encoder through adapters only.
-    mask_tree = qj.lora.flatten(qj.lora.trainable_mask(params))
+    mask_tree = lora_tree.flatten(qj.lora.trainable_mask(params))
     assert all(v for p, v in mask_tree.items() if p[0] == "classifier")
     assert not any(v for p, v in mask_tree.items() if p[-1] in ("kernel", "bias", "scale",
                                                                   "embedding")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import qlora_jax as qj
-from qlora_jax.lora import flatten
+from qlora_jax.lora.tree import flatten
 from qlora_jax.models.common import make_rope
 from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from tests.models import tiny

@@ -51,7 +51,7 @@ def main(seed: int, impl: str) -> None:
             sharding.make_mesh(*mesh, devices=jax.devices()[:int(np.prod(mesh))]),
             sharding.DEFAULT_RULES)
         state = tstate.create_state(jax.tree.map(jnp.copy, params), tx, seed)
-        sh = placement.state_shardings(state)
+        sh = placement.state_shardings(state, model.param_axes())
         state = placement.put(state, sh)
         step = tstep.make_train_step(task, tx, optax.constant_schedule(1e-3), dropout=False,
                                      shardings=placement.step_shardings(sh))

@@ -39,16 +39,17 @@ def main(meshes: list[tuple[int, int, int]], seed: int) -> None:
     ref_loss, ref_grad = jax.jit(jax.value_and_grad(loss))(trainable, frozen, ids)
     for data, fsdp, tensor in meshes:
         print(json.dumps(dict(mesh=[data, fsdp, tensor], **one_mesh(
-            loss, trainable, frozen, ids, ref_loss, ref_grad, data, fsdp, tensor))))
+            loss, trainable, frozen, model.param_axes(), ids, ref_loss, ref_grad, data, fsdp,
+            tensor))))
 
 
-def one_mesh(loss, trainable, frozen, ids, ref_loss, ref_grad, data, fsdp, tensor):
+def one_mesh(loss, trainable, frozen, axes, ids, ref_loss, ref_grad, data, fsdp, tensor):
     mesh = sharding.make_mesh(data, fsdp, tensor)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-        t_s = sharding.shard_params(trainable, mesh)
-        f_s = sharding.shard_params(frozen, mesh)
+        t_s = sharding.shard_params(trainable, axes, mesh)
+        f_s = sharding.shard_params(frozen, axes, mesh)
         x_s = sharding.shard_batch({"ids": np.asarray(ids)}, mesh)["ids"]
-        out_sh = (sharding.replicated(mesh), sharding.param_shardings(trainable, mesh))
+        out_sh = (sharding.replicated(mesh), sharding.param_shardings(trainable, axes, mesh))
         step = jax.jit(jax.value_and_grad(loss), out_shardings=out_sh)
         got_loss, got_grad = step(t_s, f_s, x_s)
     q = f_s["model"]["layers"]["mlp"]["up_proj"]["kernel"]

@@ -43,7 +43,7 @@ def run(meshes, seed, steps=4):
         state = tstate.create_state(fresh, tx, seed)
         step = jax.jit(fn, donate_argnums=0)
         if placement is not None:
-            sh = placement.state_shardings(state)
+            sh = placement.state_shardings(state, model.param_axes())
             state = placement.put(state, sh)
             step = jax.jit(fn, donate_argnums=0, out_shardings=(sh, placement.replicated()))
         out = []

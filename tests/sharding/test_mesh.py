@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from tests.conftest import run_seed
 
@@ -47,20 +48,78 @@ def test_sharded_loss_and_grads_equal_one_device(mesh, mesh_results):
         assert res["packed_shards"] == mesh[1] * mesh[2], res
 
 
-def test_logical_axes_of_a_quantized_lora_tree():
+def _flat(tree):
+    return traverse_util.flatten_dict(tree, is_leaf=lambda _, v: isinstance(v, qj.quant.QTensor))
+
+
+def test_llama_declares_the_axes_of_every_parameter():
     cfg = qj.models.llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=16)
+                                      num_key_value_heads=2, head_dim=16, qkv_bias=True)
     model = qj.models.llama.LlamaForCausalLM(cfg, lora=qj.LoraConfig(target_modules="all-linear"),
                                              quant=qj.QuantConfig(), impl="xla")
     params = model.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]
-    axes = qj.lora.flatten(sharding.param_logical_axes(params))
-    assert axes[("model", "layers", "self_attn", "q_proj", "lora_a")] == ("layers", "embed", "rank")
-    assert axes[("model", "layers", "mlp", "down_proj", "lora_b")] == ("layers", "rank", "embed")
-    assert axes[("model", "embed_tokens", "embedding")] == ("vocab", "embed")
-    assert axes[("lm_head", "kernel")] == ("embed", "vocab")
-    q = axes[("model", "layers", "self_attn", "o_proj", "kernel")]
+    axes = _flat(model.param_axes())
+    # The params are plain arrays (no metadata boxes), and every one of them has its axes.
+    assert set(axes) == set(_flat(params))
+    assert all(isinstance(v, (jax.Array, qj.quant.QTensor)) for v in _flat(params).values())
+    io = {"q_proj": ("embed", "heads"), "k_proj": ("embed", "kv"), "v_proj": ("embed", "kv"),
+          "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"),
+          "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed")}
+    expected = {("model", "embed_tokens", "embedding"): ("vocab", "embed"),
+                ("model", "norm", "scale"): ("norm",), ("lm_head", "kernel"): ("embed", "vocab")}
+    for n in ("input_layernorm", "post_attention_layernorm"):
+        expected[("model", "layers", n, "scale")] = ("layers", "norm")
+    for n, (i, o) in io.items():
+        base = ("model", "layers", "mlp" if n in ("gate_proj", "up_proj", "down_proj")
+                else "self_attn", n)
+        expected[base + ("kernel",)] = ("layers", i, o)
+        expected[base + ("lora_a",)] = ("layers", i, "rank")   # A: (in, rank), as its kernel
+        expected[base + ("lora_b",)] = ("layers", "rank", o)   # B: (rank, out)
+        if n in ("q_proj", "k_proj", "v_proj"):
+            expected[base + ("bias",)] = ("layers", o)
+    assert axes == expected
+
+    # The 4-bit kernel's codes and scales lie on its stack axis and the block axis.
+    logical = _flat(sharding.logical_axes(params, model.param_axes()))
+    q = logical[("model", "layers", "self_attn", "o_proj", "kernel")]
     assert q.packed == ("layers", "qblocks") and q.absmax == ("layers", "qblocks")
+    assert logical[("model", "layers", "self_attn", "o_proj", "lora_a")] == (
+        "layers", "heads", "rank")
+
+
+def test_bert_declares_its_axes_and_output_dense_is_mlp_to_embed():
+    cfg = qj.models.bert.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=64,
+                                    max_position_embeddings=16)
+    model = qj.models.bert.BertModel(cfg, num_labels=3,
+                                     lora=qj.LoraConfig(target_modules=["dense", "query"]))
+    params = model.init(jax.random.key(0), np.ones((1, 4), np.int32))["params"]
+    axes = _flat(model.param_axes())
+    assert set(axes) == set(_flat(params))
+    layer = ("encoder", "layer")
+    assert axes[layer + ("output", "dense", "kernel")] == ("layers", "mlp", "embed")  # [F, D]
+    assert axes[layer + ("output", "dense", "bias")] == ("layers", "embed")
+    assert axes[layer + ("output", "dense", "lora_a")] == ("layers", "mlp", "rank")
+    assert axes[layer + ("output", "dense", "lora_b")] == ("layers", "rank", "embed")
+    assert axes[layer + ("intermediate", "dense", "kernel")] == ("layers", "embed", "mlp")
+    assert axes[layer + ("attention", "output", "dense", "kernel")] == (
+        "layers", "heads", "embed")
+    assert axes[layer + ("attention", "self", "query", "lora_b")] == ("layers", "rank", "heads")
+    assert axes[layer + ("output", "LayerNorm", "scale")] == ("layers", "norm")
+    assert axes[("embeddings", "word_embeddings", "embedding")] == ("vocab", "embed")
+    assert axes[("embeddings", "position_embeddings", "embedding")] == (None, "embed")
+    assert axes[("classifier", "kernel")] == ("embed", None)
+
+
+def test_a_tree_of_another_model_is_refused():
+    cfg = qj.models.llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, head_dim=16)
+    model = qj.models.llama.LlamaForCausalLM(cfg)
+    params = {"encoder": {"dense": {"kernel": np.zeros((4, 4), np.float32)}}}
+    with pytest.raises(ValueError, match="encoder/dense/kernel is not one of the model's"):
+        sharding.logical_axes(params, model.param_axes())
 
 
 def test_mesh_size_mismatch_is_explained():

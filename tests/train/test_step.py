@@ -10,6 +10,7 @@ import pytest
 
 import qlora_jax as qj
 from qlora_jax.lora import params as lp
+from qlora_jax.lora import tree as lora_tree
 from qlora_jax.train import loss as losses
 from qlora_jax.train import optim
 from qlora_jax.train.state import create_state
@@ -94,9 +95,9 @@ def test_gradients_only_for_trainable_and_frozen_untouched(rng):
                                             lora_dtype=jnp.bfloat16, learning_rate=3e-2)
     frozen_before = jax.device_get(state.frozen)
     # The frozen tree holds the QTensors and the head; the trainable tree exactly the adapters.
-    flat_t = lp.flatten(state.trainable)
+    flat_t = lora_tree.flatten(state.trainable)
     assert all(p[-1] in ("lora_a", "lora_b") for p in flat_t) and len(flat_t) == 4
-    assert any(isinstance(v, qj.quant.QTensor) for v in lp.flatten(state.frozen).values())
+    assert any(isinstance(v, qj.quant.QTensor) for v in lora_tree.flatten(state.frozen).values())
     assert {x.dtype for x in jax.tree.leaves(state.trainable)} == {jnp.dtype(jnp.bfloat16)}
     # The optimizer state covers the trainable leaves only.
     mu = state.opt_state[1][0].mu

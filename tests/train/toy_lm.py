@@ -134,9 +134,9 @@ class ToyClassifier(nn.Module, LoraModelMixin):
 def box_saved(model: Any, params: Any) -> Any:
     """Boxes the ``modules_to_save`` leaves in ``Trainable`` (what the real loaders do)."""
     plan = model.lora_plan()
-    from qlora_jax.lora import params as lp
+    from qlora_jax.lora import tree as lora_tree
 
-    return lp.map_leaves(lambda p, v: Trainable(v) if plan is not None and plan.saves(p) else v,
+    return lora_tree.map_leaves(lambda p, v: Trainable(v) if plan is not None and plan.saves(p) else v,
                          params)
 
 

@@ -75,11 +75,6 @@ def unpack_codes(packed: jax.Array, dtype: Any = jnp.int32) -> jax.Array:
     return jnp.stack([hi, lo], axis=-1).reshape(r, 2 * c)
 
 
-def unpack_codes_flat(packed: jax.Array) -> jax.Array:
-    """uint8 ``[C]`` -> int32 codes ``[2C]``."""
-    return unpack_codes(packed.reshape(1, -1)).reshape(-1)
-
-
 def code_dtype(mode: str, exact: bool) -> Any:
     """The integer type ``lookup`` wants its codes in."""
     return jnp.uint8 if (mode == "prmt" and exact) else jnp.int32

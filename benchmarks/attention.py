@@ -2,6 +2,7 @@
 
     python -m benchmarks.attention --out runs/attention            # GPU (llama-8b heads)
     python -m benchmarks.attention --out /tmp/att --quick          # CPU smoke test (tiny)
+    python -m benchmarks.attention --out runs/attention --sweep    # also other kernel tiles
 
 Cases, forward and forward+backward, at T = 2048 and 8192 tokens a row, llama-8b head shapes
 (32 query heads, 8 key/value heads, head dim 128, bf16):
@@ -78,7 +79,8 @@ def _attention_flops(seg: np.ndarray, h: int, k: int) -> float:
     return 4.0 * h * k * pairs
 
 
-def run(t_list: list[int], h: int, g: int, k: int, quick: bool, out_dir: str) -> list[dict]:
+def run(t_list: list[int], h: int, g: int, k: int, quick: bool, out_dir: str,
+        sweep: bool = False) -> list[dict]:
     rng = np.random.default_rng(0)
     dtype = jnp.bfloat16
     interpret = jax.default_backend() != "gpu"
@@ -98,6 +100,12 @@ def run(t_list: list[int], h: int, g: int, k: int, quick: bool, out_dir: str) ->
             "pallas_segments": lambda q, kk, v: segments.fused_segment_attention(
                 q, kk, v, seg_j, scale, interpret=interpret),
         }
+        if sweep:  # other (forward, backward) tiles of the fused kernel
+            for fb, bb in ((128, 64), (64, 64), (128, 128)):
+                cases[f"pallas_segments_f{fb}_b{bb}"] = (
+                    lambda q, kk, v, fb=fb, bb=bb: segments.fused_segment_attention(
+                        q, kk, v, seg_j, scale, interpret=interpret, forward_block=fb,
+                        backward_block=bb))
         if not interpret:
             cases["cudnn"] = lambda q, kk, v: jax.nn.dot_product_attention(
                 q, kk, v, scale=scale, is_causal=True, implementation="cudnn")
@@ -120,8 +128,14 @@ def run(t_list: list[int], h: int, g: int, k: int, quick: bool, out_dir: str) ->
                     q.astype(jnp.float32), kk.astype(jnp.float32), v.astype(jnp.float32),
                     scale=scale, is_causal=True)
                 err = float(jnp.max(jnp.abs(out - dense)) / jnp.max(jnp.abs(dense)))
-            t_fwd = _time(fwd, (q, kk, v))
-            t_bwd = _time(grad, (q, kk, v))
+            try:
+                t_fwd = _time(fwd, (q, kk, v))
+                t_bwd = _time(grad, (q, kk, v))
+            except Exception as e:  # noqa: BLE001 - a sweep tile may not fit the device
+                if not name.startswith("pallas_segments_f"):
+                    raise
+                print(json.dumps(dict(case=name, tokens=t, error=str(e)[:200])), flush=True)
+                continue
             rec = dict(case=name, tokens=t, heads=h, kv_heads=g, head_dim=k,
                        segments=int(seg.max()), real_tokens=int(np.sum(seg > 0)),
                        fwd_ms=t_fwd * 1e3, fwd_bwd_ms=t_bwd * 1e3, max_rel_err=err,
@@ -140,11 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for results.jsonl")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    p.add_argument("--sweep", action="store_true", help="also time other tiles of the kernel")
     args = p.parse_args(argv)
     if args.quick:
-        run([128], h=4, g=2, k=32, quick=True, out_dir=args.out)
+        run([128], h=4, g=2, k=32, quick=True, out_dir=args.out, sweep=args.sweep)
     else:
-        run([2048, 8192], h=32, g=8, k=128, quick=False, out_dir=args.out)
+        run([2048, 8192], h=32, g=8, k=128, quick=False, out_dir=args.out, sweep=args.sweep)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,15 @@ evaluates on the 60 held-out conversations and answers three of them before and 
 training. It leaves the PEFT adapter in <workdir>/adapter, which ``peft`` loads onto
 transformers' SmolLM2.
 
-Hardware and expected result: 2 CPU cores, no GPU; QUICKSTART_CHAT_RESULT
+Hardware and expected result: 2 CPU cores, no GPU; measured on 2026-11-28:
+held-out loss 3.570 -> 1.430 (perplexity 35.5 -> 4.18, next-token accuracy on the answers
+0.48 -> 0.72), train loss ~2.6 (steps 1-10) -> 1.48 (steps 21-30); 2,442,240 trainable
+parameters; 4.127 bits a parameter in the 4-bit weights; peak memory (process RSS) 3.6 GB; 552
+CPU-seconds in all (user + sys: loading and quantizing, compilation, both evaluations and both
+generations), i.e. about 4.6 minutes on 2 dedicated cores (timed only on a shared machine: 42
+minutes of wall time at load 16). The three held-out answers change from free prose to the card,
+e.g. for site.setcopyright: "Signature: site.setcopyright(text) / Summary: Set the copyright of
+the text. / Module: site" (reference: "Set 'copyright' and 'credits' in builtins.").
 Rows are packed (``data.packing``: several conversations a row, attention within each).
 Compute is float32 (bfloat16 matmuls are slower on CPUs).
 """

@@ -87,18 +87,21 @@ def segment_attention_impl(impl: str, t: int, head_dim: int, dtype: Any,
 
 
 def fused_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                            scale: float, interpret: bool = False) -> jax.Array:
+                            scale: float, interpret: bool = False,
+                            forward_block: int = FUSED_BLOCK,
+                            backward_block: int = _BACKWARD_BLOCK) -> jax.Array:
     """Causal attention within segments, ``[B, T, H, K] x [B, T, G, K] -> [B, T, H, K]``.
 
     The Pallas flash-attention kernel (forward and backward); key/value heads are repeated to H
-    for GQA. ``interpret=True`` runs it in Pallas interpret mode (CPU tests).
+    for GQA. ``interpret=True`` runs it in Pallas interpret mode (CPU tests). The tile sizes
+    (``benchmarks.attention --sweep`` times others) must divide T.
     """
     from jax.experimental.pallas.ops.gpu import attention as pallas_attention
 
     t, h, g = q.shape[1], q.shape[2], k.shape[2]
     if h != g:
         k, v = jnp.repeat(k, h // g, axis=2), jnp.repeat(v, h // g, axis=2)
-    fwd, bwd = min(FUSED_BLOCK, t), min(_BACKWARD_BLOCK, t)
+    fwd, bwd = min(forward_block, t), min(backward_block, t)
     blocks = pallas_attention.BlockSizes(block_q=fwd, block_k=fwd, block_q_dkv=bwd,
                                          block_kv_dkv=bwd, block_q_dq=bwd, block_kv_dq=bwd)
     return pallas_attention.mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=scale,

@@ -8,16 +8,17 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
-import torch
-import transformers
 
 import qlora_jax as qj
 from qlora_jax.lora import tree as lora_tree
 from tests.lora.test_dense import Wrap, plan_for, rel
 from tests.models import tiny
 from tests.models.conftest import llama_ckpt  # noqa: F401
+
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 
 class _M(torch.nn.Module):

@@ -231,7 +231,8 @@ def test_chunked_loss_is_selected_by_config_and_equals_full_loss(tiny_llama):
     from qlora_jax import data as qdata
 
     batch = next(qdata.TrainLoader(data.train, 4, 0))
-    full = Task(model, "causal_lm", 0)
+    assert task.packed   # the recipe packs rows: both losses see the segments
+    full = Task(model, "causal_lm", 0, right_padded=True, packed=True)
     sums = lambda t, p: jax.jit(lambda p: t.sums(p, batch))(p)  # noqa: E731
     trainable, frozen = lp.partition(params)
     got = sums(task, params)

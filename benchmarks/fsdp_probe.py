@@ -150,7 +150,7 @@ def build_step(shape: Any, mesh: tuple[int, int, int], batch: int, seq: int, r: 
     import qlora_jax as qj
     from benchmarks.train_step import random_params
     from qlora_jax import sharding as shd
-    from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    from qlora_jax.models.llama import LlamaForCausalLM
     from qlora_jax.train import state as tstate
     from qlora_jax.train import step as tstep
     from qlora_jax.train.distributed import Placement
@@ -159,11 +159,7 @@ def build_step(shape: Any, mesh: tuple[int, int, int], batch: int, seq: int, r: 
     n_dev = int(np.prod(mesh))
     placement = Placement(shd.make_mesh(*mesh, devices=jax.devices()[:n_dev]),
                           rules or shd.DEFAULT_RULES)
-    cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                      intermediate_size=shape.inter, num_hidden_layers=shape.layers,
-                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                      head_dim=shape.head_dim, max_position_embeddings=max(seq, 2048),
-                      rope_theta=500000.0)
+    cfg = shape.llama_config(seq)
     model = LlamaForCausalLM(cfg, lora=qj.LoraConfig(r=r, alpha=16, target_modules="all-linear"),
                              quant=qj.QuantConfig(), dtype=jnp.bfloat16,
                              param_dtype=jnp.bfloat16, impl=impl, remat=remat, attention="xla")

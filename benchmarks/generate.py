@@ -58,13 +58,9 @@ def _model(shape: Shape, weights: str, max_len: int, r: int):
     import jax.numpy as jnp
 
     import qlora_jax as qj
-    from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    from qlora_jax.models.llama import LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                      intermediate_size=shape.inter, num_hidden_layers=shape.layers,
-                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                      head_dim=shape.head_dim, max_position_embeddings=max(max_len, 2048),
-                      rope_theta=500000.0)
+    cfg = shape.llama_config(max_len)
     lora = qj.LoraConfig(r=r, alpha=16, target_modules="all-linear")
     quant = qj.QuantConfig() if weights == "nf4" else None
     return LlamaForCausalLM(cfg, lora=lora, quant=quant, dtype=jnp.bfloat16,

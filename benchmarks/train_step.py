@@ -71,6 +71,16 @@ class Shape:
                  (self.heads * k, d), (d, f), (d, f), (f, d)]
         return self.layers * sum(r * (i + o) for i, o in pairs)
 
+    def llama_config(self, max_len: int) -> Any:
+        """The LlamaConfig of this shape (Llama-3 rope theta; positions up to ``max_len``)."""
+        from qlora_jax.models.llama import LlamaConfig
+
+        return LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden,
+                           intermediate_size=self.inter, num_hidden_layers=self.layers,
+                           num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                           head_dim=self.head_dim, max_position_embeddings=max(max_len, 2048),
+                           rope_theta=500000.0)
+
     def flops_per_token(self, r: int, seq: int, full_attention: bool = False) -> float:
         attn = (12 if full_attention else 6) * self.layers * seq * self.hidden
         return 4.0 * self.matmul_params() + 6.0 * self.lora_params(r) + attn
@@ -175,7 +185,7 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
 
     from qlora_jax.lora import tree as lora_tree
     from qlora_jax import sharding as shd
-    from qlora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    from qlora_jax.models.llama import LlamaForCausalLM
     from qlora_jax.train import state as tstate
     from qlora_jax.train import step as tstep
     from qlora_jax.train.distributed import Placement
@@ -188,11 +198,7 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     placement = Placement(shd.make_mesh(*mesh, devices=jax.devices()[:n_dev]), shd.DEFAULT_RULES)
     if batch % placement.batch_divisor:
         raise SystemExit(f"--batch {batch} does not split over the batch axes of --mesh {mesh}")
-    cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                      intermediate_size=shape.inter, num_hidden_layers=shape.layers,
-                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                      head_dim=shape.head_dim, max_position_embeddings=max(seq, 2048),
-                      rope_theta=500000.0)
+    cfg = shape.llama_config(seq)
     lora = qj.LoraConfig(r=r, alpha=16, target_modules="all-linear")
     auto = remat == "auto"  # chosen below on the compiled step (qlora_jax.train.remat)
     model = LlamaForCausalLM(cfg, lora=lora, quant=qj.QuantConfig(), dtype=jnp.bfloat16,

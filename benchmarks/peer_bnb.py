@@ -58,6 +58,23 @@ def _build(shape: Any, seq: int, dev: str):
     return model
 
 
+def with_lora(model: Any, r: int) -> tuple[Any, Any]:
+    """The reference recipe on a built model: gradient checkpointing, PEFT LoRA rank r on
+    TARGETS (float32 adapters), paged AdamW 32-bit. Returns (peft model, optimizer)."""
+    import bitsandbytes as bnb
+    import peft
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=r, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        target_modules=TARGETS))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.float()
+    return model, bnb.optim.PagedAdamW32bit(trainable, lr=2e-4)
+
+
 def run(shape: Any, batch: int, seq: int, r: int, steps: int) -> dict[str, Any]:
     import torch
     import bitsandbytes as bnb
@@ -71,15 +88,7 @@ def run(shape: Any, batch: int, seq: int, r: int, steps: int) -> dict[str, Any]:
     build_s = time.perf_counter() - t0
     weights = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=r, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=TARGETS))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.float()
-    opt = bnb.optim.PagedAdamW32bit(trainable, lr=2e-4)
+    model, opt = with_lora(model, r)
     ids = torch.randint(0, shape.vocab, (batch, seq + 1), device=dev)
     x, y = ids[:, :-1], ids[:, 1:]
     times, loss0, loss = [], None, None

@@ -175,7 +175,7 @@ def run_peer(shape_name: str, length_set: str, per_step: int, seq: int, r: int, 
     import bitsandbytes as bnb
     import peft
 
-    from benchmarks.peer_bnb import TARGETS, _build
+    from benchmarks.peer_bnb import _build, with_lora
     from benchmarks.train_step import Shape
 
     shape = Shape.get(shape_name)
@@ -183,15 +183,7 @@ def run_peer(shape_name: str, length_set: str, per_step: int, seq: int, r: int, 
     order = np.random.default_rng([0, 0]).permutation(len(ids))  # the loaders' epoch-0 order
     dev = "cuda"
     model = _build(shape, seq, dev)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=r, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=TARGETS))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.float()
-    opt = bnb.optim.PagedAdamW32bit(trainable, lr=2e-4)
+    model, opt = with_lora(model, r)
     torch.cuda.reset_peak_memory_stats()
     times, tokens, slots = [], 0, 0
     for s in range(steps + 2):

@@ -51,6 +51,32 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     for path in _OWN_CACHE:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# Files whose tests take minutes on 2 cores (launcher subprocesses, notebooks, fake-device
+# meshes, whole models), longest first. They run first: with ``--dist loadfile`` a file's tests
+# run on one worker, so a long file collected last (tests/train/ sorts last) would leave the
+# other worker idle at the end of the tier.
+RUN_FIRST = (
+    "train/test_mesh_run.py", "test_notebooks.py", "sharding/test_mesh.py",
+    "test_quickstart_chat.py", "train/test_preemption.py", "train/test_loop.py",
+    "sharding/test_fsdp.py", "checkpoints/test_gguf_load.py", "models/test_packing.py",
+    "models/test_in_place.py", "train/test_remat_auto.py", "train/test_experiments.py",
+    "train/test_packed_step.py", "lora/test_stack.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Moves the files of ``RUN_FIRST`` to the front, in its order (stable otherwise)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def rank(item: pytest.Item) -> int:
+        rel = os.path.relpath(str(item.path), here).replace(os.sep, "/")
+        return RUN_FIRST.index(rel) if rel in RUN_FIRST else len(RUN_FIRST)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 DEFAULT_SEED = 20261128
 
 

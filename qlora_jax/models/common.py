@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -294,6 +294,36 @@ class KVCache:
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
+
+
+class LayerKV(NamedTuple):
+    """Layer ``layer`` of the stacked caches ``k``, ``v`` ``[L, B, S, G, K]``, as the cached layer
+    loop hands it to a decoder layer: the layer writes its new keys and values into the stacks
+    where they lie (``write_kv``), so a decoded token copies no cache."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array
+
+
+def write_kv(cache_kv: Any, k: jax.Array, v: jax.Array, index: jax.Array
+             ) -> tuple[Any, jax.Array, jax.Array]:
+    """Writes the new keys/values ``[B, T, G, K]`` at slot ``index`` of one layer's cache.
+
+    ``cache_kv``: a ``LayerKV`` (updated in place in its stacks) or a ``(k, v)`` pair of one
+    layer ``[B, S, G, K]``. Returns the updated cache (same form) and that layer's keys and
+    values ``[B, S, G, K]`` (cache dtype) for attention.
+    """
+    if isinstance(cache_kv, LayerKV):
+        at = (cache_kv.layer, 0, index, 0, 0)
+        ck = jax.lax.dynamic_update_slice(cache_kv.k, k[None].astype(cache_kv.k.dtype), at)
+        cv = jax.lax.dynamic_update_slice(cache_kv.v, v[None].astype(cache_kv.v.dtype), at)
+        read = [jax.lax.dynamic_index_in_dim(a, cache_kv.layer, keepdims=False) for a in (ck, cv)]
+        return LayerKV(ck, cv, cache_kv.layer), read[0], read[1]
+    ck, cv = cache_kv
+    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+    return (ck, cv), ck, cv
 
 # -- remat -----------------------------------------------------------------------------------
 

@@ -56,10 +56,10 @@ from qlora_jax.lora.plan import ModuleSite
 from qlora_jax.models.base import LoraModelMixin
 from qlora_jax.models.segments import (positions_from_segments, segment_attention_impl,
                                        segment_mask)
-from qlora_jax.models.common import (HFParam, KVCache, RMSNorm, Rope, apply_rope, causal_mask,
+from qlora_jax.models.common import (HFParam, KVCache, LayerKV, RMSNorm, Rope, apply_rope, causal_mask,
                                      QKV_NAMES, dot_product_attention,
                                      REMAT_MODES, make_rope, positions_from_mask, quantized_paths,
-                                     remat_policy, rope_cos_sin)
+                                     remat_policy, rope_cos_sin, write_kv)
 from qlora_jax.quant import ops as qops
 from qlora_jax.quant.config import QuantConfig
 from qlora_jax.quant.layer_view import LayerView
@@ -243,10 +243,7 @@ class _Attention(nn.Module):
         q, kk, v = (checkpoint_name(a, n) for a, n in zip((q, kk, v), QKV_NAMES))
         new_cache = None
         if cache_kv is not None:
-            ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-            new_cache = (ck, cv)
+            new_cache, ck, cv = write_kv(cache_kv, kk, v, index)
             kk, v = ck.astype(q.dtype), cv.astype(q.dtype)
         out = dot_product_attention(q, kk, v, mask, k ** -0.5, s.attention, segment_ids)
         out = constrain(out.reshape(b, t, h * k), ("batch", "length", "heads"))
@@ -362,6 +359,8 @@ class LlamaModel(nn.Module):
         caches = None if cache is None else (cache.k, cache.v)
         if self.is_initializing():
             h, new_kv = self.layers(h, caches, shared)
+        elif caches is not None:
+            h, new_kv = self._cache_loop(h, caches, shared)
         else:
             h, new_kv = self._layer_loop(h, caches, shared)
         h = constrain(self.norm(h), _HIDDEN)
@@ -414,6 +413,33 @@ class LlamaModel(nn.Module):
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
         layers = jnp.arange(s.config.num_hidden_layers, dtype=jnp.int32)
         return jax.lax.scan(body, h, (sliced, caches, layers))
+
+    def _cache_loop(self, h, caches, shared):
+        """The layer loop of cached prefill and decoding: ``caches`` ``(k, v)`` ``[L, B, S, G, K]``
+        ride in the loop's carry and layer i writes its new keys/values into them in place
+        (``common.LayerKV``), so a decoded token copies no cache (a scan over per-layer cache
+        slices would build a new stack a token). Returns ``(h, (k, v))``."""
+        s = self.settings
+        layer = LlamaDecoderLayer(s, parent=None)
+        flat = traverse_util.flatten_dict(self.variables["params"]["layers"])
+        qs = self._stacked_4bit_in_place({k: meta.unbox(v) for k, v in flat.items()})
+        sliced = {k: v for k, v in flat.items() if k not in qs}
+        drop = None
+        if not s.deterministic and self.has_rng("dropout"):
+            drop = self.make_rng("dropout")
+
+        def body(carry, xs):
+            h, ck, cv = carry
+            params, i = xs
+            params = {**params, **{k: LayerView(q, i) for k, q in qs.items()}}
+            rngs = {} if drop is None else {"dropout": jax.random.fold_in(drop, i)}
+            h, kv = layer.apply({"params": traverse_util.unflatten_dict(params)}, h,
+                                LayerKV(ck, cv, i), shared, rngs=rngs)
+            return (h, kv.k, kv.v), None
+
+        layers = jnp.arange(s.config.num_hidden_layers, dtype=jnp.int32)
+        (h, ck, cv), _ = jax.lax.scan(body, (h, *caches), (sliced, layers))
+        return h, (ck, cv)
 
 
 class LlamaForCausalLM(LoraModelMixin, nn.Module):

@@ -1,4 +1,4 @@
-"""benchmarks/generate.py on CPU with the tiny shape: every row kind runs and reports its fields."""
+"""benchmarks/generate.py (every row kind, tiny shape) and benchmarks/gemv_multi.py (quick) on CPU."""
 
 from __future__ import annotations
 
@@ -39,3 +39,15 @@ def test_batch_prompt_and_adapter_rows_run_on_the_tiny_shape(tmp_path):
             assert r["vs_one_shared"] > 0 and r["vs_stacked_same"] > 0
         if r.get("adapters") == "single_b1":
             assert r["single_runs_s"] > 0
+
+
+@pytest.mark.slow
+def test_gemv_multi_benchmark_quick_runs(tmp_path):
+    from benchmarks import gemv_multi
+
+    gemv_multi.main(["--quick", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "gemv_multi.jsonl").read_text().splitlines()]
+    assert [r["group"] for r in rows] == ["qkv", "gate_up"]
+    for r in rows:
+        assert r["separate_us"] > 0 and r["fused_us"] > 0
+        assert r["max_abs_diff"] == 0.0  # the same tiles, the same accumulation order

@@ -8,7 +8,7 @@ branch a weight), and the results come back split per weight::
 
     q, k, v = gemv_4bit_multi(x, [view_q, view_k, view_v])     # x [1, D] -> [1, n_q], ...
 
-Weights are 2-D ``QTensor``\\ s ``[N_j, K]`` or ``LayerView``\\ s (a layer of a stack, read in
+Weights are 2-D QTensors ``[N_j, K]`` or LayerViews (a layer of a stack, read in
 place), all with the same input width K. The per-weight tile is that of ``kernels.gpu``'s GEMV
 (same decode, same accumulation order), so each output equals the separate call's.
 """

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -87,7 +88,10 @@ def linear_many(x: jax.Array, weights: Sequence[Any], impl: str = "auto") -> Opt
     It applies to one row (``x`` ``[..., in]`` holding one token: decoding at batch 1) with the
     Pallas GPU kernels (interpret mode on CPU) and weights that are LayerViews read in
     place with one input width (``kernels.multi.gemv_4bit_multi``). Forward only (decoding).
+    ``QLORA_JAX_FUSE_DECODE=0`` in the environment turns it off (separate launches; benchmarks).
     """
+    if os.environ.get("QLORA_JAX_FUSE_DECODE", "1") == "0":
+        return None
     if resolve_impl(impl) != "pallas" or jax.default_backend() == "tpu":
         return None
     if int(np.prod(x.shape[:-1])) != 1:

@@ -88,9 +88,10 @@ def linear_many(x: jax.Array, weights: Sequence[Any], impl: str = "auto") -> Opt
     It applies to one row (``x`` ``[..., in]`` holding one token: decoding at batch 1) with the
     Pallas GPU kernels (interpret mode on CPU) and weights that are LayerViews read in
     place with one input width (``kernels.multi.gemv_4bit_multi``). Forward only (decoding).
-    ``QLORA_JAX_FUSE_DECODE=0`` in the environment turns it off (separate launches; benchmarks).
+    Off until measured on a GPU: ``QLORA_JAX_FUSE_DECODE=1`` in the environment turns it on
+    (else None: separate launches).
     """
-    if os.environ.get("QLORA_JAX_FUSE_DECODE", "1") == "0":
+    if os.environ.get("QLORA_JAX_FUSE_DECODE", "0") != "1":
         return None
     if resolve_impl(impl) != "pallas" or jax.default_backend() == "tpu":
         return None

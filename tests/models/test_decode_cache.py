@@ -58,7 +58,7 @@ def test_in_place_cache_steps_equal_the_full_forward(rng):
 
 
 @pytest.mark.slow
-def test_batch1_decode_reads_q_k_v_in_one_launch(rng):
+def test_batch1_decode_reads_q_k_v_in_one_launch(rng, monkeypatch):
     """With the Pallas kernels (interpret mode here) and layers read in place, a batch-1 decode
     step computes q, k and v with one ``gemv_4bit_multi`` launch; the logits equal those of the
     same model reading each sliced kernel with its own GEMV (in_place=False)."""
@@ -70,6 +70,11 @@ def test_batch1_decode_reads_q_k_v_in_one_launch(rng):
     fused, sliced = LlamaForCausalLM(cfg, **kw), LlamaForCausalLM(cfg, in_place=False, **kw)
     params = fused.init(jax.random.key(2), jnp.ones((1, 2), jnp.int32))["params"]
     cache = fused.init_cache(1, 8)
+    step = _step(fused)
+    monkeypatch.setenv("QLORA_JAX_FUSE_DECODE", "0")  # off by default (until GPU-measured)
+    assert "qlora_gemv_4bit_multi" not in str(jax.make_jaxpr(step)(params, jnp.ones((1, 1),
+                                                                    jnp.int32), cache))
+    monkeypatch.setenv("QLORA_JAX_FUSE_DECODE", "1")
     tok = jnp.asarray(rng.integers(3, 64, (1, 1)), jnp.int32)
     jaxpr = str(jax.make_jaxpr(_step(fused))(params, tok, cache))
     assert "qlora_gemv_4bit_multi" in jaxpr

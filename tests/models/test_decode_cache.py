@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +41,27 @@ def test_a_decode_step_writes_the_donated_cache_in_place(quant):
     # >= cache_bytes (the scan over per-layer slices built one: 1.4x the cache).
     assert mem.alias_size_in_bytes >= cache_bytes
     assert mem.temp_size_in_bytes < cache_bytes / 3, (mem.temp_size_in_bytes, cache_bytes)
+
+
+def test_generate_copies_no_cache_in_its_decode_loop():
+    """The compiled ``generate`` holds the cache in one buffer for every token: the only
+    cache-shaped copy is the one that gives k and v their own buffers at the start (the scan over
+    per-layer slices compiled to 4 and 1.4x the temp memory)."""
+    import importlib
+
+    gen = importlib.import_module("qlora_jax.generate")
+    model = _model(False)
+    params = model.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))["params"]
+    ids = jnp.ones((2, 16), jnp.int32)
+    compiled = gen._generate.lower(
+        model, params, ids, jnp.ones_like(ids), jax.random.PRNGKey(0), jnp.float32(1e-6),
+        jnp.float32(1.0), jnp.asarray([-1], jnp.int32), jnp.int32(0), None,
+        max_new_tokens=1008, sample=False, use_top_p=False).compile()
+    shape = model.init_cache(2, 1024).k.shape
+    hlo_shape = "f32[" + ",".join(map(str, shape)) + "]"
+    copies = [line for line in compiled.as_text().splitlines()
+              if re.search(re.escape(hlo_shape) + r"\{[^}]*\} copy\(", line)]
+    assert len(copies) <= 1, copies
 
 
 def test_in_place_cache_steps_equal_the_full_forward(rng):

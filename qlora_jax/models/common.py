@@ -21,7 +21,9 @@ from qlora_jax.models import segments
 from qlora_jax.quant.config import QuantConfig
 
 Path = tuple[str, ...]
-REMAT_MODES = ("none", "full", "dots_saveable", "offload", "qkv", "attention")
+REMAT_MODES = ("none", "full", "dots_saveable", "offload", "qkv", "attention", "full_offload")
+#: ``checkpoint_name`` of a decoder layer's input (``remat="full_offload"`` keeps it on the host).
+LAYER_INPUT = "layer_input"
 #: Compute / float parameter dtypes a model is built with, by their config names.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 #: ``checkpoint_name`` tags the attention block puts on its post-RoPE projections.
@@ -339,6 +341,9 @@ def remat_policy(mode: str) -> Optional[Callable[..., bool]]:
     a layer) so the backward pass does not recompute their projections; ``"attention"`` also
     keeps the fused attention's output and softmax statistics (``[B, T, H K]`` + ``[B, H, T]``),
     so the attention forward is not run again either (XLA attention: only q, k, v are kept).
+    ``"full_offload"`` is ``"full"`` with each layer's input (``LAYER_INPUT``, the residual
+    stream, ``[B, T, D]`` a layer) kept in pinned host memory instead of on the device: XLA
+    copies it out after the layer's forward and back before its backward.
     """
     if mode == "full":
         return None
@@ -351,6 +356,10 @@ def remat_policy(mode: str) -> Optional[Callable[..., bool]]:
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     if mode == "offload":
         return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    if mode == "full_offload":
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+            offload_src="device", offload_dst="pinned_host")
     raise ValueError(f"remat={mode!r} is not supported; use one of {REMAT_MODES}")
 
 

@@ -32,9 +32,10 @@ Model API (stable; the training and generation code relies on it):
   normed hidden state ``[B, T, D]``; ``logits_from_hidden(hidden)``: the head alone, so
   ``logits_from_hidden(hidden_states(x)) == __call__(x)`` (chunked losses use the pair).
 - ``module_sites()``, ``lora_plan()``, ``hf_params()`` (checkpoint layout).
-- ``remat``: ``"none"``, ``"full"``, ``"dots_saveable"``, ``"offload"``, ``"qkv"`` or
-  ``"attention"`` (see ``models.common.remat_policy``; decoder layers
+- ``remat``: ``"none"``, ``"full"``, ``"dots_saveable"``, ``"offload"``, ``"qkv"``,
+  ``"attention"`` or ``"full_offload"`` (see ``models.common.remat_policy``; decoder layers
   rematerialised in the backward pass with that ``jax.checkpoint`` policy).
+- ``mlp_chunk``: rows longer than this run the MLP blocks in chunks (``models.chunking``).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ from qlora_jax.lora.plan import ModuleSite
 from qlora_jax.models.base import LoraModelMixin
 from qlora_jax.models.segments import (positions_from_segments, segment_attention_impl,
                                        segment_mask)
-from qlora_jax.models.common import (HFParam, KVCache, LayerKV, RMSNorm, Rope, apply_rope, causal_mask,
-                                     QKV_NAMES, dot_product_attention,
+from qlora_jax.models.chunking import map_chunks
+from qlora_jax.models.common import (HFParam, KVCache, LAYER_INPUT, LayerKV, RMSNorm, Rope,
+                                     apply_rope, causal_mask, QKV_NAMES, dot_product_attention,
                                      REMAT_MODES, make_rope, positions_from_mask, quantized_paths,
                                      remat_policy, rope_cos_sin, write_kv)
 from qlora_jax.quant import ops as qops
@@ -287,24 +289,38 @@ class _MLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """One pre-norm decoder layer: ``(h, cache_kv, shared) -> (h, new_cache_kv)``."""
+    """One pre-norm decoder layer: ``(h, cache_kv, shared) -> (h, new_cache_kv)``.
+
+    Its two residual blocks are also methods of their own (``attention_block``,
+    ``mlp_block``) so the layer loop can run the MLP block in sequence chunks.
+    """
 
     settings: LayerSettings
 
-    @nn.compact
-    def __call__(self, h, cache_kv, shared):
-        cos, sin, mask, index, segment_ids, adapter_index = shared
+    def setup(self):
         s = self.settings
-        c = s.config
+        norm = dict(epsilon=s.config.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
+        self.input_layernorm = RMSNorm(**norm)
+        self.self_attn = _Attention(s)
+        self.post_attention_layernorm = RMSNorm(**norm)
+        self.mlp = _MLP(s)
+
+    def __call__(self, h, cache_kv, shared):
+        h, new_cache = self.attention_block(h, cache_kv, shared)
+        return self.mlp_block(h, shared[-1]), new_cache
+
+    def attention_block(self, h, cache_kv, shared):
+        """``h + attention(norm(h))`` and the layer's new KV cache (or None)."""
+        cos, sin, mask, index, segment_ids, adapter_index = shared
         h = constrain(h, _HIDDEN)
-        norm = dict(epsilon=c.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
-        a, new_cache = _Attention(s, name="self_attn")(
-            RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index,
-            segment_ids, adapter_index)
-        h = h + a
-        h = h + _MLP(s, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h),
-                                    adapter_index)
-        return constrain(h, _HIDDEN), new_cache
+        a, new_cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache_kv, index,
+                                      segment_ids, adapter_index)
+        return h + a, new_cache
+
+    def mlp_block(self, h, adapter_index=None):
+        """``h + mlp(norm(h))``: position-wise, so any split of the length axis gives the same."""
+        h = h + self.mlp(self.post_attention_layernorm(h), adapter_index)
+        return constrain(h, _HIDDEN)
 
 
 class LlamaModel(nn.Module):
@@ -318,6 +334,7 @@ class LlamaModel(nn.Module):
     settings: LayerSettings
     remat: str = "none"
     in_place: bool = True
+    mlp_chunk: int = 0
 
     def setup(self):
         s = self.settings
@@ -424,12 +441,27 @@ class LlamaModel(nn.Module):
         if not s.deterministic and self.has_rng("dropout"):
             drop = self.make_rng("dropout")
 
+        chunk = self.mlp_chunk
+
         def body(h, xs):
             params, kv, i = xs
             params = {**params, **{k: LayerView(q, i) for k, q in qs.items()}}
+            variables = {"params": traverse_util.unflatten_dict(params)}
+            # With remat="full_offload" the policy moves this name to host memory: the layer's
+            # input, the one activation full remat keeps, is then stacked on the host.
+            h = checkpoint_name(h, LAYER_INPUT)
             rngs = {} if drop is None else {"dropout": jax.random.fold_in(drop, i)}
-            return layer.apply({"params": traverse_util.unflatten_dict(params)}, h, kv, shared,
-                               rngs=rngs)
+            if not chunk or h.shape[1] <= chunk:
+                return layer.apply(variables, h, kv, shared, rngs=rngs)
+            h, new_kv = layer.apply(variables, h, kv, shared, rngs=rngs,
+                                    method=LlamaDecoderLayer.attention_block)
+
+            def mlp(x, j):
+                r = {} if drop is None else {"dropout": jax.random.fold_in(rngs["dropout"], j)}
+                return layer.apply(variables, x, shared[-1], rngs=r,
+                                   method=LlamaDecoderLayer.mlp_block)
+
+            return map_chunks(mlp, h, chunk), new_kv
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
@@ -475,13 +507,17 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
       param_dtype: dtype of float parameters created by ``init``.
       impl: 4-bit matmul implementation (``"auto"``, ``"xla"``, ``"pallas"``).
       remat: ``"none"``, ``"full"``, ``"dots_saveable"``, ``"offload"``, ``"qkv"`` (keep
-        q, k, v) or ``"attention"`` (q, k, v and the fused attention's output).
+        q, k, v), ``"attention"`` (q, k, v and the fused attention's output) or
+        ``"full_offload"`` (``"full"`` with the layer inputs in host memory).
       float32_logits: return float32 logits.
       attention: ``"auto"`` (cuDNN flash attention on GPUs where it applies, else XLA),
         ``"xla"`` or ``"cudnn"``.
       in_place: with the Pallas kernels, the layer loop passes each stacked 4-bit kernel
         whole and the dequantization reads layer i where it lies (no per-layer copy);
         False: the loop slices every layer (see ``LlamaModel._layer_loop``).
+      mlp_chunk: rows longer than this many tokens run each layer's MLP block in chunks of
+        this many positions, each rematerialised (``models.chunking``): no ``[B, T, F]``
+        activation of a whole long row is alive; same numbers. 0: whole rows always.
     """
 
     config: LlamaConfig
@@ -494,6 +530,7 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
     float32_logits: bool = False
     attention: str = "auto"
     in_place: bool = True
+    mlp_chunk: int = 8192
 
     default_lora_targets = ("q_proj", "v_proj")
     family = "llama"
@@ -525,8 +562,10 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
         return out if cache is None else (out, new_cache)
 
     def _backbone(self, deterministic: bool) -> LlamaModel:
+        if self.mlp_chunk < 0:
+            raise ValueError(f"mlp_chunk must be >= 0 (0: whole rows), got {self.mlp_chunk}")
         return LlamaModel(self.layer_settings(deterministic), self.remat, self.in_place,
-                          name="model")
+                          self.mlp_chunk, name="model")
 
     def layer_settings(self, deterministic: bool = True) -> LayerSettings:
         """The settings every decoder layer module receives (adapters and 4-bit kernels by

@@ -2,6 +2,7 @@
 
     python -m benchmarks.generate --shape llama-8b --batch 1 --batch 8 --batch 32 --prompt 128 \
         --prompt 2048 --peer bnb --out runs/gen
+    python -m benchmarks.generate --shape llama-8b --which adapters --adapters 8 --out runs/gen
     python -m benchmarks.generate --shape tiny --batch 1 --prompt 16 --new 8 --out /tmp/g   # CPU
 
 Systems, each in its own subprocess (its peak memory is its own), one after the other:
@@ -10,6 +11,10 @@ Systems, each in its own subprocess (its peak memory is its own), one after the 
   time), LoRA r16 adapters on every linear layer of every decoder layer (non-zero B, so the LoRA
   branch is computed for real), bf16 compute, greedy;
 - ``bf16``: the same model with bf16 frozen weights;
+- ``adapters`` (``--which adapters``): the NF4 model with ``--adapters`` N different adapters
+  (``run_adapters``): N rows with their own adapters in one batch (``qj.lora.stack_adapters`` +
+  ``adapter_index``) against N single-adapter batch-1 runs and against N rows sharing one
+  adapter (the gather's cost), once a prompt length;
 - ``bnb`` (``--peer bnb``): transformers + bitsandbytes NF4 + double quant ``generate`` (greedy,
   sdpa attention, no adapters), the reference stack.
 
@@ -83,28 +88,19 @@ def _nonzero_b(params: Any, seed: int) -> Any:
     return lora_tree.unflatten(flat)
 
 
-def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: int
-             ) -> dict[str, Any]:
+def _timings(model: Any, params: Any, ids: Any, new: int,
+             adapter_index: Any = None) -> dict[str, float]:
+    """Compiles and runs ``generate`` once, then medians of 3 timed runs of ``new`` tokens and of
+    1 token (the prefill). Decode time a token = (total - prefill) / (new - 1)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import qlora_jax as qj
 
-    from qlora_jax.lora import tree as lora_tree
-    from benchmarks.train_step import random_params
-
-    model = _model(shape, weights, prompt + new, r)
-    params = _nonzero_b(random_params(model, shape, r, seed=0), seed=1)
-    jax.block_until_ready(params)
-    weights_bytes = lora_tree.nbytes(params)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, shape.vocab, (batch, prompt),
-                                                        dtype=np.int32))
-
     def timed(n: int) -> float:
         t = time.perf_counter()
         jax.block_until_ready(qj.generate(model, params, ids, max_new_tokens=n,
-                                          eos_token_id=-1))
+                                          eos_token_id=-1, adapter_index=adapter_index))
         return time.perf_counter() - t
 
     t0 = time.perf_counter()
@@ -114,19 +110,101 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
     total = float(np.median([timed(new) for _ in range(3)]))
     prefill = float(np.median([timed(1) for _ in range(3)]))
     decode = max(total - prefill, 1e-9) / (new - 1)
+    return dict(first=first, total=total, prefill=prefill, decode=decode)
+
+
+def _row(t: dict[str, float], batch: int) -> dict[str, Any]:
+    return dict(first_call_s=round(t["first"], 2), total_s=round(t["total"], 4),
+                prefill_s=round(t["prefill"], 4),
+                decode_tokens_per_s=round(batch / t["decode"], 1),
+                ms_per_token=round(1000 * t["decode"], 3))
+
+
+def _device_info() -> dict[str, Any]:
+    import jax
+
+    dev = jax.devices()[0]
+    return dict(peak_gib=round((dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 3),
+                device=dev.device_kind, jax=jax.__version__)
+
+
+def _prompts(shape: Shape, batch: int, prompt: int) -> Any:
+    import jax.numpy as jnp
+    import numpy as np
+
+    return jnp.asarray(np.random.default_rng(0).integers(0, shape.vocab, (batch, prompt),
+                                                         dtype=np.int32))
+
+
+def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: int
+             ) -> dict[str, Any]:
+    import jax
+
+    from qlora_jax.lora import tree as lora_tree
+    from benchmarks.train_step import random_params
+
+    model = _model(shape, weights, prompt + new, r)
+    params = _nonzero_b(random_params(model, shape, r, seed=0), seed=1)
+    jax.block_until_ready(params)
+    weights_bytes = lora_tree.nbytes(params)
+    t = _timings(model, params, _prompts(shape, batch, prompt), new)
     bw = copy_bandwidth()
     limit = weights_bytes / bw  # read once a token at the copy's rate (bytes read + written /s)
-    dev = jax.devices()[0]
     kv = 2 * shape.layers * batch * (prompt + new) * shape.kv_heads * shape.head_dim * 2
-    return dict(system="qlora_jax", weights=weights, first_call_s=round(first, 2),
-                total_s=round(total, 4), prefill_s=round(prefill, 4),
-                decode_tokens_per_s=round(batch / decode, 1),
-                ms_per_token=round(1000 * decode, 3),
+    return dict(system="qlora_jax", weights=weights, **_row(t, batch),
+                fuse_decode=os.environ.get("QLORA_JAX_FUSE_DECODE", "0") == "1",
                 weights_gib=round(weights_bytes / 2**30, 3), kv_cache_gib=round(kv / 2**30, 3),
                 copy_gb_s=round(bw / 1e9, 1), limit_ms=round(1000 * limit, 3),
-                fraction_of_limit=round(limit / decode, 4),
-                peak_gib=round((dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 3),
-                device=dev.device_kind, jax=jax.__version__)
+                fraction_of_limit=round(limit / t["decode"], 4), **_device_info())
+
+
+def run_adapters(shape: Shape, n: int, prompt: int, new: int, r: int) -> list[dict[str, Any]]:
+    """Many adapters over one NF4 base: ``n`` rows, each with its own adapter, in one batch.
+
+    Rows (``adapters`` field): ``single_b1`` (one adapter, batch 1; then each of the ``n``
+    adapters runs once with the compiled program, ``single_runs_s`` their summed wall time),
+    ``one_shared`` (one plain adapter, batch ``n``), ``stacked_same`` (the ``n`` adapters
+    stacked, every row adapter 0: the gather at no diversity) and ``stacked_mixed`` (row i
+    adapter i). Ratios on the mixed row: ``vs_single_runs`` = its decode tokens/s over
+    ``single_b1``'s (n single runs take n times one), ``end_to_end_vs_single_runs`` = the n
+    runs' wall time over its total, ``vs_one_shared`` = its tokens/s over ``one_shared``'s.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import qlora_jax as qj
+    from benchmarks.train_step import random_params
+
+    model = _model(shape, "nf4", prompt + new, r)
+    base = random_params(model, shape, r, seed=0)
+    trees = [_nonzero_b(base, seed=1 + j) for j in range(n)]
+    stacked = qj.lora.stack_adapters(trees)
+    jax.block_until_ready((trees, stacked))
+    ids = _prompts(shape, n, prompt)
+    info = dict(system="qlora_jax", weights="nf4", n_adapters=n)
+    rows = []
+    t1 = _timings(model, trees[0], ids[:1], new)
+    runs = []
+    for j in range(n):  # each adapter once, with row j's prompt: the compiled program is reused
+        t = time.perf_counter()
+        jax.block_until_ready(qj.generate(model, trees[j], ids[j:j + 1], max_new_tokens=new,
+                                          eos_token_id=-1))
+        runs.append(time.perf_counter() - t)
+    rows.append(dict(adapters="single_b1", batch=1, **_row(t1, 1),
+                     single_runs_s=round(sum(runs), 4), **info))
+    shared = _timings(model, trees[0], ids, new)
+    rows.append(dict(adapters="one_shared", batch=n, **_row(shared, n), **info))
+    same = _timings(model, stacked, ids, new, adapter_index=jnp.zeros((n,), jnp.int32))
+    rows.append(dict(adapters="stacked_same", batch=n, **_row(same, n),
+                     vs_one_shared=round(shared["decode"] / same["decode"], 3), **info))
+    mixed = _timings(model, stacked, ids, new, adapter_index=jnp.arange(n, dtype=jnp.int32))
+    rows.append(dict(adapters="stacked_mixed", batch=n, **_row(mixed, n),
+                     vs_single_runs=round(n * t1["decode"] / mixed["decode"], 3),
+                     end_to_end_vs_single_runs=round(sum(runs) / mixed["total"], 3),
+                     vs_one_shared=round(shared["decode"] / mixed["decode"], 3),
+                     vs_stacked_same=round(same["decode"] / mixed["decode"], 3), **info))
+    dev = _device_info()
+    return [{**row, **dev} for row in rows]
 
 
 def run_bnb(shape: Shape, batch: int, prompt: int, new: int) -> dict[str, Any]:
@@ -163,10 +241,13 @@ def _child(args: argparse.Namespace) -> None:
     common = dict(bench="generate", shape=shape.name, batch=args.batch[0],
                   prompt=args.prompt[0], new=args.new, rank=args.rank)
     if args.system == "bnb":
-        res = run_bnb(shape, args.batch[0], args.prompt[0], args.new)
+        rows = [run_bnb(shape, args.batch[0], args.prompt[0], args.new)]
+    elif args.system == "adapters":
+        rows = run_adapters(shape, args.adapters, args.prompt[0], args.new, args.rank)
     else:
-        res = run_ours(shape, args.system, args.batch[0], args.prompt[0], args.new, args.rank)
-    print("RESULT " + json.dumps({**common, **res}), flush=True)
+        rows = [run_ours(shape, args.system, args.batch[0], args.prompt[0], args.new, args.rank)]
+    for res in rows:
+        print("RESULT " + json.dumps({**common, **res}), flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -176,7 +257,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--prompt", type=int, action="append", default=None)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--which", default="nf4,bf16", help="our systems: comma list of nf4, bf16")
+    p.add_argument("--which", default="nf4,bf16",
+                   help="our systems: comma list of nf4, bf16, adapters (the many-adapter rows "
+                        "at batch --adapters, once a prompt length)")
+    p.add_argument("--adapters", type=int, default=8, help="adapters (and rows) of 'adapters'")
     p.add_argument("--peer", action="append", default=[], choices=("bnb",))
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--system", default=None, help=argparse.SUPPRESS)
@@ -185,39 +269,46 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.prompt = args.prompt or [128]
     if args.new < 2:
         raise SystemExit("--new must be >= 2 (decode time = total - prefill over new - 1)")
+    if args.adapters < 2:
+        raise SystemExit(f"--adapters must be >= 2, got {args.adapters}")
     if args.system:
         _child(args)
         return
     os.makedirs(args.out, exist_ok=True)
     systems = [s for s in args.which.split(",") if s] + list(args.peer)
     for s in systems:
-        if s not in ("nf4", "bf16", "bnb"):
-            raise SystemExit(f"unknown system {s!r}: --which takes nf4 and bf16")
+        if s not in ("nf4", "bf16", "adapters", "bnb"):
+            raise SystemExit(f"unknown system {s!r}: --which takes nf4, bf16 and adapters")
     rows = []
-    for prompt in args.prompt:
-        for batch in args.batch:
-            for system in systems:
-                cmd = [sys.executable, "-m", "benchmarks.generate", "--system", system,
-                       "--shape", args.shape, "--batch", str(batch), "--prompt", str(prompt),
-                       "--new", str(args.new), "--rank", str(args.rank)]
-                env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-                line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")),
-                            None)
-                if proc.returncode != 0 or line is None:
-                    res = dict(bench="generate", system=system, shape=args.shape, batch=batch,
-                               prompt=prompt, error=f"exit code {proc.returncode}")
-                else:
-                    res = json.loads(line[len("RESULT "):])
-                rows.append(res)
-                print(json.dumps(res), flush=True)
-                with open(os.path.join(args.out, "generate.jsonl"), "a") as f:
-                    f.write(json.dumps(res) + "\n")
+    runs = [(prompt, batch, system) for prompt in args.prompt for batch in args.batch
+            for system in systems if system != "adapters"]
+    if "adapters" in systems:
+        runs += [(prompt, args.adapters, "adapters") for prompt in args.prompt]
+    for prompt, batch, system in runs:
+        cmd = [sys.executable, "-m", "benchmarks.generate", "--system", system,
+               "--shape", args.shape, "--batch", str(batch), "--prompt", str(prompt),
+               "--new", str(args.new), "--rank", str(args.rank), "--adapters", str(args.adapters)]
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        found = [json.loads(l[len("RESULT "):]) for l in proc.stdout.splitlines()
+                 if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not found:
+            found = [dict(bench="generate", system=system, shape=args.shape, batch=batch,
+                          prompt=prompt, error=f"exit code {proc.returncode}")]
+        for res in found:
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+            with open(os.path.join(args.out, "generate.jsonl"), "a") as f:
+                f.write(json.dumps(res) + "\n")
     for r in rows:
         if "decode_tokens_per_s" in r:
-            print(f"{r['shape']} b{r['batch']} p{r['prompt']} {r['system']:>26} {r['weights']}: "
+            name = r["system"] + (f" {r['adapters']}" if "adapters" in r else "")
+            ratios = " ".join(f"{k} {r[k]}" for k in ("fraction_of_limit", "vs_single_runs",
+                                                      "end_to_end_vs_single_runs",
+                                                      "vs_one_shared") if k in r)
+            print(f"{r['shape']} b{r['batch']} p{r['prompt']} {name:>26} {r['weights']}: "
                   f"{r['decode_tokens_per_s']:>9} tok/s {r['ms_per_token']:>8} ms/token "
-                  f"limit {r.get('fraction_of_limit', '-')}", flush=True)
+                  f"{ratios}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # One device call: install the carried wheels, then run the benchmark lines of a plan in order.
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh PLAN_FILE
 # PLAN_FILE: one command a line; '#' lines skipped; $W in a line is the run's work directory.
-# Everything is written under W (default /tmp/run); at the end W/train_step.jsonl and a tarball of
+# Everything is written under W (default /tmp/run); after each line W/*.jsonl and a tarball of
 # W (logs, profile summaries, HLO; raw traces left out) are copied to $OUT when it is set.
 set -u
 W=${W:-/tmp/run}
@@ -28,7 +28,7 @@ while IFS= read -r line; do
   echo "rc=$? $(date +%T)"
   grep -E '^\{|^qlora_jax /|passed|failed|Error' "$W/log_$i.txt" | cut -c1-1200 | tail -6
   if [ -n "${OUT:-}" ]; then  # keep what is done so far, should a later line run past the limit
-    cp "$W/train_step.jsonl" "$OUT/" 2>/dev/null
+    cp "$W"/*.jsonl "$OUT/" 2>/dev/null
     tar czf "$OUT/run.tgz" -C "$W" --exclude='*.pb' --exclude='*.json.gz' . 2>/dev/null
   fi
 done < "$1"

@@ -1,6 +1,8 @@
 """QLoRA train-step benchmark: tokens/s, MFU, peak device memory and compile time, against peers.
 
     python -m benchmarks.train_step --shape llama-8b --batch 1 --seq 2048 --rank 16 --peer bnb --peer qwix
+    python -m benchmarks.train_step --seq 32768 --seq 131072 --seq 262144 --remat full_offload \
+        --steps 2 --peer bnb      # long rows: layer inputs in host memory, chunked MLP
 
 Each system runs in its own subprocess (so each one's peak memory is its own and JAX does not
 preallocate), one after the other, in the same invocation. Every measurement prints one JSON line
@@ -15,6 +17,8 @@ MFU convention: model FLOPs a token = 4 N (N = parameters of all matmuls, head i
 gradients) + attention 6 L T D (causal: half of the 12 L T D a full attention matrix would cost,
 forward QK^T and AV plus their two input gradients each). ``mfu_full_attention`` counts 12 L T D.
 Rematerialisation is not counted (hardware FLOPs are higher than model FLOPs with remat).
+Memory: ``peak_gib`` is the device allocator's peak; ``host_peak_gib`` the process's peak resident
+set (with ``--remat full_offload`` it holds the layer inputs, L x T x D bf16).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import dataclasses
 import functools
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -175,7 +180,7 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
              loss_chunk: int, offload_state: bool, impl: str,
              adapter_dtype: str = "float32", mesh: tuple[int, int, int] = (1, 1, 1),
              profile: Optional[str] = None, attention: str = "auto",
-             in_place: bool = True) -> dict[str, Any]:
+             in_place: bool = True, mlp_chunk: int = 8192) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -203,7 +208,7 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     auto = remat == "auto"  # chosen below on the compiled step (qlora_jax.train.remat)
     model = LlamaForCausalLM(cfg, lora=lora, quant=qj.QuantConfig(), dtype=jnp.bfloat16,
                              param_dtype=jnp.bfloat16, impl=impl, remat="full" if auto else remat,
-                             attention=attention, in_place=in_place)
+                             attention=attention, in_place=in_place, mlp_chunk=mlp_chunk)
     t0 = time.perf_counter()
     params = random_params(model, shape, r, seed=0, placement=placement)
     jax.block_until_ready(params)
@@ -246,7 +251,8 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     xla_memory = {k: round(getattr(mem, k + "_in_bytes", 0) / 2**30, 3)
-                  for k in ("argument_size", "output_size", "alias_size", "temp_size")} \
+                  for k in ("argument_size", "output_size", "alias_size", "temp_size",
+                            "host_temp_size")} \
         if mem is not None else None
     state, metrics = compiled(state, b)
     loss0 = float(metrics["loss"])
@@ -264,7 +270,8 @@ def run_ours(shape: Shape, batch: int, seq: int, r: int, steps: int, remat: str,
     result = dict(system="qlora_jax", remat=remat, remat_auto=auto_line, loss_chunk=loss_chunk,
                   adapter_dtype=adapter_dtype, offload_state=offload_state,
                   impl=qj.quant.resolve_impl(impl), mesh="x".join(map(str, mesh)),
-                  attention=attention, in_place=in_place, xla_memory_gib=xla_memory,
+                  attention=attention, in_place=in_place, mlp_chunk=mlp_chunk,
+                  xla_memory_gib=xla_memory,
                   devices=n_dev, step_s=round(med, 4), tokens_per_s=round(tps, 1),
                   tokens_per_s_per_device=round(tps / n_dev, 1),
                   mfu=_ratio(tps * shape.flops_per_token(r, seq) / pf),
@@ -319,7 +326,8 @@ def _child(args: argparse.Namespace) -> None:
     if args.system == "ours":
         res = run_ours(shape, args.batch, args.seq, args.rank, args.steps, args.remat,
                        args.loss_chunk, args.offload_state, args.impl, args.adapter_dtype,
-                       _mesh(args.mesh), args.profile, args.attention, not args.no_in_place)
+                       _mesh(args.mesh), args.profile, args.attention, not args.no_in_place,
+                       args.mlp_chunk)
     elif args.system == "bnb":
         from benchmarks import peer_bnb
         res = peer_bnb.run(shape, args.batch, args.seq, args.rank, args.steps)
@@ -328,6 +336,8 @@ def _child(args: argparse.Namespace) -> None:
         res = peer_qwix.run(shape, args.batch, args.seq, args.rank, args.steps)
     else:
         raise SystemExit(f"unknown system {args.system!r}")
+    # Host memory: the process's peak resident set (pinned host buffers included).
+    res["host_peak_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     if "tokens_per_s" in res and "mfu" not in res:
         pf = peak_flops(res.get("device", ""))
         res["mfu"] = _ratio(res["tokens_per_s"] * shape.flops_per_token(args.rank, args.seq) / pf)
@@ -338,12 +348,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--seq", type=int, action="append", default=None,
+                   help="tokens a row (repeat for several lengths, each run in turn; default 2048)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="timed steps after the compiling one")
     p.add_argument("--remat", default="full",
                    choices=("none", "full", "dots_saveable", "offload", "qkv", "attention",
-                            "auto"))
+                            "full_offload", "auto"))
+    p.add_argument("--mlp-chunk", type=int, default=8192,
+                   help="ours: rows longer than this run the MLP in chunks of it (0: never)")
     p.add_argument("--loss-chunk", type=int, default=512, help="0: full logits")
     p.add_argument("--offload-state", action="store_true")
     p.add_argument("--impl", default="auto", choices=("auto", "xla", "pallas"))
@@ -360,31 +373,42 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--system", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    seqs = args.seq or [2048]
     if args.system:
+        args.seq = seqs[0]
         _child(args)
         return
     os.makedirs(args.out, exist_ok=True)
     systems = ([] if args.skip_ours else ["ours"]) + list(args.peer)
+    for seq in seqs:
+        _run_length(args, systems, seq)
+
+
+def _run_length(args: argparse.Namespace, systems: list[str], seq: int) -> None:
+    """Every system at one row length, each in its own subprocess; prints the ratios."""
     results = []
     for system in systems:
         cmd = [sys.executable, "-m", "benchmarks.train_step", "--system", system,
-               "--shape", args.shape, "--batch", str(args.batch), "--seq", str(args.seq),
+               "--shape", args.shape, "--batch", str(args.batch), "--seq", str(seq),
                "--rank", str(args.rank), "--steps", str(args.steps), "--remat", args.remat,
                "--loss-chunk", str(args.loss_chunk), "--impl", args.impl,
                "--adapter-dtype", args.adapter_dtype, "--mesh", args.mesh,
-               "--attention", args.attention]
+               "--attention", args.attention, "--mlp-chunk", str(args.mlp_chunk)]
         if args.profile and system == "ours":
             cmd += ["--profile", args.profile]
         if args.offload_state:
             cmd.append("--offload-state")
         if args.no_in_place:
             cmd.append("--no-in-place")
+        # No preallocation (each system's peak is its own), and JAX may grow to 95% of the
+        # device (its default cap is 75%) like PyTorch's allocator.
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
         # The child's stderr (progress, warnings, tracebacks) goes straight to ours.
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            res = dict(system=system, shape=args.shape, batch=args.batch, seq=args.seq,
+            res = dict(system=system, shape=args.shape, batch=args.batch, seq=seq,
                        rank=args.rank, error=f"exit code {proc.returncode} (traceback above); "
                                              f"stdout: {proc.stdout[-500:]}")
         else:

@@ -35,13 +35,15 @@ from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from qlora_jax.lora.config import LoraConfig
 from qlora_jax.lora.dense import LoraDense
 from qlora_jax.lora.plan import LoraPlan, ModuleSite
 from qlora_jax.models.base import LoraModelMixin
-from qlora_jax.models.common import HFParam, LayerNorm, maybe_remat, quantized_paths
+from qlora_jax.models.common import (HFParam, LAYER_INPUT, LayerNorm, maybe_remat,
+                                     quantized_paths)
 from qlora_jax.quant.config import QuantConfig
 
 MODEL_TYPES = ("bert", "roberta")
@@ -183,6 +185,7 @@ class BertLayer(_Common):
 
     @nn.compact
     def __call__(self, h, mask):
+        h = checkpoint_name(h, LAYER_INPUT)  # remat="full_offload" keeps it in host memory
         a = _Attention(**self.kw(), name="attention")(h, mask)
         i = _Intermediate(**self.kw(), name="intermediate")(a)
         return _Output(**self.kw(), axes=("mlp", "embed"), name="output")(i, a), None
@@ -245,7 +248,8 @@ class BertModel(LoraModelMixin, nn.Module):
       lora / quant: LoraConfig and QuantConfig (or None), as for the causal LMs.
       dtype / param_dtype: compute dtype and dtype of parameters created by ``init``.
       impl: 4-bit matmul implementation.
-      remat: ``"none"``, ``"full"``, ``"dots_saveable"`` or ``"offload"``.
+      remat: a mode of ``models.common.REMAT_MODES`` (``"none"``, ``"full"``,
+        ``"dots_saveable"``, ``"offload"``, ``"full_offload"``, ...).
       num_labels: > 0 adds the sequence-classification head; ``__call__`` then
         returns logits ``[B, num_labels]``.
       add_pooling_layer: keep the pooler (default: yes, except RoBERTa with a head).

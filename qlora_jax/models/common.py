@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -21,7 +21,9 @@ from qlora_jax.models import segments
 from qlora_jax.quant.config import QuantConfig
 
 Path = tuple[str, ...]
-REMAT_MODES = ("none", "full", "dots_saveable", "offload", "qkv", "attention")
+REMAT_MODES = ("none", "full", "dots_saveable", "offload", "qkv", "attention", "full_offload")
+#: ``checkpoint_name`` of a decoder layer's input (``remat="full_offload"`` keeps it on the host).
+LAYER_INPUT = "layer_input"
 #: Compute / float parameter dtypes a model is built with, by their config names.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 #: ``checkpoint_name`` tags the attention block puts on its post-RoPE projections.
@@ -295,6 +297,36 @@ class KVCache:
                    jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
+
+class LayerKV(NamedTuple):
+    """Layer ``layer`` of the stacked caches ``k``, ``v`` ``[L, B, S, G, K]``, as the cached layer
+    loop hands it to a decoder layer: the layer writes its new keys and values into the stacks
+    where they lie (``write_kv``), so a decoded token copies no cache."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array
+
+
+def write_kv(cache_kv: Any, k: jax.Array, v: jax.Array, index: jax.Array
+             ) -> tuple[Any, jax.Array, jax.Array]:
+    """Writes the new keys/values ``[B, T, G, K]`` at slot ``index`` of one layer's cache.
+
+    ``cache_kv``: a ``LayerKV`` (updated in place in its stacks) or a ``(k, v)`` pair of one
+    layer ``[B, S, G, K]``. Returns the updated cache (same form) and that layer's keys and
+    values ``[B, S, G, K]`` (cache dtype) for attention.
+    """
+    if isinstance(cache_kv, LayerKV):
+        at = (cache_kv.layer, 0, index, 0, 0)
+        ck = jax.lax.dynamic_update_slice(cache_kv.k, k[None].astype(cache_kv.k.dtype), at)
+        cv = jax.lax.dynamic_update_slice(cache_kv.v, v[None].astype(cache_kv.v.dtype), at)
+        read = [jax.lax.dynamic_index_in_dim(a, cache_kv.layer, keepdims=False) for a in (ck, cv)]
+        return LayerKV(ck, cv, cache_kv.layer), read[0], read[1]
+    ck, cv = cache_kv
+    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+    return (ck, cv), ck, cv
+
 # -- remat -----------------------------------------------------------------------------------
 
 def _save_attention_forward(prim: Any, *_: Any, **__: Any) -> bool:
@@ -309,6 +341,9 @@ def remat_policy(mode: str) -> Optional[Callable[..., bool]]:
     a layer) so the backward pass does not recompute their projections; ``"attention"`` also
     keeps the fused attention's output and softmax statistics (``[B, T, H K]`` + ``[B, H, T]``),
     so the attention forward is not run again either (XLA attention: only q, k, v are kept).
+    ``"full_offload"`` is ``"full"`` with each layer's input (``LAYER_INPUT``, the residual
+    stream, ``[B, T, D]`` a layer) kept in pinned host memory instead of on the device: XLA
+    copies it out after the layer's forward and back before its backward.
     """
     if mode == "full":
         return None
@@ -321,6 +356,10 @@ def remat_policy(mode: str) -> Optional[Callable[..., bool]]:
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     if mode == "offload":
         return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    if mode == "full_offload":
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+            offload_src="device", offload_dst="pinned_host")
     raise ValueError(f"remat={mode!r} is not supported; use one of {REMAT_MODES}")
 
 

@@ -32,9 +32,10 @@ Model API (stable; the training and generation code relies on it):
   normed hidden state ``[B, T, D]``; ``logits_from_hidden(hidden)``: the head alone, so
   ``logits_from_hidden(hidden_states(x)) == __call__(x)`` (chunked losses use the pair).
 - ``module_sites()``, ``lora_plan()``, ``hf_params()`` (checkpoint layout).
-- ``remat``: ``"none"``, ``"full"``, ``"dots_saveable"``, ``"offload"``, ``"qkv"`` or
-  ``"attention"`` (see ``models.common.remat_policy``; decoder layers
+- ``remat``: ``"none"``, ``"full"``, ``"dots_saveable"``, ``"offload"``, ``"qkv"``,
+  ``"attention"`` or ``"full_offload"`` (see ``models.common.remat_policy``; decoder layers
   rematerialised in the backward pass with that ``jax.checkpoint`` policy).
+- ``mlp_chunk``: rows longer than this run the MLP blocks in chunks (``models.chunking``).
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ from qlora_jax.lora.plan import ModuleSite
 from qlora_jax.models.base import LoraModelMixin
 from qlora_jax.models.segments import (positions_from_segments, segment_attention_impl,
                                        segment_mask)
-from qlora_jax.models.common import (HFParam, KVCache, RMSNorm, Rope, apply_rope, causal_mask,
-                                     QKV_NAMES, dot_product_attention,
+from qlora_jax.models.chunking import map_chunks
+from qlora_jax.models.common import (HFParam, KVCache, LAYER_INPUT, LayerKV, RMSNorm, Rope,
+                                     apply_rope, causal_mask, QKV_NAMES, dot_product_attention,
                                      REMAT_MODES, make_rope, positions_from_mask, quantized_paths,
-                                     remat_policy, rope_cos_sin)
+                                     remat_policy, rope_cos_sin, write_kv)
 from qlora_jax.quant import ops as qops
 from qlora_jax.quant.config import QuantConfig
 from qlora_jax.quant.layer_view import LayerView
@@ -223,6 +225,25 @@ class LayerSettings:
                          impl=self.impl, kernel_axes=axes, name=name)
 
 
+QKV_PROJ = ("q_proj", "k_proj", "v_proj")
+
+
+def _decode_bases(module: nn.Module, x: jax.Array, names: tuple[str, ...]) -> dict:
+    """At one decoded token (batch 1), the frozen products ``x @ W.T`` of the 4-bit kernels
+    ``names`` (children of ``module`` that all read ``x``) from one GEMV launch
+    (``quant.ops.linear_many``), by name; {} where that does not apply (each layer reads its
+    own kernel)."""
+    if module.is_initializing() or "params" not in module.variables:
+        return {}
+    params = module.variables["params"]
+    kernels = [meta.unbox(params[n]["kernel"]) if n in params else None for n in names]
+    if any(k is None for k in kernels):
+        return {}
+    s = module.settings
+    ys = qops.linear_many(x.astype(s.dtype or x.dtype), kernels, s.impl)
+    return {} if ys is None else dict(zip(names, ys))
+
+
 class _Attention(nn.Module):
     settings: LayerSettings
 
@@ -233,20 +254,20 @@ class _Attention(nn.Module):
         b, t, _ = x.shape
         h, g, k = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         ai = adapter_index
-        q = s.dense(h * k, "q_proj", c.qkv_bias, ("embed", "heads"))(x, det, ai).reshape(
-            b, t, h, k)
-        kk = s.dense(g * k, "k_proj", c.qkv_bias, ("embed", "kv"))(x, det, ai).reshape(b, t, g, k)
-        v = s.dense(g * k, "v_proj", c.qkv_bias, ("embed", "kv"))(x, det, ai).reshape(b, t, g, k)
+        fused = {} if cache_kv is None else _decode_bases(self, x, QKV_PROJ)
+        q = s.dense(h * k, "q_proj", c.qkv_bias, ("embed", "heads"))(
+            x, det, ai, fused.get("q_proj")).reshape(b, t, h, k)
+        kk = s.dense(g * k, "k_proj", c.qkv_bias, ("embed", "kv"))(
+            x, det, ai, fused.get("k_proj")).reshape(b, t, g, k)
+        v = s.dense(g * k, "v_proj", c.qkv_bias, ("embed", "kv"))(
+            x, det, ai, fused.get("v_proj")).reshape(b, t, g, k)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         q = constrain(q, ("batch", "length", "heads", None))
         kk, v = (constrain(a, ("batch", "length", "kv", None)) for a in (kk, v))
         q, kk, v = (checkpoint_name(a, n) for a, n in zip((q, kk, v), QKV_NAMES))
         new_cache = None
         if cache_kv is not None:
-            ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice(ck, kk.astype(ck.dtype), (0, index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-            new_cache = (ck, cv)
+            new_cache, ck, cv = write_kv(cache_kv, kk, v, index)
             kk, v = ck.astype(q.dtype), cv.astype(q.dtype)
         out = dot_product_attention(q, kk, v, mask, k ** -0.5, s.attention, segment_ids)
         out = constrain(out.reshape(b, t, h * k), ("batch", "length", "heads"))
@@ -268,24 +289,38 @@ class _MLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """One pre-norm decoder layer: ``(h, cache_kv, shared) -> (h, new_cache_kv)``."""
+    """One pre-norm decoder layer: ``(h, cache_kv, shared) -> (h, new_cache_kv)``.
+
+    Its two residual blocks are also methods of their own (``attention_block``,
+    ``mlp_block``) so the layer loop can run the MLP block in sequence chunks.
+    """
 
     settings: LayerSettings
 
-    @nn.compact
-    def __call__(self, h, cache_kv, shared):
-        cos, sin, mask, index, segment_ids, adapter_index = shared
+    def setup(self):
         s = self.settings
-        c = s.config
+        norm = dict(epsilon=s.config.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
+        self.input_layernorm = RMSNorm(**norm)
+        self.self_attn = _Attention(s)
+        self.post_attention_layernorm = RMSNorm(**norm)
+        self.mlp = _MLP(s)
+
+    def __call__(self, h, cache_kv, shared):
+        h, new_cache = self.attention_block(h, cache_kv, shared)
+        return self.mlp_block(h, shared[-1]), new_cache
+
+    def attention_block(self, h, cache_kv, shared):
+        """``h + attention(norm(h))`` and the layer's new KV cache (or None)."""
+        cos, sin, mask, index, segment_ids, adapter_index = shared
         h = constrain(h, _HIDDEN)
-        norm = dict(epsilon=c.rms_norm_eps, dtype=s.dtype, param_dtype=s.param_dtype)
-        a, new_cache = _Attention(s, name="self_attn")(
-            RMSNorm(**norm, name="input_layernorm")(h), cos, sin, mask, cache_kv, index,
-            segment_ids, adapter_index)
-        h = h + a
-        h = h + _MLP(s, name="mlp")(RMSNorm(**norm, name="post_attention_layernorm")(h),
-                                    adapter_index)
-        return constrain(h, _HIDDEN), new_cache
+        a, new_cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache_kv, index,
+                                      segment_ids, adapter_index)
+        return h + a, new_cache
+
+    def mlp_block(self, h, adapter_index=None):
+        """``h + mlp(norm(h))``: position-wise, so any split of the length axis gives the same."""
+        h = h + self.mlp(self.post_attention_layernorm(h), adapter_index)
+        return constrain(h, _HIDDEN)
 
 
 class LlamaModel(nn.Module):
@@ -299,6 +334,7 @@ class LlamaModel(nn.Module):
     settings: LayerSettings
     remat: str = "none"
     in_place: bool = True
+    mlp_chunk: int = 0
 
     def setup(self):
         s = self.settings
@@ -362,6 +398,8 @@ class LlamaModel(nn.Module):
         caches = None if cache is None else (cache.k, cache.v)
         if self.is_initializing():
             h, new_kv = self.layers(h, caches, shared)
+        elif caches is not None:
+            h, new_kv = self._cache_loop(h, caches, shared)
         else:
             h, new_kv = self._layer_loop(h, caches, shared)
         h = constrain(self.norm(h), _HIDDEN)
@@ -403,17 +441,59 @@ class LlamaModel(nn.Module):
         if not s.deterministic and self.has_rng("dropout"):
             drop = self.make_rng("dropout")
 
+        chunk = self.mlp_chunk
+
         def body(h, xs):
             params, kv, i = xs
             params = {**params, **{k: LayerView(q, i) for k, q in qs.items()}}
+            variables = {"params": traverse_util.unflatten_dict(params)}
+            # With remat="full_offload" the policy moves this name to host memory: the layer's
+            # input, the one activation full remat keeps, is then stacked on the host.
+            h = checkpoint_name(h, LAYER_INPUT)
             rngs = {} if drop is None else {"dropout": jax.random.fold_in(drop, i)}
-            return layer.apply({"params": traverse_util.unflatten_dict(params)}, h, kv, shared,
-                               rngs=rngs)
+            if not chunk or h.shape[1] <= chunk:
+                return layer.apply(variables, h, kv, shared, rngs=rngs)
+            h, new_kv = layer.apply(variables, h, kv, shared, rngs=rngs,
+                                    method=LlamaDecoderLayer.attention_block)
+
+            def mlp(x, j):
+                r = {} if drop is None else {"dropout": jax.random.fold_in(rngs["dropout"], j)}
+                return layer.apply(variables, x, shared[-1], rngs=r,
+                                   method=LlamaDecoderLayer.mlp_block)
+
+            return map_chunks(mlp, h, chunk), new_kv
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
         layers = jnp.arange(s.config.num_hidden_layers, dtype=jnp.int32)
         return jax.lax.scan(body, h, (sliced, caches, layers))
+
+    def _cache_loop(self, h, caches, shared):
+        """The layer loop of cached prefill and decoding: ``caches`` ``(k, v)`` ``[L, B, S, G, K]``
+        ride in the loop's carry and layer i writes its new keys/values into them in place
+        (``common.LayerKV``), so a decoded token copies no cache (a scan over per-layer cache
+        slices would build a new stack a token). Returns ``(h, (k, v))``."""
+        s = self.settings
+        layer = LlamaDecoderLayer(s, parent=None)
+        flat = traverse_util.flatten_dict(self.variables["params"]["layers"])
+        qs = self._stacked_4bit_in_place({k: meta.unbox(v) for k, v in flat.items()})
+        sliced = {k: v for k, v in flat.items() if k not in qs}
+        drop = None
+        if not s.deterministic and self.has_rng("dropout"):
+            drop = self.make_rng("dropout")
+
+        def body(carry, xs):
+            h, ck, cv = carry
+            params, i = xs
+            params = {**params, **{k: LayerView(q, i) for k, q in qs.items()}}
+            rngs = {} if drop is None else {"dropout": jax.random.fold_in(drop, i)}
+            h, kv = layer.apply({"params": traverse_util.unflatten_dict(params)}, h,
+                                LayerKV(ck, cv, i), shared, rngs=rngs)
+            return (h, kv.k, kv.v), None
+
+        layers = jnp.arange(s.config.num_hidden_layers, dtype=jnp.int32)
+        (h, ck, cv), _ = jax.lax.scan(body, (h, *caches), (sliced, layers))
+        return h, (ck, cv)
 
 
 class LlamaForCausalLM(LoraModelMixin, nn.Module):
@@ -427,13 +507,17 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
       param_dtype: dtype of float parameters created by ``init``.
       impl: 4-bit matmul implementation (``"auto"``, ``"xla"``, ``"pallas"``).
       remat: ``"none"``, ``"full"``, ``"dots_saveable"``, ``"offload"``, ``"qkv"`` (keep
-        q, k, v) or ``"attention"`` (q, k, v and the fused attention's output).
+        q, k, v), ``"attention"`` (q, k, v and the fused attention's output) or
+        ``"full_offload"`` (``"full"`` with the layer inputs in host memory).
       float32_logits: return float32 logits.
       attention: ``"auto"`` (cuDNN flash attention on GPUs where it applies, else XLA),
         ``"xla"`` or ``"cudnn"``.
       in_place: with the Pallas kernels, the layer loop passes each stacked 4-bit kernel
         whole and the dequantization reads layer i where it lies (no per-layer copy);
         False: the loop slices every layer (see ``LlamaModel._layer_loop``).
+      mlp_chunk: rows longer than this many tokens run each layer's MLP block in chunks of
+        this many positions, each rematerialised (``models.chunking``): no ``[B, T, F]``
+        activation of a whole long row is alive; same numbers. 0: whole rows always.
     """
 
     config: LlamaConfig
@@ -446,6 +530,7 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
     float32_logits: bool = False
     attention: str = "auto"
     in_place: bool = True
+    mlp_chunk: int = 8192
 
     default_lora_targets = ("q_proj", "v_proj")
     family = "llama"
@@ -477,8 +562,10 @@ class LlamaForCausalLM(LoraModelMixin, nn.Module):
         return out if cache is None else (out, new_cache)
 
     def _backbone(self, deterministic: bool) -> LlamaModel:
+        if self.mlp_chunk < 0:
+            raise ValueError(f"mlp_chunk must be >= 0 (0: whole rows), got {self.mlp_chunk}")
         return LlamaModel(self.layer_settings(deterministic), self.remat, self.in_place,
-                          name="model")
+                          self.mlp_chunk, name="model")
 
     def layer_settings(self, deterministic: bool = True) -> LayerSettings:
         """The settings every decoder layer module receives (adapters and 4-bit kernels by

@@ -35,12 +35,15 @@ def lookup(model_type: Any) -> tuple[str, type, type]:
 
 def build_model(hf_config: Mapping[str, Any], **attrs: Any) -> Any:
     """The (unbound) model for a config.json dict; ``attrs`` are model attributes
-    (``dtype``, ``lora``, ``quant``, ``impl``, ``remat``, ``num_labels`` for encoders...)."""
+    (``dtype``, ``lora``, ``quant``, ``impl``, ``remat``, ``num_labels`` for encoders,
+    ``mlp_chunk`` for the Llama family...)."""
     if "model_type" not in hf_config:
         raise ValueError("config.json has no 'model_type' field; supported model types: "
                          f"{', '.join(supported_model_types())}")
     family, config_cls, model_cls = lookup(hf_config["model_type"])
     num_labels = attrs.pop("num_labels", 0)
+    if family != "llama":
+        attrs.pop("mlp_chunk", None)  # encoders' rows are short: no chunked MLP
     if family == "bert":
         attrs["num_labels"] = int(num_labels or 0)
     elif num_labels:

@@ -125,7 +125,8 @@ def load_model(config: Any, num_labels: int = 0) -> tuple[Any, Any]:
     quant, lora = quant_config(config), lora_config(config)
     # remat="auto" is resolved on the built step (qlora_jax.train.remat); the model starts at none.
     remat = "none" if config.model.remat == "auto" else config.model.remat
-    kw = dict(impl=config.model.impl, remat=remat, num_labels=num_labels)
+    kw = dict(impl=config.model.impl, remat=remat, num_labels=num_labels,
+              mlp_chunk=config.model.mlp_chunk)
     if config.model.path:
         return hf_load.from_pretrained(config.model.path, dtype=dtype, quant=quant, lora=lora,
                                        seed=config.train.seed, **kw)

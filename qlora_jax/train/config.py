@@ -52,7 +52,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 POSITIVE_INTS = ("lora.r", "lora.loftq_iter", "train.steps", "train.batch_size", "train.grad_accum", "train.seq_len",
                  "train.log_every", "train.keep_checkpoints", "train.eval_batch_size",
                  "train.sample_tokens", "mesh.data", "mesh.fsdp", "mesh.tensor")
-NONNEGATIVE_INTS = ("model.num_labels", "train.checkpoint_every", "train.eval_every",
+NONNEGATIVE_INTS = ("model.num_labels", "model.mlp_chunk", "train.checkpoint_every", "train.eval_every",
                     "train.eval_batches", "train.loss_chunk", "train.samples")
 NONNEGATIVE_FLOATS = ("lora.alpha", "optim.loraplus_lr_ratio", "optim.warmup_ratio", "optim.end_lr_ratio",
                       "optim.weight_decay", "optim.max_grad_norm", "optim.b1", "optim.b2",

@@ -39,9 +39,13 @@ def default_config() -> ml_collections.ConfigDict:
     # Compute dtype and dtype of the frozen float weights: float32, bfloat16 or float16.
     c.model.dtype = "float32"
     # Layer rematerialisation: none, full, dots_saveable, offload (saved activations on host),
-    # qkv (also keeps each layer's q, k, v), attention (also the fused attention output), or
-    # auto (the fastest whose compiled step fits the device memory or train.memory_budget_gib).
+    # qkv (also keeps each layer's q, k, v), attention (also the fused attention output),
+    # full_offload (full, with each layer's input in host memory: long rows), or auto (the
+    # fastest whose compiled step fits the device memory or train.memory_budget_gib).
     c.model.remat = "none"
+    # Rows longer than this many tokens run each MLP block in chunks of this many positions
+    # (same numbers, no [T, intermediate] activation of the whole row; Llama family). 0: never.
+    c.model.mlp_chunk = 8192
     # 4-bit matmul implementation: auto (Pallas on GPU/TPU, XLA on CPU), xla or pallas.
     c.model.impl = "auto"
     # Classification labels (0 = the dataset's label count); unused for causal LMs.

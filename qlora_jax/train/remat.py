@@ -11,8 +11,10 @@ without compiling anything.
 Speed order (measured, llama-8b NF4, 1 x 2048 tokens, r16, one H100; benchmarks/RESULTS.md):
 ``none`` recomputes nothing; ``dots_saveable`` keeps every matmul output (11,986 tokens/s at
 16.4 GiB); ``attention`` and ``qkv`` keep a layer's attention output or q/k/v; ``full`` keeps
-only each layer's input (10,600-10,900 tokens/s at 7.3 GiB); ``offload`` keeps matmul outputs in
-host memory (slowest: every saved activation crosses PCIe twice).
+only each layer's input (10,600-10,900 tokens/s at 7.3 GiB); ``full_offload`` keeps those inputs
+in host memory (each crosses PCIe twice, overlapped with the layers' compute: for long rows, whose
+inputs alone outgrow the device); ``offload`` keeps matmul outputs in host memory (slowest: every
+saved activation crosses PCIe twice, and the layer inputs stay on the device).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import jax
 from qlora_jax.models.common import REMAT_MODES
 
 #: Remat policies from fastest to slowest (see the module docstring).
-SPEED_ORDER = ("none", "dots_saveable", "attention", "qkv", "full", "offload")
+SPEED_ORDER = ("none", "dots_saveable", "attention", "qkv", "full", "full_offload",
+               "offload")
 #: The values of ``model.remat``: a policy, or "auto".
 CHOICES = REMAT_MODES + ("auto",)
 #: Share of the device's memory limit kept free (fragmentation, the eval step, host transfers).

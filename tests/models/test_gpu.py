@@ -90,13 +90,17 @@ def no_remat(qlora_llama, fixed_ids):
     return _loss_and_grads(model.clone(remat="none"), trainable, frozen, fixed_ids)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_saveable", "offload", "qkv", "attention"])
-def test_qlora_gradients_with_each_remat_mode(qlora_llama, fixed_ids, no_remat, remat):
+@pytest.mark.parametrize("remat,mlp_chunk", [
+    ("full", 0), ("dots_saveable", 0), ("offload", 0), ("qkv", 0), ("attention", 0),
+    ("full_offload", 0), ("full_offload", 8), ("none", 8)])
+def test_qlora_gradients_with_each_remat_mode(qlora_llama, fixed_ids, no_remat, remat, mlp_chunk):
     """Remat recomputes the same forward: the gradients equal the no-remat ones up to bf16
-    rounding (XLA may fuse the recomputed ops differently)."""
+    rounding (XLA may fuse the recomputed ops differently); so do the chunked MLP and the
+    layer inputs kept in host memory (``full_offload``: on a GPU, real host transfers)."""
     model, trainable, frozen = qlora_llama
     _, want = no_remat
-    _, got = _loss_and_grads(model.clone(remat=remat), trainable, frozen, fixed_ids)
+    _, got = _loss_and_grads(model.clone(remat=remat, mlp_chunk=mlp_chunk), trainable, frozen,
+                             fixed_ids)
     for a, b in zip(want, got):
         assert np.all(np.isfinite(b))
         assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(a) + 1e-6

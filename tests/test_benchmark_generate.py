@@ -1,0 +1,53 @@
+"""benchmarks/generate.py (every row kind, tiny shape) and benchmarks/gemv_multi.py (quick) on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import generate
+
+
+def test_bad_arguments_stop_before_any_run(tmp_path):
+    with pytest.raises(SystemExit, match="--adapters must be >= 2"):
+        generate.main(["--shape", "tiny", "--adapters", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown system 'int8'"):
+        generate.main(["--shape", "tiny", "--which", "int8", "--out", str(tmp_path)])
+    assert not (tmp_path / "generate.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_batch_prompt_and_adapter_rows_run_on_the_tiny_shape(tmp_path):
+    generate.main(["--shape", "tiny", "--batch", "1", "--batch", "2", "--prompt", "8",
+                   "--new", "3", "--rank", "2", "--which", "nf4,adapters", "--adapters", "2",
+                   "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "generate.jsonl").read_text().splitlines()]
+    assert all("error" not in r for r in rows), rows
+    plain = {(r["batch"], r["prompt"]) for r in rows if "adapters" not in r}
+    assert plain == {(1, 8), (2, 8)}
+    for r in rows:
+        assert r["decode_tokens_per_s"] > 0 and r["total_s"] >= r["prefill_s"] > 0
+        if "adapters" not in r:
+            assert 0 < r["fraction_of_limit"] and r["weights_gib"] > 0
+    kinds = sorted((r["prompt"], r["adapters"], r["batch"]) for r in rows if "adapters" in r)
+    assert kinds == sorted((p, k, 1 if k == "single_b1" else 2) for p in (8,) for k in (
+        "single_b1", "one_shared", "stacked_same", "stacked_mixed"))
+    for r in rows:
+        if r.get("adapters") == "stacked_mixed":
+            assert r["vs_single_runs"] > 0 and r["end_to_end_vs_single_runs"] > 0
+            assert r["vs_one_shared"] > 0 and r["vs_stacked_same"] > 0
+        if r.get("adapters") == "single_b1":
+            assert r["single_runs_s"] > 0
+
+
+@pytest.mark.slow
+def test_gemv_multi_benchmark_quick_runs(tmp_path):
+    from benchmarks import gemv_multi
+
+    gemv_multi.main(["--quick", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "gemv_multi.jsonl").read_text().splitlines()]
+    assert [r["group"] for r in rows] == ["qkv", "gate_up"]
+    for r in rows:
+        assert r["separate_us"] > 0 and r["fused_us"] > 0
+        assert r["max_abs_diff"] == 0.0  # the same tiles, the same accumulation order

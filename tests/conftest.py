@@ -59,8 +59,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # other worker idle at the end of the tier.
 RUN_FIRST = (
     "train/test_mesh_run.py", "test_notebooks.py", "sharding/test_mesh.py",
-    "test_quickstart_chat.py", "train/test_preemption.py", "train/test_loop.py",
-    "sharding/test_fsdp.py", "checkpoints/test_gguf_load.py", "models/test_packing.py",
+    "test_quickstart_chat.py", "test_benchmark_generate.py", "train/test_preemption.py",
+    "train/test_loop.py", "sharding/test_fsdp.py", "checkpoints/test_gguf_load.py",
+    "models/test_packing.py",
     "models/test_in_place.py", "train/test_remat_auto.py", "train/test_experiments.py",
     "train/test_packed_step.py", "lora/test_stack.py",
 )

@@ -268,7 +268,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="llama-1b, stdlib_docstrings only, 3 timed steps (under 3 minutes)")
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--system", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--layouts", default=",".join(LAYOUTS), help=argparse.SUPPRESS)
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help=f"comma list of our layouts to run, of {LAYOUTS}")
     p.add_argument("--per-step", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.shape = args.shape or ("llama-1b" if args.quick else "llama-8b")
@@ -303,7 +304,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if "ours" not in skip:
             ours = _spawn(me + ["--system", "ours", "--lengths", lengths, "--batch",
                                 str(args.batch), "--remat", args.remat, "--loss-chunk",
-                                str(args.loss_chunk), "--buckets", args.buckets],
+                                str(args.loss_chunk), "--buckets", args.buckets,
+                                "--layouts", args.layouts],
                           dict(system="qlora_jax", lengths=lengths))
             record(ours)
         if "peer" not in skip:

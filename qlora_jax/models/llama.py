@@ -398,8 +398,6 @@ class LlamaModel(nn.Module):
         caches = None if cache is None else (cache.k, cache.v)
         if self.is_initializing():
             h, new_kv = self.layers(h, caches, shared)
-        elif caches is not None:
-            h, new_kv = self._cache_loop(h, caches, shared)
         else:
             h, new_kv = self._layer_loop(h, caches, shared)
         h = constrain(self.norm(h), _HIDDEN)
@@ -430,7 +428,14 @@ class LlamaModel(nn.Module):
 
     def _layer_loop(self, h, caches, shared):
         """Runs the L layers on ``h``; ``caches`` ``(k, v)`` ``[L, B, S, G, K]`` or None.
-        Returns ``(h, new caches or None)``."""
+        Returns ``(h, new caches or None)``.
+
+        Caches (cached prefill and decoding) ride in the loop's carry and layer i writes its
+        new keys/values into them where they lie (``common.LayerKV``), so a decoded token
+        copies no cache. Without caches (training, scoring) each layer's input is named
+        ``LAYER_INPUT`` (``remat="full_offload"`` keeps it on the host) and rows longer than
+        ``mlp_chunk`` run the MLP block in chunks (``models.chunking``).
+        """
         s = self.settings
         layer = LlamaDecoderLayer(s, parent=None)
         flat = traverse_util.flatten_dict(self.variables["params"]["layers"])
@@ -440,16 +445,11 @@ class LlamaModel(nn.Module):
         drop = None
         if not s.deterministic and self.has_rng("dropout"):
             drop = self.make_rng("dropout")
+        chunk = self.mlp_chunk if caches is None else 0
 
-        chunk = self.mlp_chunk
-
-        def body(h, xs):
-            params, kv, i = xs
+        def run_layer(h, kv, params, i):
             params = {**params, **{k: LayerView(q, i) for k, q in qs.items()}}
             variables = {"params": traverse_util.unflatten_dict(params)}
-            # With remat="full_offload" the policy moves this name to host memory: the layer's
-            # input, the one activation full remat keeps, is then stacked on the host.
-            h = checkpoint_name(h, LAYER_INPUT)
             rngs = {} if drop is None else {"dropout": jax.random.fold_in(drop, i)}
             if not chunk or h.shape[1] <= chunk:
                 return layer.apply(variables, h, kv, shared, rngs=rngs)
@@ -463,37 +463,23 @@ class LlamaModel(nn.Module):
 
             return map_chunks(mlp, h, chunk), new_kv
 
+        layers = jnp.arange(s.config.num_hidden_layers, dtype=jnp.int32)
+        if caches is not None:
+            def cached(carry, xs):
+                h, ck, cv = carry
+                h, kv = run_layer(h, LayerKV(ck, cv, xs[1]), *xs)
+                return (h, kv.k, kv.v), None
+
+            (h, ck, cv), _ = jax.lax.scan(cached, (h, *caches), (sliced, layers))
+            return h, (ck, cv)
+
+        def body(h, xs):
+            h, _ = run_layer(checkpoint_name(h, LAYER_INPUT), None, *xs)
+            return h, None
+
         if self.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
-        layers = jnp.arange(s.config.num_hidden_layers, dtype=jnp.int32)
-        return jax.lax.scan(body, h, (sliced, caches, layers))
-
-    def _cache_loop(self, h, caches, shared):
-        """The layer loop of cached prefill and decoding: ``caches`` ``(k, v)`` ``[L, B, S, G, K]``
-        ride in the loop's carry and layer i writes its new keys/values into them in place
-        (``common.LayerKV``), so a decoded token copies no cache (a scan over per-layer cache
-        slices would build a new stack a token). Returns ``(h, (k, v))``."""
-        s = self.settings
-        layer = LlamaDecoderLayer(s, parent=None)
-        flat = traverse_util.flatten_dict(self.variables["params"]["layers"])
-        qs = self._stacked_4bit_in_place({k: meta.unbox(v) for k, v in flat.items()})
-        sliced = {k: v for k, v in flat.items() if k not in qs}
-        drop = None
-        if not s.deterministic and self.has_rng("dropout"):
-            drop = self.make_rng("dropout")
-
-        def body(carry, xs):
-            h, ck, cv = carry
-            params, i = xs
-            params = {**params, **{k: LayerView(q, i) for k, q in qs.items()}}
-            rngs = {} if drop is None else {"dropout": jax.random.fold_in(drop, i)}
-            h, kv = layer.apply({"params": traverse_util.unflatten_dict(params)}, h,
-                                LayerKV(ck, cv, i), shared, rngs=rngs)
-            return (h, kv.k, kv.v), None
-
-        layers = jnp.arange(s.config.num_hidden_layers, dtype=jnp.int32)
-        (h, ck, cv), _ = jax.lax.scan(body, (h, *caches), (sliced, layers))
-        return h, (ck, cv)
+        return jax.lax.scan(body, h, (sliced, layers))
 
 
 class LlamaForCausalLM(LoraModelMixin, nn.Module):

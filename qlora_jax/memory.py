@@ -169,30 +169,39 @@ def finetune_memory(shape: ModelShape, method: str, r: int = 16,
 
 
 def activation_memory(shape: ModelShape, batch: int, seq: int, remat: str = "full",
-                      dtype_bytes: float = 2.0, loss_chunk: int = 512) -> dict[str, float]:
+                      dtype_bytes: float = 2.0, loss_chunk: int = 512,
+                      mlp_chunk: int = 0) -> dict[str, float]:
     """A rough estimate of the activations one training step holds at its peak (bytes).
 
-    Counted: with full rematerialisation, each layer's input ``[B, T, D]``; plus, for the one
-    layer being recomputed in the backward, the inputs of its matmuls (``4 D + 3 F`` values a
-    token: q/k/v and o inputs, attention output, gate, up and their product); without remat all
+    Counted: with full rematerialisation, each layer's input ``[B, T, D]`` (on the device, or
+    in host memory with ``remat="full_offload"``); plus, for the one layer being recomputed in
+    the backward, the inputs of its matmuls (``4 D + 3 F`` values a token: q/k/v and o inputs,
+    attention output, gate, up and their product; with ``mlp_chunk`` > 0 the ``3 F`` part is
+    held for one chunk of ``mlp_chunk`` tokens only, when rows are longer); without remat all
     layers keep those; plus the float32 logits of one loss chunk and their gradient
-    (``2 * chunk * V * 4``). Not counted: XLA temporaries, dequantized weight tiles, allocator
-    slack, attention scores (fused attention keeps none).
+    (``2 * chunk * V * 4``). Not counted: XLA temporaries (on llama-8b at 32k-256k tokens the
+    compiled step's temporaries were ~2.5x this estimate: gradients and float32 intermediates
+    of the attention block), dequantized weight tiles, allocator slack, attention scores
+    (fused attention keeps none).
 
     Returns:
-      ``{"saved_layer_inputs", "layer_internals", "logits", "total"}`` in bytes.
+      ``{"saved_layer_inputs", "layer_internals", "logits", "total"}`` in bytes of device
+      memory, and ``"host_layer_inputs"`` (pinned host memory, ``full_offload``).
     """
-    if remat not in ("full", "none"):
-        raise ValueError(f"remat={remat!r}: this estimate knows 'full' and 'none'")
+    if remat not in ("full", "none", "full_offload"):
+        raise ValueError(f"remat={remat!r}: this estimate knows 'full', 'full_offload' and "
+                         "'none'")
     tokens = batch * seq
     d, f, layers = shape.hidden, shape.intermediate, shape.layers
-    per_layer = tokens * (4 * d + 3 * f) * dtype_bytes
-    saved = layers * tokens * d * dtype_bytes if remat == "full" else 0.0
-    internals = per_layer * (1 if remat == "full" else layers)
+    mlp_tokens = batch * min(mlp_chunk, seq) if mlp_chunk > 0 else tokens
+    per_layer = (tokens * 4 * d + mlp_tokens * 3 * f) * dtype_bytes
+    inputs = layers * tokens * d * dtype_bytes if remat != "none" else 0.0
+    saved, host = (0.0, inputs) if remat == "full_offload" else (inputs, 0.0)
+    internals = per_layer * (1 if remat != "none" else layers)
     chunk = min(loss_chunk or seq, seq) * batch
     logits = 2 * chunk * shape.vocab * 4.0
     return {"saved_layer_inputs": saved, "layer_internals": internals, "logits": logits,
-            "total": saved + internals + logits}
+            "total": saved + internals + logits, "host_layer_inputs": host}
 
 
 def compiled_step_memory(config: Any) -> dict[str, float]:

@@ -58,7 +58,18 @@ def test_qlora_8b_near_measured_weights():
 
 def test_activation_memory_and_bad_input():
     a = M.activation_memory(M.LLAMA_8B, 1, 2048)
-    assert a["total"] == pytest.approx(sum(v for k, v in a.items() if k != "total"))
+    device = ("saved_layer_inputs", "layer_internals", "logits")
+    assert a["total"] == pytest.approx(sum(a[k] for k in device)) and a["host_layer_inputs"] == 0
+    # Long rows: the layer inputs move to the host (L T D bf16: 64 GiB at 256k for llama-8b,
+    # as XLA's host_temp measured), the chunked MLP holds [chunk, F] instead of [T, F].
+    t = 262144
+    full = M.activation_memory(M.LLAMA_8B, 1, t)
+    off = M.activation_memory(M.LLAMA_8B, 1, t, remat="full_offload", mlp_chunk=8192)
+    assert off["host_layer_inputs"] == full["saved_layer_inputs"] == 64 * M.GIB
+    assert off["saved_layer_inputs"] == 0
+    saved_mlp = (t - 8192) * 3 * M.LLAMA_8B.intermediate * 2
+    assert full["layer_internals"] - off["layer_internals"] == pytest.approx(saved_mlp)
+    assert M.activation_memory(M.LLAMA_8B, 1, 2048, mlp_chunk=8192) == a  # short rows: no chunks
     assert M.activation_memory(M.LLAMA_8B, 1, 2048, remat="none")["total"] > a["total"]
     with pytest.raises(ValueError, match="method"):
         M.finetune_memory(M.LLAMA_8B, "dora")

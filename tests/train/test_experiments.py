@@ -224,9 +224,12 @@ def test_chunked_loss_is_selected_by_config_and_equals_full_loss(tiny_llama):
     config = recipe_config(tiny_llama)
     config.model.dtype = "float32"
     config.lora.init = "random"
+    # The long-row options reach the model from the config (and run packed, with gradients).
+    config.model.remat = "full_offload"
+    config.model.mlp_chunk = 40
     model, params = build.load_model(config)
     task = build.make_task(config, model)
-    assert task.loss_chunk == 32 and model.remat == "full"
+    assert task.loss_chunk == 32 and model.remat == "full_offload" and model.mlp_chunk == 40
     data = build.load_data(config)
     from qlora_jax import data as qdata
 

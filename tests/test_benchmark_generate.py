@@ -27,7 +27,12 @@ def test_batch_prompt_and_adapter_rows_run_on_the_tiny_shape(tmp_path):
     plain = {(r["batch"], r["prompt"]) for r in rows if "adapters" not in r}
     assert plain == {(1, 8), (2, 8)}
     for r in rows:
-        assert r["decode_tokens_per_s"] > 0 and r["total_s"] >= r["prefill_s"] > 0
+        assert r["decode_tokens_per_s"] > 0 and r["total_s"] > 0 and r["prefill_s"] > 0
+        # A decode time under the timer noise of a busy CPU is flagged, never hidden.
+        if r.get("decode_below_noise"):
+            assert r["total_s"] <= r["prefill_s"], r
+        else:
+            assert r["total_s"] >= r["prefill_s"], r
         if "adapters" not in r:
             assert 0 < r["fraction_of_limit"] and r["weights_gib"] > 0
     kinds = sorted((r["prompt"], r["adapters"], r["batch"]) for r in rows if "adapters" in r)

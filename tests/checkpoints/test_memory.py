@@ -51,20 +51,24 @@ def _write(directory: str, layers: int, rng: np.random.Generator) -> int:
     return write_safetensors(os.path.join(directory, "model.safetensors"), specs)
 
 
+def _probe(big, warm) -> dict:
+    """The memory probe's statistics for loading ``big`` after ``warm`` (own process)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "tests.checkpoints._memory_probe", str(big),
+                           str(warm)], capture_output=True, text=True, cwd=root, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if proc.returncode != 0 and "clear_refs" in proc.stderr:
+        pytest.skip("cannot reset the peak RSS counter here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_quantize_on_load_peak_memory_stays_under_budget(tmp_path, rng):
     big = _write(str(tmp_path / "big"), 12, rng)
     _write(str(tmp_path / "warm"), 1, rng)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-m", "tests.checkpoints._memory_probe",
-                           str(tmp_path / "big"), str(tmp_path / "warm")],
-                          capture_output=True, text=True, cwd=root, timeout=600,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    if proc.returncode != 0 and "clear_refs" in proc.stderr:
-        pytest.skip("cannot reset the peak RSS counter here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    stats = _probe(tmp_path / "big", tmp_path / "warm")
     largest = F * D * 4
     budget = stats["params_bytes"] + 8 * largest
     print(f"checkpoint {big / 1e6:.0f} MB, quantized params {stats['params_bytes'] / 1e6:.1f} MB, "
@@ -105,15 +109,7 @@ def _write_gguf(path: str, layers: int, rng: np.random.Generator) -> int:
 def test_gguf_quantize_on_load_peak_memory_stays_under_budget(tmp_path, rng):
     big = _write_gguf(str(tmp_path / "big.gguf"), 12, rng)
     _write_gguf(str(tmp_path / "warm.gguf"), 1, rng)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-m", "tests.checkpoints._memory_probe",
-                           str(tmp_path / "big.gguf"), str(tmp_path / "warm.gguf")],
-                          capture_output=True, text=True, cwd=root, timeout=600,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    if proc.returncode != 0 and "clear_refs" in proc.stderr:
-        pytest.skip("cannot reset the peak RSS counter here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    stats = _probe(tmp_path / "big.gguf", tmp_path / "warm.gguf")
     budget = stats["params_bytes"] + 8 * F * D * 4
     print(f"GGUF {big / 1e6:.0f} MB, quantized params {stats['params_bytes'] / 1e6:.1f} MB, "
           f"peak growth {stats['peak_growth'] / 1e6:.1f} MB, budget {budget / 1e6:.1f} MB")

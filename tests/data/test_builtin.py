@@ -88,16 +88,9 @@ def test_builtin_and_config_errors(minilm_tok):
 
 @pytest.mark.skipif(platform.python_version() != "3.11.7",
                     reason="the assets were built from the CPython 3.11.7 standard library")
-def test_build_script_reproduces_the_assets():
-    script = os.path.join(REPO, "scripts", "build_docstring_dataset.py")
-    result = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-@pytest.mark.skipif(platform.python_version() != "3.11.7",
-                    reason="the assets were built from the CPython 3.11.7 standard library")
-def test_chat_build_script_reproduces_the_assets():
-    script = os.path.join(REPO, "scripts", "build_chat_dataset.py")
+@pytest.mark.parametrize("name", ["build_docstring_dataset", "build_chat_dataset"])
+def test_build_script_reproduces_the_assets(name):
+    script = os.path.join(REPO, "scripts", f"{name}.py")
     result = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

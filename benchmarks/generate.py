@@ -152,7 +152,9 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
     params = _nonzero_b(random_params(model, shape, r, seed=0), seed=1)
     jax.block_until_ready(params)
     weights_bytes = lora_tree.nbytes(params)
-    t = _timings(model, params, _prompts(shape, batch, prompt), new)
+    ids = _prompts(shape, batch, prompt)
+    t = _timings(model, params, ids, new)
+    prof = _profile(model, params, ids, new) if os.environ.get("QLORA_JAX_GEN_PROFILE") else {}
     bw = copy_bandwidth()
     limit = weights_bytes / bw  # read once a token at the copy's rate (bytes read + written /s)
     kv = 2 * shape.layers * batch * (prompt + new) * shape.kv_heads * shape.head_dim * 2
@@ -160,7 +162,28 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
                 fuse_decode=os.environ.get("QLORA_JAX_FUSE_DECODE", "0") == "1",
                 weights_gib=round(weights_bytes / 2**30, 3), kv_cache_gib=round(kv / 2**30, 3),
                 copy_gb_s=round(bw / 1e9, 1), limit_ms=round(1000 * limit, 3),
-                fraction_of_limit=round(limit / t["decode"], 4), **_device_info())
+                fraction_of_limit=round(limit / t["decode"], 4), **prof, **_device_info())
+
+
+def _profile(model: Any, params: Any, ids: Any, new: int) -> dict[str, Any]:
+    """Device time a generated token by kernel category and the top kernels, from a
+    ``jax.profiler`` trace of one ``generate`` call (``--profile``; prefill included, spread
+    over the ``new`` tokens)."""
+    import tempfile
+
+    import jax
+
+    import qlora_jax as qj
+    from benchmarks import profile_summary
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(qj.generate(model, params, ids, max_new_tokens=new,
+                                              eos_token_id=-1))
+        s = profile_summary.summarize(d, steps=new, top=25)
+    return dict(profile={k: s.get(k) for k in ("device_busy_ms_per_step",
+                                                "device_span_ms_per_step",
+                                                "by_category_ms_per_step", "top_kernels")})
 
 
 def run_adapters(shape: Shape, n: int, prompt: int, new: int, r: int) -> list[dict[str, Any]]:
@@ -267,6 +290,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "at batch --adapters, once a prompt length)")
     p.add_argument("--adapters", type=int, default=8, help="adapters (and rows) of 'adapters'")
     p.add_argument("--peer", action="append", default=[], choices=("bnb",))
+    p.add_argument("--profile", action="store_true",
+                   help="add the device time a token by kernel (a jax.profiler trace) to our rows")
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--system", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -294,6 +319,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                "--shape", args.shape, "--batch", str(batch), "--prompt", str(prompt),
                "--new", str(args.new), "--rank", str(args.rank), "--adapters", str(args.adapters)]
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        if args.profile:
+            env["QLORA_JAX_GEN_PROFILE"] = "1"
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         found = [json.loads(l[len("RESULT "):]) for l in proc.stdout.splitlines()
                  if l.startswith("RESULT ")]

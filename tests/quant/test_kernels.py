@@ -233,8 +233,9 @@ def test_linear_inside_jit_and_grad_has_no_weight_sized_residual():
     assert biggest <= q.packed.size, (biggest, q.packed.size)
 
 
-def _emulate_ptx(program: str, x: int) -> list:
-    """Runs the few PTX integer instructions of ``_decode._prmt_asm`` on one input word."""
+def _emulate_ptx(program: str, x: int, inp: str = "$4", n_out: int = 4) -> list:
+    """Runs the few PTX integer instructions of ``_decode``'s lookups on one input word
+    (register ``inp``); returns output registers ``$0..$(n_out-1)``."""
     def prmt(a, b, c):
         src = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
         out = 0
@@ -253,7 +254,7 @@ def _emulate_ptx(program: str, x: int) -> list:
     ops = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
            "shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: (a << b) & 0xFFFFFFFF,
            "mov.b32": lambda a: a, "prmt.b32": prmt, "lop3.b32": lop3}
-    regs = {"$4": x}
+    regs = {inp: x}
     for line in program.splitlines():
         line = line.strip().rstrip(";")
         if line in ("{", "}") or line.startswith(".reg"):
@@ -261,7 +262,7 @@ def _emulate_ptx(program: str, x: int) -> list:
         op, rest = line.split(None, 1)
         dst, *args = [a.strip() for a in rest.split(",")]
         regs[dst] = ops[op](*[regs[a] if a in regs else int(a, 0) for a in args])
-    return [regs[f"${i}"] for i in range(4)]
+    return [regs[f"${i}"] for i in range(n_out)]
 
 
 @pytest.mark.parametrize("qtype", ["nf4", "fp4", "int4"])

@@ -80,7 +80,7 @@ def code_dtype(mode: str, exact: bool) -> Any:
     return jnp.uint8 if (mode == "prmt" and exact) else jnp.int32
 
 
-def _prmt_asm(table: np.ndarray) -> str:
+def _prmt_asm(table: np.ndarray, nibble: Optional[str] = None) -> str:
     """PTX: four codes (bytes of one register) -> their four float32 table values.
 
     Byte p of every table value forms a 16-byte plane; ``prmt`` picks a byte for
@@ -88,6 +88,9 @@ def _prmt_asm(table: np.ndarray) -> str:
     halves at once, ``lop3`` keeps the half that bit 3 of each code names, and
     eight more ``prmt`` transpose the four planes back into four floats. About
     6.5 instructions a value instead of 23 for the select tree.
+
+    ``nibble`` ("hi" or "lo"): the input bytes are packed pairs of codes and the
+    lookup reads each byte's high (first) or low nibble.
     """
     words = np.asarray(table, np.float32).view(np.uint32)
     planes = [[int((words[v] >> (8 * p)) & 0xFF) for v in range(16)] for p in range(4)]
@@ -95,15 +98,17 @@ def _prmt_asm(table: np.ndarray) -> str:
     def word(bs):
         return bs[0] | bs[1] << 8 | bs[2] << 16 | bs[3] << 24
 
-    lines = [
-        "{",
-        ".reg .b32 t, u, sel, h, m, ka, kb, lo, hi, v0, v1, v2, v3, al, ah, bl, bh;",
-        "and.b32 t, $4, 0x07070707;",
+    lines = ["{", ".reg .b32 t, u, sel, h, m, ka, kb, lo, hi, v0, v1, v2, v3, al, ah, bl, bh;"]
+    if nibble == "hi":  # bit 3 of the code is bit 7 of the byte: replicate it
+        lines += ["shr.b32 t, $4, 4;", "and.b32 t, t, 0x07070707;",
+                  "prmt.b32 m, $4, $4, 0xBA98;"]
+    else:
+        lines += ["and.b32 t, $4, 0x07070707;", "shl.b32 h, $4, 4;",
+                  "prmt.b32 m, h, h, 0xBA98;"]  # byte i = 0xFF where code_i >= 8
+    lines += [
         "shr.b32 u, t, 4;",
         "or.b32 u, u, t;",
         "prmt.b32 sel, u, u, 0x0020;",   # nibble i = code_i & 7
-        "shl.b32 h, $4, 4;",
-        "prmt.b32 m, h, h, 0xBA98;",     # byte i = 0xFF where code_i >= 8
     ]
     for p in range(4):
         pl_ = planes[p]
@@ -122,6 +127,23 @@ def _prmt_asm(table: np.ndarray) -> str:
         "}",
     ]
     return "\n".join(lines)
+
+
+def lookup_nibble(packed: jax.Array, table_ref: Any, table: np.ndarray, mode: str,
+                  exact: bool, nibble: str) -> jax.Array:
+    """float32 codebook values of the ``nibble`` ("hi": first, "lo": second) code of each
+    byte of ``packed`` (uint8, any shape): ``lookup`` without unpacking the pairs."""
+    if mode == "prmt" and exact:  # GPU: the nibble is picked inside the byte-permute lookup
+        (out,) = plgpu.elementwise_inline_asm(
+            _prmt_asm(table, nibble), args=[packed], constraints="=r,=r,=r,=r,r",
+            pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.float32)])
+        return out
+    p = packed.astype(code_dtype(mode, exact))
+    if nibble == "hi":
+        codes = jax.lax.shift_right_logical(p, jnp.asarray(4, p.dtype))
+    else:
+        codes = p & jnp.asarray(15, p.dtype)
+    return lookup(codes, table_ref, table, mode, exact)
 
 
 def lookup(codes: jax.Array, table_ref: Any, table: np.ndarray, mode: str,
@@ -232,3 +254,73 @@ def weight_tile(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_rows: int
     if nbt == 1:
         return values * absmax
     return (values.reshape(bn, nbt, block_size) * absmax[:, :, None]).reshape(bn, bk)
+
+
+def bf16_table(table: np.ndarray) -> np.ndarray:
+    """The codebook rounded to bfloat16 (nearest, ties to even), as float32."""
+    bits = np.asarray(table, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def _lookup4_ptx(table: np.ndarray, src: str, outs: list, bf16: bool) -> list:
+    """PTX lines: the four codes in the bytes of register ``src`` (each 0..15) -> float32 table
+    values in registers ``outs`` (byte order). ``bf16``: only the two high byte planes are
+    looked up (the table must be bf16-rounded: its low bytes are 0), 4.5 instead of 6.5
+    instructions a value."""
+    words = np.asarray(table, np.float32).view(np.uint32)
+    plane_ids = (2, 3) if bf16 else (0, 1, 2, 3)
+    planes = {p: [int((words[v] >> (8 * p)) & 0xFF) for v in range(16)] for p in plane_ids}
+
+    def word(bs):
+        return bs[0] | bs[1] << 8 | bs[2] << 16 | bs[3] << 24
+
+    lines = ["{", ".reg .b32 t, u, sel, h, m, ka, kb, lo, hi, v0, v1, v2, v3, al, ah, bl, bh;",
+             f"and.b32 t, {src}, 0x07070707;", "shr.b32 u, t, 4;", "or.b32 u, u, t;",
+             "prmt.b32 sel, u, u, 0x0020;",       # nibble i = code_i & 7
+             f"shl.b32 h, {src}, 4;", "prmt.b32 m, h, h, 0xBA98;"]  # 0xFF where code_i >= 8
+    for p in plane_ids:
+        pl_ = planes[p]
+        lines += [f"mov.b32 ka, {word(pl_[0:4]):#010x};", f"mov.b32 kb, {word(pl_[4:8]):#010x};",
+                  "prmt.b32 lo, ka, kb, sel;",
+                  f"mov.b32 ka, {word(pl_[8:12]):#010x};",
+                  f"mov.b32 kb, {word(pl_[12:16]):#010x};",
+                  "prmt.b32 hi, ka, kb, sel;", f"lop3.b32 v{p}, hi, lo, m, 0xE4;"]
+    if bf16:  # bytes [v2_i, v3_i] are code i's bfloat16: shift into the high half
+        lines += ["prmt.b32 al, v2, v3, 0x5140;", "prmt.b32 ah, v2, v3, 0x7362;",
+                  f"shl.b32 {outs[0]}, al, 16;", f"and.b32 {outs[1]}, al, 0xFFFF0000;",
+                  f"shl.b32 {outs[2]}, ah, 16;", f"and.b32 {outs[3]}, ah, 0xFFFF0000;"]
+    else:
+        lines += ["prmt.b32 al, v0, v1, 0x5140;", "prmt.b32 bl, v2, v3, 0x5140;",
+                  "prmt.b32 ah, v0, v1, 0x7362;", "prmt.b32 bh, v2, v3, 0x7362;",
+                  f"prmt.b32 {outs[0]}, al, bl, 0x5410;", f"prmt.b32 {outs[1]}, al, bl, 0x7632;",
+                  f"prmt.b32 {outs[2]}, ah, bh, 0x5410;", f"prmt.b32 {outs[3]}, ah, bh, 0x7632;"]
+    return lines + ["}"]
+
+
+def word_lookup_ptx(table: np.ndarray, bf16: bool) -> str:
+    """PTX: one 32-bit word of packed codes (4 bytes, 2 codes a byte, high nibble first) ->
+    its 8 table values; output ``$j`` is the code at column ``j`` of the word (byte j // 2,
+    high nibble for even j), input ``$8``."""
+    lines = ["{", ".reg .b32 c;", "shr.b32 c, $8, 4;", "and.b32 c, c, 0x0F0F0F0F;"]
+    lines += _lookup4_ptx(table, "c", ["$0", "$2", "$4", "$6"], bf16)    # high nibbles
+    lines += ["and.b32 c, $8, 0x0F0F0F0F;"]
+    lines += _lookup4_ptx(table, "c", ["$1", "$3", "$5", "$7"], bf16)    # low nibbles
+    return "\n".join(lines + ["}"])
+
+
+def lookup_words(words: jax.Array, table: np.ndarray, exact: bool, bf16: bool) -> list:
+    """uint32 words of packed codes (any shape) -> 8 float32 arrays of that shape: element
+    ``j`` holds the value of column ``j`` of each word (see ``word_lookup_ptx``). ``bf16``
+    uses the bf16-rounded codebook. Interpret mode: shifts and the select tree."""
+    tab = bf16_table(table) if bf16 else np.asarray(table, np.float32)
+    if exact:
+        return list(plgpu.elementwise_inline_asm(
+            word_lookup_ptx(tab, bf16), args=[words], constraints=",".join(["=r"] * 8 + ["r"]),
+            pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float32)] * 8))
+    out = []
+    for j in range(8):
+        shift = 8 * (j // 2) + (4 if j % 2 == 0 else 0)
+        codes = jax.lax.shift_right_logical(words, jnp.uint32(shift)) & jnp.uint32(15)
+        out.append(lookup(codes.astype(jnp.int32), None, tab, "select"))
+    return out

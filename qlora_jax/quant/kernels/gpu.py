@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Optional
 
 import jax
@@ -35,6 +36,8 @@ from jax.experimental import pallas as pl
 
 from qlora_jax.quant import codebooks
 from qlora_jax.quant.kernels import _decode as dec
+from qlora_jax.quant.kernels import gemv
+from qlora_jax.quant.kernels.gemv import GemvConfig
 from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
 
@@ -376,6 +379,10 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
     interpret = _interpret() if interpret is None else interpret
     n_rows, n_cols = q.logical_shape
     m = a.shape[0]
+    if m == 1 and not transpose and (isinstance(config, GemvConfig) or (
+            config is None and os.environ.get("QLORA_JAX_GEMV", "rows") == "rows")):
+        return gemv.gemv_4bit(a, q, config or gemv.env_config(), out=out,
+                              interpret=interpret, layer=layer)
     width = n_cols if transpose else n_rows  # output columns
     red = n_rows if transpose else n_cols  # reduction length
     config = config or default_config(m, n_rows, n_cols, transpose, interpret)

@@ -65,10 +65,9 @@ def gemv_sweep(quick: bool, out: str) -> None:
     the others; writes the best config of each (``best_gemv_f32.txt``, ``best_gemv_bf16.txt``:
     ``field=value,...``, for ``QLORA_JAX_GEMV_CONFIG``)."""
     tiled = gpu.default_config(1, 0, 0, False, False)
-    grid = [GemvConfig(rows=r, blocks=b, num_warps=w, bf16_lut=h)
-            for h in (False, True) for r in (32, 64, 128) for b in (2, 4, 8) for w in (4, 8)]
-    grid += [GemvConfig(rows=64, blocks=4, num_warps=8, layout="bytes"),
-             GemvConfig(rows=64, blocks=4, num_warps=8, layout="bytes", lut="diagnostic_no_lut")]
+    grid = [GemvConfig(rows=r, blocks=b, num_warps=w, num_stages=st, waves=16, bf16_lut=h)
+            for h in (False, True) for r in (64, 128, 256) for b in (2, 4) for w in (4, 8)
+            for st in (1, 3)]
     if quick:
         grid = grid[:2] + grid[-2:]
     best: dict = {}
@@ -92,7 +91,7 @@ def gemv_sweep(quick: bool, out: str) -> None:
                 c0 = min((c for c in best if c.bf16_lut == h), key=best.get, default=None)
                 if c0 is None:
                     continue
-                for waves in (2, 8, 16):
+                for waves in (8, 32):
                     c = dataclasses.replace(c0, waves=waves)
                     sec = case(shape, 1, "gemv_rows", lambda x, q, c=c: gpu.linear(x, q, c), ws,
                                xs, ref, quick, c)

@@ -315,12 +315,49 @@ def lookup_words(words: jax.Array, table: np.ndarray, exact: bool, bf16: bool) -
     uses the bf16-rounded codebook. Interpret mode: shifts and the select tree."""
     tab = bf16_table(table) if bf16 else np.asarray(table, np.float32)
     if exact:
-        return list(plgpu.elementwise_inline_asm(
-            word_lookup_ptx(tab, bf16), args=[words], constraints=",".join(["=r"] * 8 + ["r"]),
-            pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float32)] * 8))
+        return list(_multi_asm_p().bind(
+            words, asm=word_lookup_ptx(tab, bf16), constraints=",".join(["=r"] * 8 + ["r"]),
+            n_out=8))
     out = []
     for j in range(8):
         shift = 8 * (j // 2) + (4 if j % 2 == 0 else 0)
         codes = jax.lax.shift_right_logical(words, jnp.uint32(shift)) & jnp.uint32(15)
         out.append(lookup(codes.astype(jnp.int32), None, tab, "select"))
     return out
+
+
+_MULTI_ASM = []
+
+
+def _multi_asm_p() -> Any:
+    """A Triton inline-asm primitive with several float32 results (``pack=1``).
+
+    ``plgpu.elementwise_inline_asm`` declares several results but its Triton lowering (JAX
+    0.10-0.11) wraps the op's result list as one value, so it only works with one result. This
+    primitive lowers to the same ``tt.elementwise_inline_asm`` op and returns its results.
+    GPU only (interpret mode computes the lookups with shifts and selects instead).
+    """
+    if _MULTI_ASM:
+        return _MULTI_ASM[0]
+    from jax._src import core as jax_core
+    from jax._src.lib.triton import dialect as tt_dialect
+    from jax._src.pallas.triton import lowering as triton_lowering
+    from jax.interpreters import mlir
+
+    prim = jax_core.Primitive("qlora_multi_inline_asm")
+    prim.multiple_results = True
+
+    @prim.def_abstract_eval
+    def _abstract(x, *, asm, constraints, n_out):
+        del asm, constraints
+        return [jax_core.ShapedArray(x.shape, jnp.float32)] * n_out
+
+    @triton_lowering.register_lowering(prim)
+    def _lower(ctx, x, *, asm, constraints, n_out):
+        types = [mlir.aval_to_ir_type(ctx.context.mlir_ctx, a) for a in ctx.avals_out]
+        res = tt_dialect.elementwise_inline_asm(types, asm, constraints=constraints, pure=True,
+                                                packed_element=1, args=[x])
+        return list(res) if n_out > 1 else [res]
+
+    _MULTI_ASM.append(prim)
+    return prim

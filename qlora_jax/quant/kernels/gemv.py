@@ -119,13 +119,15 @@ def _words_kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static
         for u in range(blocks):  # all loads of the step first, then the math
             b = b0 + u
             ok = (row_ok & (b < per_row)) if masked else None
-            x_ok = (b < per_row) if mask_steps else None
             words = dec.load(qrefs.packed_ref.at[pl.ds(row_base + n0, rows), pl.ds(b * wpb, wpb)],
                              mask=ok, other=0)
             raw = dec.load(qrefs.absmax_ref.at[pl.ds(row_base + n0, rows), pl.ds(b, 1)],
                            mask=ok, other=0)
-            xs = [dec.load(x_ref.at[pl.ds(j, 1), pl.ds(b * wpb, wpb)], mask=x_ok, other=0)
-                  for j in range(8)]
+            # x[8w + j] for the block's words w: gathers from the (cached) row of x; a block
+            # past the row's end (masked steps) reads column 0 and its scale is zeroed.
+            base = jnp.where(b < per_row, b * block_size, 0) if mask_steps else b * block_size
+            cols = base + 8 * jnp.arange(wpb, dtype=jnp.int32)
+            xs = [x_ref[cols + j].astype(jnp.float32)[None, :] for j in range(8)]
             loaded.append((b, words, raw, xs))
         for b, words, raw, xs in loaded:
             vals = dec.lookup_words(words, qrefs.table, exact, bf16)
@@ -204,11 +206,11 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: GemvConfig = GemvConfig(),
                   mask_steps=(n_cols // bs) != split * tps * blocks, layered=layer is not None,
                   aliased=out is not None)
     if config.layout == "words":
-        # The codes as uint32 words (a free bitcast), x as 8 rows: row j = x[j::8].
+        # The codes as uint32 words and x as a flat row: free bitcasts and reshapes.
         packed = qin[0]
         qin[0] = jax.lax.bitcast_convert_type(
             packed.reshape(packed.shape[0], packed.shape[1] // 4, 4), jnp.uint32)
-        xs = x.astype(jnp.float32).reshape(n_cols // 8, 8).T
+        xs = x.reshape(n_cols)
         kernel = functools.partial(_words_kernel, bf16=config.bf16_lut, **common)
     else:
         # x's even and odd entries as two float32 rows (the high and low nibbles' inputs).

@@ -84,7 +84,7 @@ def gemv_sweep(quick: bool, out: str) -> None:
         for c in configs:
             sec = case(shape, 1, "gemv_rows", lambda x, q, c=c: gpu.linear(x, q, c), ws, xs,
                        ref, quick, c)
-            if shape == SHAPES[0] and sec is not None and c.lut is None and c.layout == "words":
+            if shape == SHAPES[0] and sec is not None:
                 best[c] = sec
         if shape == SHAPES[0]:
             for h in (False, True):
@@ -128,7 +128,7 @@ def ptx(quick: bool) -> None:
     """Compiles and runs each GEMV variant once on the first shape (run it under
     ``XLA_FLAGS=--xla_dump_to=DIR`` to keep the kernels' PTX)."""
     ws, xs, _ = inputs(SHAPES[0], 1, True)
-    for c in (GemvConfig(), GemvConfig(bf16_lut=True), GemvConfig(layout="bytes")):
+    for c in (GemvConfig(bf16_lut=False), GemvConfig(bf16_lut=True)):
         jax.block_until_ready(jax.jit(lambda x, q, c=c: gpu.linear(x, q, c))(xs[0], ws[0][1]))
 
 

@@ -159,7 +159,6 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
     limit = weights_bytes / bw  # read once a token at the copy's rate (bytes read + written /s)
     kv = 2 * shape.layers * batch * (prompt + new) * shape.kv_heads * shape.head_dim * 2
     return dict(system="qlora_jax", weights=weights, **_row(t, batch),
-                fuse_decode=os.environ.get("QLORA_JAX_FUSE_DECODE", "0") == "1",
                 weights_gib=round(weights_bytes / 2**30, 3), kv_cache_gib=round(kv / 2**30, 3),
                 copy_gb_s=round(bw / 1e9, 1), limit_ms=round(1000 * limit, 3),
                 fraction_of_limit=round(limit / t["decode"], 4), **prof, **_device_info())

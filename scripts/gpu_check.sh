@@ -5,7 +5,7 @@
 #   tests    every test marked `gpu` (python -m pytest -m gpu tests) and the attention tests
 #            whose tolerances depend on the device (tests/models/test_attention.py)
 #   kernels  the Pallas 4-bit kernel tests with the kernels compiled for the GPU
-#            (tests/quant/test_kernels.py, test_gemv.py, test_gemv_multi.py, tests/models/test_in_place.py)
+#            (tests/quant/test_kernels.py, test_gemv.py, tests/models/test_in_place.py)
 #   bench    python -m benchmarks.train_step --shape llama-8b --batch 1 --seq 2048 --rank 16
 #   "CMD"    any other argument is run as a shell command (say another benchmark:
 #            "python3 -m benchmarks.generate --out \$W"); $W is the work directory
@@ -70,7 +70,7 @@ for part in "$@"; do
     tests)
       run_part tests "$PYTEST -m gpu tests && $PYTEST tests/models/test_attention.py" ;;
     kernels)
-      run_part kernels "$PYTEST tests/quant/test_kernels.py tests/quant/test_gemv.py tests/quant/test_gemv_multi.py tests/models/test_in_place.py" ;;
+      run_part kernels "$PYTEST tests/quant/test_kernels.py tests/quant/test_gemv.py tests/models/test_in_place.py" ;;
     bench)
       run_part bench "python3 -m benchmarks.train_step --shape llama-8b --batch 1 --seq 2048 \
 --rank 16 --steps 6 --out $W" ;;

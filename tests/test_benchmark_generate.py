@@ -1,4 +1,4 @@
-"""benchmarks/generate.py (every row kind, tiny shape) and benchmarks/gemv_multi.py (quick) on CPU."""
+"""benchmarks/generate.py (every row kind, tiny shape) and benchmarks/gemv_lab.py (quick) on CPU."""
 
 from __future__ import annotations
 
@@ -47,12 +47,21 @@ def test_batch_prompt_and_adapter_rows_run_on_the_tiny_shape(tmp_path):
 
 
 @pytest.mark.slow
-def test_gemv_multi_benchmark_quick_runs(tmp_path):
-    from benchmarks import gemv_multi
+def test_gemv_lab_quick_runs(tmp_path, monkeypatch):
+    """benchmarks/gemv_lab.py on tiny shapes (interpret mode): every case is timed and agrees
+    with the float32 reference, and the best configs are written for QLORA_JAX_GEMV_CONFIG."""
+    from benchmarks import gemv_lab, kernels
 
-    gemv_multi.main(["--quick", "--out", str(tmp_path)])
-    rows = [json.loads(line) for line in (tmp_path / "gemv_multi.jsonl").read_text().splitlines()]
-    assert [r["group"] for r in rows] == ["qkv", "gate_up"]
-    for r in rows:
-        assert r["separate_us"] > 0 and r["fused_us"] > 0
-        assert r["max_abs_diff"] == 0.0  # the same tiles, the same accumulation order
+    monkeypatch.setattr(gemv_lab, "SHAPES", [(64, 128), (32, 128)])
+    monkeypatch.setattr(kernels, "RESULTS", [])
+    gemv_lab.main(["--quick", "--part", "gemv", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "gemv_lab.jsonl").read_text().splitlines()]
+    ours = [r for r in rows if r["impl"] in ("gemv_rows", "gemv_tiles")]
+    assert {r["impl"] for r in ours} == {"gemv_rows", "gemv_tiles"}
+    for r in ours:
+        assert "error" not in r, r
+        assert r["us"] > 0 and r["rel_err"] < 1e-2, r
+    spec = (tmp_path / "best_gemv_f32.txt").read_text()
+    monkeypatch.setenv("QLORA_JAX_GEMV_CONFIG", spec)
+    from qlora_jax.quant.kernels import gemv
+    assert gemv.default_config(64).bf16_lut is False

@@ -99,13 +99,8 @@ class LoraDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True,
-                 adapter_index: Optional[jax.Array] = None,
-                 base: Optional[jax.Array] = None) -> jax.Array:
+                 adapter_index: Optional[jax.Array] = None) -> jax.Array:
         """x ``[..., in]`` -> ``[..., out]``; dropout on the adapter input unless deterministic.
-
-        ``base`` (``[..., out]``, 4-bit kernels only): ``x @ W.T`` already computed by the caller
-        (one launch for several projections at decode, ``quant.ops.linear_many``); the frozen
-        kernel is then not read again.
 
         Adapters stacked by ``qj.lora.stack_adapters`` (``lora_a`` ``[N, in, R]``) need
         ``adapter_index`` (int ``[B]``, x ``[B, ..., in]``): row b uses adapter
@@ -123,11 +118,8 @@ class LoraDense(nn.Module):
                 raise ValueError(f"{'.'.join(self.scope.path)}: 4-bit kernel is {kernel.shape}, "
                                  f"expected [out, in] = {(self.features, in_features)}")
             compute = self.dtype or x.dtype
-            y = base if base is not None else qops.linear(x.astype(compute), kernel,
-                                                          impl=self.impl)
+            y = qops.linear(x.astype(compute), kernel, impl=self.impl)
         else:
-            if base is not None:
-                raise ValueError(f"{'.'.join(self.scope.path)}: base= is for 4-bit kernels")
             x_c, k_c = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
             y = jnp.dot(x_c, k_c)
         bias = None

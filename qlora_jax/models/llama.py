@@ -111,25 +111,6 @@ class LayerSettings:
                          impl=self.impl, kernel_axes=axes, name=name)
 
 
-QKV_PROJ = ("q_proj", "k_proj", "v_proj")
-
-
-def _decode_bases(module: nn.Module, x: jax.Array, names: tuple[str, ...]) -> dict:
-    """At one decoded token (batch 1), the frozen products ``x @ W.T`` of the 4-bit kernels
-    ``names`` (children of ``module`` that all read ``x``) from one GEMV launch
-    (``quant.ops.linear_many``), by name; {} where that does not apply (each layer reads its
-    own kernel)."""
-    if module.is_initializing() or "params" not in module.variables:
-        return {}
-    params = module.variables["params"]
-    kernels = [meta.unbox(params[n]["kernel"]) if n in params else None for n in names]
-    if any(k is None for k in kernels):
-        return {}
-    s = module.settings
-    ys = qops.linear_many(x.astype(s.dtype or x.dtype), kernels, s.impl)
-    return {} if ys is None else dict(zip(names, ys))
-
-
 class _Attention(nn.Module):
     settings: LayerSettings
 
@@ -140,13 +121,12 @@ class _Attention(nn.Module):
         b, t, _ = x.shape
         h, g, k = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         ai = adapter_index
-        fused = {} if cache_kv is None else _decode_bases(self, x, QKV_PROJ)
         q = s.dense(h * k, "q_proj", c.qkv_bias, ("embed", "heads"))(
-            x, det, ai, fused.get("q_proj")).reshape(b, t, h, k)
+            x, det, ai).reshape(b, t, h, k)
         kk = s.dense(g * k, "k_proj", c.qkv_bias, ("embed", "kv"))(
-            x, det, ai, fused.get("k_proj")).reshape(b, t, g, k)
+            x, det, ai).reshape(b, t, g, k)
         v = s.dense(g * k, "v_proj", c.qkv_bias, ("embed", "kv"))(
-            x, det, ai, fused.get("v_proj")).reshape(b, t, g, k)
+            x, det, ai).reshape(b, t, g, k)
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         q = constrain(q, ("batch", "length", "heads", None))
         kk, v = (constrain(a, ("batch", "length", "kv", None)) for a in (kk, v))

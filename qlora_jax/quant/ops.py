@@ -8,8 +8,7 @@
 from __future__ import annotations
 
 import functools
-import os
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,30 +79,6 @@ def linear(x: jax.Array, q: QTensor, impl: str = "auto") -> jax.Array:
     return y.reshape(lead + (q.shape[0],))
 
 
-
-def linear_many(x: jax.Array, weights: Sequence[Any], impl: str = "auto") -> Optional[list]:
-    """``[x @ W_j.T for W_j in weights]`` from one kernel launch, or None where that does not
-    apply (then call ``linear`` on each).
-
-    It applies to one row (``x`` ``[..., in]`` holding one token: decoding at batch 1) with the
-    Pallas GPU kernels (interpret mode on CPU) and weights that are LayerViews read in
-    place with one input width (``kernels.multi.gemv_4bit_multi``). Forward only (decoding).
-    Off until measured on a GPU: ``QLORA_JAX_FUSE_DECODE=1`` in the environment turns it on
-    (else None: separate launches).
-    """
-    if os.environ.get("QLORA_JAX_FUSE_DECODE", "0") != "1":
-        return None
-    if resolve_impl(impl) != "pallas" or jax.default_backend() == "tpu":
-        return None
-    if int(np.prod(x.shape[:-1])) != 1:
-        return None
-    if not all(isinstance(w, LayerView) and reads_in_place(w.stacked, impl) for w in weights):
-        return None
-    from qlora_jax.quant.kernels import multi
-    if not multi.fusable(weights):
-        return None
-    ys = multi.gemv_4bit_multi(x.reshape(1, x.shape[-1]), weights)
-    return [y.reshape(x.shape[:-1] + (y.shape[-1],)) for y in ys]
 
 def _for_compute(q: QTensor) -> QTensor:
     """The weight gathered over the batch mesh axes where it is used (see

@@ -26,17 +26,19 @@ def _ref(x, q):
 
 
 CASES = [  # (shape, qtype, block_size, double_quant, dtype, config)
-    ((72, 320), "nf4", 64, True, jnp.bfloat16, gemv.GemvConfig(rows=16, blocks=2)),
+    ((72, 320), "nf4", 64, True, jnp.bfloat16, gemv.GemvConfig(rows=16, blocks=2,
+                                                               bf16_lut=False)),
     ((64, 256), "fp4", 64, False, jnp.float32, gemv.GemvConfig(rows=32, blocks=1, split=2)),
     # rows and steps that do not divide: the last program's rows and the last step's blocks
     # are masked; 3 blocks a row over 2-block steps
     ((100, 384), "nf4", 64, True, jnp.float32, gemv.GemvConfig(rows=64, blocks=4, split=2)),
     ((33, 384), "int4", 128, True, jnp.float16, gemv.GemvConfig(rows=16, blocks=2)),
+    # bfloat16 x: the default looks values up in the bf16-rounded codebook
+    ((72, 320), "nf4", 64, True, jnp.bfloat16, gemv.GemvConfig(rows=16, blocks=2)),
     ((40, 96), "nf4", 32, True, jnp.float32, gemv.GemvConfig(rows=8, blocks=1, split=3)),
-    ((72, 320), "nf4", 64, True, jnp.float32, gemv.GemvConfig(rows=16, blocks=2,
-                                                              layout="bytes")),
-    ((100, 384), "fp4", 64, True, jnp.bfloat16, gemv.GemvConfig(rows=64, blocks=4, split=2,
-                                                                layout="bytes")),
+    ((72, 320), "nf4", 64, True, jnp.float32, None),  # the default tiles
+    ((100, 384), "fp4", 64, True, jnp.float32, gemv.GemvConfig(rows=64, blocks=4, split=2,
+                                                               bf16_lut=False)),
 ]
 
 
@@ -118,22 +120,6 @@ def test_gemv_rejects_bad_shapes():
         gemv.gemv_4bit(jnp.ones((1, 96), jnp.float32), q)
 
 
-@pytest.mark.parametrize("nibble", ["hi", "lo"])
-@pytest.mark.parametrize("qtype", ["nf4", "fp4", "int4"])
-def test_prmt_nibble_lookup_program_matches_codebook(qtype, nibble):
-    """The GPU lookup of one nibble of packed code pairs (PTX), emulated on random bytes."""
-    from qlora_jax.quant import codebooks
-    from qlora_jax.quant.kernels._decode import _prmt_asm
-    rng, seed = np.random.default_rng(run_seed()), run_seed()
-    table = codebooks.codebook(qtype)
-    program = _prmt_asm(table, nibble)
-    words = table.view(np.uint32)
-    for packed in rng.integers(0, 256, (500, 4)):
-        x = int(packed[0] | packed[1] << 8 | packed[2] << 16 | packed[3] << 24)
-        codes = packed >> 4 if nibble == "hi" else packed & 15
-        assert _emulate_ptx(program, x) == [int(words[c]) for c in codes], (packed, seed)
-
-
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("qtype", ["nf4", "fp4", "int4"])
 def test_word_lookup_program_matches_codebook(qtype, bf16):
@@ -171,3 +157,27 @@ def test_gemv_bf16_codebook_within_bf16_rounding():
     y = gemv.gemv_4bit(x, q, gemv.GemvConfig(rows=32, blocks=2, bf16_lut=True))
     err = _rel(y, _ref(x, q))
     assert 1e-6 < err < 2 ** -8, f"err={err}, seed={seed}"
+
+
+def test_gemv_default_config_and_env_override(monkeypatch):
+    monkeypatch.delenv("QLORA_JAX_GEMV_CONFIG", raising=False)
+    assert gemv.default_config(14336).rows == 128 and gemv.default_config(1024).rows == 32
+    monkeypatch.setenv("QLORA_JAX_GEMV_CONFIG", "rows=64,blocks=2,bf16_lut=False")
+    assert gemv.default_config(4096) == gemv.GemvConfig(rows=64, blocks=2, bf16_lut=False)
+    monkeypatch.setenv("QLORA_JAX_GEMV_CONFIG", "rowz=64")
+    with pytest.raises(ValueError, match="unknown field 'rowz'"):
+        gemv.default_config(4096)
+
+
+@pytest.mark.parametrize("bf16_lut", [False, True])
+def test_gemv_lowers_for_cuda(bf16_lut):
+    """The kernel's GPU lowering (Pallas -> Triton IR, including the multi-result inline asm)
+    runs on any host: exporting for CUDA lowers it without a GPU."""
+    rng = np.random.default_rng(run_seed())
+    q = qj.quant.quantize(_weight(rng, (128, 512)), "nf4", 64, True)
+    x = jnp.ones((1, 512), jnp.bfloat16)
+    config = gemv.GemvConfig(bf16_lut=bf16_lut)
+    fn = jax.jit(lambda v, w: gemv.gemv_4bit(v, w, config, interpret=False))
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    text = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(x, q).mlir_module()
+    assert "qlora_gemv_rows_4bit" in text

@@ -80,70 +80,16 @@ def code_dtype(mode: str, exact: bool) -> Any:
     return jnp.uint8 if (mode == "prmt" and exact) else jnp.int32
 
 
-def _prmt_asm(table: np.ndarray, nibble: Optional[str] = None) -> str:
-    """PTX: four codes (bytes of one register) -> their four float32 table values.
+def _prmt_asm(table: np.ndarray) -> str:
+    """PTX: four codes (bytes of one register ``$4``) -> their four float32 table values.
 
     Byte p of every table value forms a 16-byte plane; ``prmt`` picks a byte for
     each of the four codes from the plane's low (codes 0-7) and high (8-15)
     halves at once, ``lop3`` keeps the half that bit 3 of each code names, and
     eight more ``prmt`` transpose the four planes back into four floats. About
     6.5 instructions a value instead of 23 for the select tree.
-
-    ``nibble`` ("hi" or "lo"): the input bytes are packed pairs of codes and the
-    lookup reads each byte's high (first) or low nibble.
     """
-    words = np.asarray(table, np.float32).view(np.uint32)
-    planes = [[int((words[v] >> (8 * p)) & 0xFF) for v in range(16)] for p in range(4)]
-
-    def word(bs):
-        return bs[0] | bs[1] << 8 | bs[2] << 16 | bs[3] << 24
-
-    lines = ["{", ".reg .b32 t, u, sel, h, m, ka, kb, lo, hi, v0, v1, v2, v3, al, ah, bl, bh;"]
-    if nibble == "hi":  # bit 3 of the code is bit 7 of the byte: replicate it
-        lines += ["shr.b32 t, $4, 4;", "and.b32 t, t, 0x07070707;",
-                  "prmt.b32 m, $4, $4, 0xBA98;"]
-    else:
-        lines += ["and.b32 t, $4, 0x07070707;", "shl.b32 h, $4, 4;",
-                  "prmt.b32 m, h, h, 0xBA98;"]  # byte i = 0xFF where code_i >= 8
-    lines += [
-        "shr.b32 u, t, 4;",
-        "or.b32 u, u, t;",
-        "prmt.b32 sel, u, u, 0x0020;",   # nibble i = code_i & 7
-    ]
-    for p in range(4):
-        pl_ = planes[p]
-        lines += [
-            f"mov.b32 ka, {word(pl_[0:4]):#010x};", f"mov.b32 kb, {word(pl_[4:8]):#010x};",
-            "prmt.b32 lo, ka, kb, sel;",
-            f"mov.b32 ka, {word(pl_[8:12]):#010x};", f"mov.b32 kb, {word(pl_[12:16]):#010x};",
-            "prmt.b32 hi, ka, kb, sel;",
-            f"lop3.b32 v{p}, hi, lo, m, 0xE4;",
-        ]
-    lines += [
-        "prmt.b32 al, v0, v1, 0x5140;", "prmt.b32 bl, v2, v3, 0x5140;",
-        "prmt.b32 ah, v0, v1, 0x7362;", "prmt.b32 bh, v2, v3, 0x7362;",
-        "prmt.b32 $0, al, bl, 0x5410;", "prmt.b32 $1, al, bl, 0x7632;",
-        "prmt.b32 $2, ah, bh, 0x5410;", "prmt.b32 $3, ah, bh, 0x7632;",
-        "}",
-    ]
-    return "\n".join(lines)
-
-
-def lookup_nibble(packed: jax.Array, table_ref: Any, table: np.ndarray, mode: str,
-                  exact: bool, nibble: str) -> jax.Array:
-    """float32 codebook values of the ``nibble`` ("hi": first, "lo": second) code of each
-    byte of ``packed`` (uint8, any shape): ``lookup`` without unpacking the pairs."""
-    if mode == "prmt" and exact:  # GPU: the nibble is picked inside the byte-permute lookup
-        (out,) = plgpu.elementwise_inline_asm(
-            _prmt_asm(table, nibble), args=[packed], constraints="=r,=r,=r,=r,r",
-            pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.float32)])
-        return out
-    p = packed.astype(code_dtype(mode, exact))
-    if nibble == "hi":
-        codes = jax.lax.shift_right_logical(p, jnp.asarray(4, p.dtype))
-    else:
-        codes = p & jnp.asarray(15, p.dtype)
-    return lookup(codes, table_ref, table, mode, exact)
+    return "\n".join(_lookup4_ptx(table, "$4", ["$0", "$1", "$2", "$3"], bf16=False))
 
 
 def lookup(codes: jax.Array, table_ref: Any, table: np.ndarray, mode: str,

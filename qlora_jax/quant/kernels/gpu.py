@@ -10,13 +10,14 @@ Kernels (``[N, K]`` = ``[out, in]`` weight, M tokens):
 * ``dequantize``: the flat element stream in tiles of whole quantization
   blocks; any shape, any number of elements.
 * ``linear`` (``x @ W.T``) and ``linear_grad_input`` (``dy @ W``): for a 2-D
-  weight whose rows are aligned to blocks (``K % block_size == 0``). M = 1 uses
-  a GEMV kernel (multiply-add on CUDA cores, K (or N) split over programs, the
-  partial sums added by XLA); 2 <= M <= 16 a tiled kernel on tensor cores
-  (16-row tiles, the weight tile decoded in registers each K step, K split
-  over programs). M > 16 runs this module's ``dequantize`` and then an XLA
-  (cuBLAS) matmul: the fused kernel decodes every weight tile once per M tile,
-  which measured ~4x slower than the two passes at 4096 tokens on an H100
+  weight whose rows are aligned to blocks (``K % block_size == 0``). ``x @ W.T``
+  at M = 1 runs the row GEMV of ``gemv.py`` (decoding); ``dy @ W`` at M = 1 a
+  tiled GEMV here (multiply-add on CUDA cores, N split over programs, the
+  partial sums added by XLA). 2 <= M <= 64 run a tiled kernel on tensor cores
+  (16- or 64-row tiles, the weight tile decoded in registers each K step, K
+  split over programs). More rows run this module's ``dequantize`` and then an
+  XLA (cuBLAS) matmul: the fused kernel decodes every weight tile once per M
+  tile, which measured ~4x slower than the two passes at 4096 tokens on an H100
   (benchmarks/RESULTS.md). Weights whose rows are not aligned to blocks always
   take the two-pass path.
 """
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import os
 from typing import Any, Optional
 
 import jax
@@ -34,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from qlora_jax.quant import codebooks
 from qlora_jax.quant.kernels import _decode as dec
 from qlora_jax.quant.kernels import gemv
+from qlora_jax.quant.kernels._call import (_interpret, _layer_base, _num_sms, _params, _q_inputs,
+                                           _q_static, _qrefs, _weight_2d, _with_out)
 from qlora_jax.quant.kernels.gemv import GemvConfig
 from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
@@ -77,55 +77,6 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     lut: Optional[str] = None
-
-
-def _interpret() -> bool:
-    return jax.default_backend() not in ("gpu", "cuda", "rocm")
-
-
-def _params(num_warps: int, num_stages: int, interpret: bool) -> dict:
-    if interpret or plgpu is None:
-        return dict(interpret=True)
-    return dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
-
-
-def _num_sms() -> int:
-    try:
-        return int(getattr(jax.devices()[0], "core_count", 132) or 132)
-    except Exception:  # pragma: no cover
-        return 132
-
-
-def _q_inputs(q: QTensor, packed: jax.Array, absmax: jax.Array) -> list:
-    """The kernel inputs for a weight (packed and absmax already laid out; the nested absmax
-    and offset flat, so a stack of layers passes every layer's)."""
-    table = jnp.asarray(codebooks.codebook(q.qtype))
-    if not q.double_quant:
-        return [packed, absmax, table]
-    return [packed, absmax, q.nested_absmax.astype(jnp.float32).reshape(-1),
-            jnp.reshape(q.offset, (-1,)).astype(jnp.float32), table,
-            jnp.asarray(codebooks.DYNAMIC_MAP)]
-
-
-def _qrefs(refs: list, q_static: tuple, lut: str, exact: bool) -> dec.QRefs:
-    qtype, double_quant, nested_block_size, n_nested = q_static
-    return dec.QRefs(refs, double_quant=double_quant, nested_block_size=nested_block_size,
-                     n_nested=n_nested, table=codebooks.codebook(qtype), lut=lut, exact=exact)
-
-
-def _q_static(q: QTensor) -> tuple:
-    n_nested = int(q.nested_absmax.shape[-1]) if q.double_quant else 1
-    return (q.qtype, q.double_quant, q.nested_block_size, n_nested)
-
-
-def _with_out(inputs: list, out_shape: jax.ShapeDtypeStruct, out: Optional[jax.Array]):
-    """Appends an aliased output buffer (tests pass a poisoned one) to the inputs."""
-    if out is None:
-        return inputs, {}
-    if out.shape != out_shape.shape or out.dtype != out_shape.dtype:
-        raise ValueError(f"out buffer is {out.shape} {out.dtype}, expected "
-                         f"{out_shape.shape} {out_shape.dtype}")
-    return inputs + [out], {len(inputs): 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,15 +181,6 @@ def aligned(q: QTensor, layered: bool = False) -> bool:
             and q.logical_shape[1] % q.block_size == 0)
 
 
-def _weight_2d(q: QTensor) -> list:
-    """The kernel inputs of a 2-D weight; a stack of L layers as ``[L * N, ...]`` rows (free
-    reshapes of the contiguous row-major arrays)."""
-    n, k = q.logical_shape
-    layers = int(np.prod(q.stack_shape)) if q.stack_shape else 1
-    return _q_inputs(q, q.packed.reshape(layers * n, k // 2),
-                     q.absmax.reshape(layers * n, k // q.block_size))
-
-
 def _split(config: MatmulConfig, programs: int, tiles: int, interpret: bool) -> int:
     """Programs along the reduction axis: enough to give every SM ~4 programs."""
     if config.split is not None:
@@ -247,18 +189,6 @@ def _split(config: MatmulConfig, programs: int, tiles: int, interpret: bool) -> 
         return 1
     want = -(-4 * _num_sms() // max(programs, 1))
     return max(1, min(want, tiles, 32))
-
-
-def _layer_base(refs: list, nq: int, qrefs: dec.QRefs, q_static: tuple, n_rows: int,
-                layered: bool) -> Any:
-    """The first row of this weight in the packed/absmax refs: 0, or for a layer of a stack
-    read in place (``layered``; the layer index in a one-element ref after the weight's refs)
-    ``layer * n_rows``, with the nested-absmax and offset positions moved to that layer."""
-    if not layered:
-        return 0
-    layer = refs[1 + nq][0]
-    qrefs.nested_base, qrefs.offset_index = layer * q_static[3], layer
-    return layer * n_rows
 
 
 def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_static, lut,
@@ -379,10 +309,8 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
     interpret = _interpret() if interpret is None else interpret
     n_rows, n_cols = q.logical_shape
     m = a.shape[0]
-    if m == 1 and not transpose and (isinstance(config, GemvConfig) or (
-            config is None and os.environ.get("QLORA_JAX_GEMV", "rows") == "rows")):
-        return gemv.gemv_4bit(a, q, config or gemv.env_config(), out=out,
-                              interpret=interpret, layer=layer)
+    if m == 1 and not transpose and (config is None or isinstance(config, GemvConfig)):
+        return gemv.gemv_4bit(a, q, config, out=out, interpret=interpret, layer=layer)
     width = n_cols if transpose else n_rows  # output columns
     red = n_rows if transpose else n_cols  # reduction length
     config = config or default_config(m, n_rows, n_cols, transpose, interpret)
@@ -476,9 +404,11 @@ def _use_fused(a: jax.Array, q: QTensor, config: Optional[MatmulConfig],
     return a.shape[0] <= FUSED_MAX_TOKENS
 
 
-# Token counts up to which the fused kernels run by default (the GEMV kernel at M = 1,
-# the tiled kernel with 16-row tiles up to 16); above, the two-pass path measured faster.
-FUSED_MAX_TOKENS = 16
+# Token counts up to which the fused kernels run by default (the row GEMV at M = 1, the tiled
+# kernel up to 64: 16-row tiles to 16, 64-row tiles above); above, the two-pass path measured
+# faster (benchmarks/RESULTS.md: at 32 and 64 tokens the 64-row tiles took 76-79 us against
+# 85-89 us for dequantize + cuBLAS on 4096 x 14336 and 14336 x 4096, H200).
+FUSED_MAX_TOKENS = 64
 
 
 def linear(x2d: jax.Array, q: QTensor, config: Optional[MatmulConfig] = None,

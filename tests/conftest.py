@@ -53,17 +53,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-# Files whose tests take minutes on 2 cores (launcher subprocesses, notebooks, fake-device
-# meshes, whole models), longest first. They run first: with ``--dist loadfile`` a file's tests
-# run on one worker, so a long file collected last (tests/train/ sorts last) would leave the
-# other worker idle at the end of the tier.
+# Files whose slow tests take the longest (launcher subprocesses, notebooks, fake-device meshes,
+# whole models), longest first (a file's slow tests on one core, 2026-11-28: 188 s for the first,
+# 24 s for the last slow file listed). They run first: with ``--dist loadfile`` a file's tests run
+# on one worker, so a long file started last would leave the other worker idle at the end of the
+# tier. The slow tier keeps this order with ``--no-loadscope-reorder`` (.ci/run); xdist otherwise
+# sorts files by their number of tests.
 RUN_FIRST = (
-    "train/test_mesh_run.py", "test_notebooks.py", "sharding/test_mesh.py",
-    "test_quickstart_chat.py", "test_benchmark_generate.py", "train/test_preemption.py",
-    "train/test_loop.py", "sharding/test_fsdp.py", "checkpoints/test_gguf_load.py",
-    "models/test_packing.py",
-    "models/test_in_place.py", "train/test_remat_auto.py", "train/test_experiments.py",
-    "train/test_packed_step.py", "lora/test_stack.py",
+    "train/test_mesh_run.py", "test_notebooks.py", "test_quickstart_chat.py",
+    "test_benchmark_generate.py", "checkpoints/test_gguf_load.py", "train/test_preemption.py",
+    "sharding/test_mesh.py", "train/test_loop.py", "models/test_packing.py",
+    "train/test_remat_auto.py", "train/test_experiments.py", "sharding/test_fsdp.py",
+    "checkpoints/test_peft_variants.py", "test_benchmark_real_data.py",
+    # Long fast tests (the fast tier keeps xdist's order by number of tests; these break ties).
+    "models/test_in_place.py", "train/test_packed_step.py", "lora/test_stack.py",
 )
 
 

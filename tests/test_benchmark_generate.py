@@ -52,7 +52,7 @@ def test_gemv_lab_quick_runs(tmp_path, monkeypatch):
     with the float32 reference, and the best configs are written for QLORA_JAX_GEMV_CONFIG."""
     from benchmarks import gemv_lab, kernels
 
-    monkeypatch.setattr(gemv_lab, "SHAPES", [(64, 128), (32, 128)])
+    monkeypatch.setattr(gemv_lab, "SHAPES", [(64, 128)])
     monkeypatch.setattr(kernels, "RESULTS", [])
     gemv_lab.main(["--quick", "--part", "gemv", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "gemv_lab.jsonl").read_text().splitlines()]

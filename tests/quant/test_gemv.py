@@ -17,7 +17,7 @@ from qlora_jax.quant.blockwise import dequantize_xla
 from qlora_jax.quant.kernels import gemv, gpu
 from qlora_jax.quant.layer_view import LayerView
 from tests.conftest import run_seed
-from tests.quant.test_kernels import TOL, _emulate_ptx, _rel, _weight
+from tests.quant.test_kernels import TOL, _emulate_ptx, _rel, _weight, captured_kernel_output
 
 
 def _ref(x, q):
@@ -76,23 +76,8 @@ def test_gemv_overwrites_poisoned_output(config):
     steps = -(-(k // 64) // config.blocks)
     split = gemv._split(config, -(-n // config.rows), steps, interpret=True)
     split = -(-steps // -(-steps // split))
-    captured = {}
-    original = gemv.pl.pallas_call
-
-    def spy(*args, **kwargs):
-        fn = original(*args, **kwargs)
-
-        def run(*inputs):
-            captured["out"] = fn(*inputs)
-            return captured["out"]
-        return run
-
-    gemv.pl.pallas_call = spy
-    try:
-        gemv.gemv_4bit(x, q, config, out=jnp.full((split, n), jnp.nan, jnp.float32))
-    finally:
-        gemv.pl.pallas_call = original
-    raw = np.asarray(captured["out"])
+    raw = np.asarray(captured_kernel_output(
+        lambda: gemv.gemv_4bit(x, q, config, out=jnp.full((split, n), jnp.nan, jnp.float32))))
     assert raw.shape == (split, n) and not np.isnan(raw).any(), f"seed={seed}"
     assert _rel(raw.sum(0)[None], _ref(x, q)) < 1e-5, f"seed={seed}"
 

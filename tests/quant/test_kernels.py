@@ -194,6 +194,12 @@ def test_matmul_overwrites_poisoned_output(tokens, config, transpose):
 
 def _raw_call(a, q, transpose, config, poison):
     """The kernel's own output buffer (before XLA adds split partial sums)."""
+    return captured_kernel_output(
+        lambda: gpu.matmul_4bit(a, q, transpose=transpose, config=config, out=poison))
+
+
+def captured_kernel_output(call):
+    """Runs ``call()`` and returns the output of the (last) ``pallas_call`` it made."""
     captured = {}
     original = gpu.pl.pallas_call
 
@@ -207,7 +213,7 @@ def _raw_call(a, q, transpose, config, poison):
 
     gpu.pl.pallas_call = spy
     try:
-        gpu.matmul_4bit(a, q, transpose=transpose, config=config, out=poison)
+        call()
     finally:
         gpu.pl.pallas_call = original
     return captured["out"]

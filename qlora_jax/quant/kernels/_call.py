@@ -20,24 +20,24 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 
-def _interpret() -> bool:
+def interpret() -> bool:
     return jax.default_backend() not in ("gpu", "cuda", "rocm")
 
 
-def _params(num_warps: int, num_stages: int, interpret: bool) -> dict:
+def params(num_warps: int, num_stages: int, interpret: bool) -> dict:
     if interpret or plgpu is None:
         return dict(interpret=True)
     return dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
 
 
-def _num_sms() -> int:
+def num_sms() -> int:
     try:
         return int(getattr(jax.devices()[0], "core_count", 132) or 132)
     except Exception:  # pragma: no cover
         return 132
 
 
-def _q_inputs(q: QTensor, packed: jax.Array, absmax: jax.Array) -> list:
+def q_inputs(q: QTensor, packed: jax.Array, absmax: jax.Array) -> list:
     """The kernel inputs for a weight (packed and absmax already laid out; the nested absmax
     and offset flat, so a stack of layers passes every layer's)."""
     table = jnp.asarray(codebooks.codebook(q.qtype))
@@ -48,18 +48,18 @@ def _q_inputs(q: QTensor, packed: jax.Array, absmax: jax.Array) -> list:
             jnp.asarray(codebooks.DYNAMIC_MAP)]
 
 
-def _qrefs(refs: list, q_static: tuple, lut: str, exact: bool) -> dec.QRefs:
+def qrefs(refs: list, q_static: tuple, lut: str, exact: bool) -> dec.QRefs:
     qtype, double_quant, nested_block_size, n_nested = q_static
     return dec.QRefs(refs, double_quant=double_quant, nested_block_size=nested_block_size,
                      n_nested=n_nested, table=codebooks.codebook(qtype), lut=lut, exact=exact)
 
 
-def _q_static(q: QTensor) -> tuple:
+def q_static(q: QTensor) -> tuple:
     n_nested = int(q.nested_absmax.shape[-1]) if q.double_quant else 1
     return (q.qtype, q.double_quant, q.nested_block_size, n_nested)
 
 
-def _with_out(inputs: list, out_shape: jax.ShapeDtypeStruct, out: Optional[jax.Array]):
+def with_out(inputs: list, out_shape: jax.ShapeDtypeStruct, out: Optional[jax.Array]):
     """Appends an aliased output buffer (tests pass a poisoned one) to the inputs."""
     if out is None:
         return inputs, {}
@@ -69,16 +69,16 @@ def _with_out(inputs: list, out_shape: jax.ShapeDtypeStruct, out: Optional[jax.A
     return inputs + [out], {len(inputs): 0}
 
 
-def _weight_2d(q: QTensor) -> list:
+def weight_2d(q: QTensor) -> list:
     """The kernel inputs of a 2-D weight; a stack of L layers as ``[L * N, ...]`` rows (free
     reshapes of the contiguous row-major arrays)."""
     n, k = q.logical_shape
     layers = int(np.prod(q.stack_shape)) if q.stack_shape else 1
-    return _q_inputs(q, q.packed.reshape(layers * n, k // 2),
+    return q_inputs(q, q.packed.reshape(layers * n, k // 2),
                      q.absmax.reshape(layers * n, k // q.block_size))
 
 
-def _layer_base(refs: list, nq: int, qrefs: dec.QRefs, q_static: tuple, n_rows: int,
+def layer_base(refs: list, nq: int, qrefs: dec.QRefs, q_static: tuple, n_rows: int,
                 layered: bool) -> Any:
     """The first row of this weight in the packed/absmax refs: 0, or for a layer of a stack
     read in place (``layered``; the layer index in a one-element ref after the weight's refs)

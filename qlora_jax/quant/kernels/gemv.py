@@ -75,8 +75,8 @@ def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exac
             mask_rows, mask_steps, layered, aliased):
     nq = dec.num_qrefs(q_static[1])
     x_ref = refs[0]
-    qrefs = _call._qrefs(list(refs[1:1 + nq]), q_static, "select", exact)
-    row_base = _call._layer_base(list(refs), nq, qrefs, q_static, n_rows, layered)
+    qrefs = _call.qrefs(list(refs[1:1 + nq]), q_static, "select", exact)
+    row_base = _call.layer_base(list(refs), nq, qrefs, q_static, n_rows, layered)
     out_ref = refs[-1]
     i, s = pl.program_id(0), pl.program_id(1)
     n0 = i * rows
@@ -124,7 +124,7 @@ def _split(config: GemvConfig, programs: int, steps: int, interpret: bool) -> in
         return max(1, min(config.split, steps))
     if interpret:
         return 1
-    want = -(-config.waves * _call._num_sms() // max(programs, 1))
+    want = -(-config.waves * _call.num_sms() // max(programs, 1))
     return max(1, min(want, steps, 64))
 
 
@@ -136,7 +136,7 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
 
     ``out`` (tests): an aliased ``[split, N]`` float32 buffer the kernel must overwrite.
     """
-    interpret = _call._interpret() if interpret is None else interpret
+    interpret = _call.interpret() if interpret is None else interpret
     n_rows, n_cols = q.logical_shape
     if x.shape != (1, n_cols):
         raise ValueError(f"the GEMV takes x of shape (1, {n_cols}), got {x.shape}")
@@ -152,20 +152,20 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
     tps = pl.cdiv(steps, split)
     split = pl.cdiv(steps, tps)
     out_shape = jax.ShapeDtypeStruct((split, n_rows), jnp.float32)
-    qin = _call._weight_2d(q)
+    qin = _call.weight_2d(q)
     # The codes as uint32 words and x as a flat row: free bitcasts and reshapes.
     qin[0] = jax.lax.bitcast_convert_type(
         qin[0].reshape(qin[0].shape[0], qin[0].shape[1] // 4, 4), jnp.uint32)
     if layer is not None:
         qin.append(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
-    inputs, aliases = _call._with_out([x.reshape(n_cols)] + qin, out_shape, out)
+    inputs, aliases = _call.with_out([x.reshape(n_cols)] + qin, out_shape, out)
     kernel = functools.partial(
         _kernel, n_rows=n_rows, n_cols=n_cols, block_size=bs, rows=rows, blocks=blocks,
-        tps=tps, q_static=_call._q_static(q), exact=not interpret, bf16=bf16,
+        tps=tps, q_static=_call.q_static(q), exact=not interpret, bf16=bf16,
         mask_rows=n_rows % rows != 0, mask_steps=(n_cols // bs) != split * tps * blocks,
         layered=layer is not None, aliased=out is not None)
     part = pl.pallas_call(kernel, out_shape=out_shape, grid=(programs, split),
                           input_output_aliases=aliases, name="qlora_gemv_rows_4bit",
-                          **_call._params(config.num_warps, config.num_stages, interpret)
+                          **_call.params(config.num_warps, config.num_stages, interpret)
                           )(*inputs)
     return part.sum(axis=0, dtype=jnp.float32).astype(x.dtype)[None, :]

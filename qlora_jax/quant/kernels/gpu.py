@@ -35,8 +35,7 @@ from jax.experimental import pallas as pl
 
 from qlora_jax.quant.kernels import _decode as dec
 from qlora_jax.quant.kernels import gemv
-from qlora_jax.quant.kernels._call import (_interpret, _layer_base, _num_sms, _params, _q_inputs,
-                                           _q_static, _qrefs, _weight_2d, _with_out)
+from qlora_jax.quant.kernels import _call
 from qlora_jax.quant.kernels.gemv import GemvConfig
 from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
@@ -88,7 +87,7 @@ def _dequant_kernel(*refs, n, n_packed, n_blocks, block_size, tb, q_static, lut,
     # Tiles that divide the element count exactly need no bound checks (a static fact).
     masked = n % (tb * block_size) != 0
     nq = dec.num_qrefs(q_static[1])
-    qrefs = _qrefs(list(refs[:nq]), q_static, lut, exact)
+    qrefs = _call.qrefs(list(refs[:nq]), q_static, lut, exact)
     out_ref = refs[-1]
     # A layer of a stacked weight (``layered``): the refs hold every layer, flat, and the
     # layer index arrives in a one-element ref; offsets move to that layer's slice.
@@ -119,24 +118,24 @@ def dequantize_flat(q: QTensor, dtype: Any, config: DequantConfig = DequantConfi
                     layer: Optional[jax.Array] = None) -> jax.Array:
     """Dequantizes an unstacked QTensor to a flat ``[n]`` array of ``dtype``; with ``layer``
     (int32 scalar), layer ``layer`` of a QTensor stacked along one axis, read in place."""
-    interpret = _interpret() if interpret is None else interpret
+    interpret = _call.interpret() if interpret is None else interpret
     n, bs = q.num_elements, q.block_size
     tb = max(config.elements // bs, 1)
     out_shape = jax.ShapeDtypeStruct((n,), jnp.dtype(dtype))
-    inputs = _q_inputs(q, q.packed.reshape(-1), q.absmax.reshape(-1))
+    inputs = _call.q_inputs(q, q.packed.reshape(-1), q.absmax.reshape(-1))
     if layer is not None:
         inputs.append(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
-    inputs, aliases = _with_out(inputs, out_shape, out)
+    inputs, aliases = _call.with_out(inputs, out_shape, out)
     kernel = functools.partial(
         _dequant_kernel, n=n, n_packed=int(q.packed.shape[-1]), n_blocks=q.num_blocks,
-        block_size=bs, tb=tb, q_static=_q_static(q),
+        block_size=bs, tb=tb, q_static=_call.q_static(q),
         lut=config.lut or DEFAULT_LUT["dequant"], exact=not interpret,
         out_dtype=jnp.dtype(dtype), aliased=out is not None, layered=layer is not None)
     name = "qlora_dequantize_4bit" if layer is None else "qlora_dequantize_4bit_layer"
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(pl.cdiv(q.num_blocks, tb),),
         input_output_aliases=aliases, name=name,
-        **_params(config.num_warps, config.num_stages, interpret))(*inputs)
+        **_call.params(config.num_warps, config.num_stages, interpret))(*inputs)
 
 
 def dequantize(q: QTensor, dtype: Any = None, config: DequantConfig = DequantConfig(),
@@ -187,7 +186,7 @@ def _split(config: MatmulConfig, programs: int, tiles: int, interpret: bool) -> 
         return max(1, min(config.split, tiles))
     if interpret:
         return 1
-    want = -(-4 * _num_sms() // max(programs, 1))
+    want = -(-4 * _call.num_sms() // max(programs, 1))
     return max(1, min(want, tiles, 32))
 
 
@@ -196,8 +195,8 @@ def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_st
     """One program: a ``bn x bk`` window sliding along the reduction axis (split ``s``)."""
     nq = dec.num_qrefs(q_static[1])
     v_ref = refs[0]
-    qrefs = _qrefs(list(refs[1:1 + nq]), q_static, lut, exact)
-    row_base = _layer_base(list(refs), nq, qrefs, q_static, n_rows, layered)
+    qrefs = _call.qrefs(list(refs[1:1 + nq]), q_static, lut, exact)
+    row_base = _call.layer_base(list(refs), nq, qrefs, q_static, n_rows, layered)
     out_ref = refs[-1]
     i, s = pl.program_id(0), pl.program_id(1)
 
@@ -235,8 +234,8 @@ def _mm_kernel(*refs, transpose, m, n_rows, n_cols, block_size, bm, bn, bk, tps,
     """Tiled matmul; ``transpose=False``: x[M,K] @ W.T, ``True``: dy[M,N] @ W."""
     nq = dec.num_qrefs(q_static[1])
     a_ref = refs[0]
-    qrefs = _qrefs(list(refs[1:1 + nq]), q_static, lut, exact)
-    row_base = _layer_base(list(refs), nq, qrefs, q_static, n_rows, layered)
+    qrefs = _call.qrefs(list(refs[1:1 + nq]), q_static, lut, exact)
+    row_base = _call.layer_base(list(refs), nq, qrefs, q_static, n_rows, layered)
     out_ref = refs[-1]
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     m0 = i * bm
@@ -306,7 +305,7 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
     ``[split, M, width]`` when the reduction is split. With ``layer`` (int32 scalar), ``q`` is
     stacked along one layer axis and layer ``layer`` is read in place (no slice is copied).
     """
-    interpret = _interpret() if interpret is None else interpret
+    interpret = _call.interpret() if interpret is None else interpret
     n_rows, n_cols = q.logical_shape
     m = a.shape[0]
     if m == 1 and not transpose and (config is None or isinstance(config, GemvConfig)):
@@ -319,9 +318,9 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
     if bk % bs and bs % bk:
         raise ValueError(f"bk={bk} and block_size={bs} must divide one another")
     common = dict(transpose=transpose, n_rows=n_rows, n_cols=n_cols, block_size=bs,
-                  q_static=_q_static(q), lut=config.lut or DEFAULT_LUT["matmul"],
+                  q_static=_call.q_static(q), lut=config.lut or DEFAULT_LUT["matmul"],
                   exact=not interpret, aliased=out is not None, layered=layer is not None)
-    qin = _weight_2d(q)
+    qin = _call.weight_2d(q)
     if layer is not None:
         qin.append(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
     if config.bm is None:  # GEMV
@@ -335,13 +334,13 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
         tps = pl.cdiv(tiles, split)
         split = pl.cdiv(tiles, tps)
         out_shape = jax.ShapeDtypeStruct((split, width), jnp.float32)
-        inputs, aliases = _with_out([a] + qin, out_shape, out)
+        inputs, aliases = _call.with_out([a] + qin, out_shape, out)
         masked = (n_rows % config.bn != 0 or n_cols % bk != 0 or tiles % tps != 0)
         kernel = functools.partial(_gemv_kernel, bn=config.bn, bk=bk, tps=tps, masked=masked,
                                    **common)
         part = pl.pallas_call(kernel, out_shape=out_shape, grid=(n_out, split),
                               input_output_aliases=aliases, name="qlora_gemv_4bit",
-                              **_params(config.num_warps, config.num_stages, interpret)
+                              **_call.params(config.num_warps, config.num_stages, interpret)
                               )(*inputs)
         return part.sum(axis=0, dtype=jnp.float32).astype(a.dtype)[None, :]
     bm, bn = config.bm, config.bn
@@ -356,12 +355,12 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
         out_shape = jax.ShapeDtypeStruct((m, width), a.dtype)
     else:
         out_shape = jax.ShapeDtypeStruct((split, m, width), jnp.float32)
-    inputs, aliases = _with_out([a] + qin, out_shape, out)
+    inputs, aliases = _call.with_out([a] + qin, out_shape, out)
     kernel = functools.partial(_mm_kernel, m=m, bm=bm, bn=bn, bk=bk, tps=tps, split=split,
                                **common)
     res = pl.pallas_call(kernel, out_shape=out_shape, grid=grid_mn + (split,),
                          input_output_aliases=aliases, name="qlora_matmul_4bit",
-                         **_params(config.num_warps, config.num_stages, interpret))(*inputs)
+                         **_call.params(config.num_warps, config.num_stages, interpret))(*inputs)
     if split == 1:
         return res
     return res.sum(axis=0, dtype=jnp.float32).astype(a.dtype)
@@ -376,7 +375,7 @@ def _two_pass(a: jax.Array, q: QTensor, transpose: bool, interpret: Optional[boo
     the fused tensor-core kernel (benchmarks/RESULTS.md). The dequantized weight
     is a temporary of this call; nothing of its size is kept for the backward.
     """
-    interpret = _interpret() if interpret is None else interpret
+    interpret = _call.interpret() if interpret is None else interpret
     w = dequantize(q, a.dtype, interpret=interpret)
     return dot_dequantized(a, w, transpose, interpret)
 
@@ -384,7 +383,7 @@ def _two_pass(a: jax.Array, q: QTensor, transpose: bool, interpret: Optional[boo
 def dot_dequantized(a: jax.Array, w: jax.Array, transpose: bool,
                     interpret: Optional[bool] = None) -> jax.Array:
     """The second pass: ``a @ w.T`` (``transpose=False``) or ``a @ w``, float32 accumulation."""
-    interpret = _interpret() if interpret is None else interpret
+    interpret = _call.interpret() if interpret is None else interpret
     w = w if transpose else w.T
     if a.dtype == jnp.float32:
         return jnp.dot(a, w, precision=jax.lax.Precision.HIGHEST)

@@ -10,9 +10,12 @@
 #   "CMD"    any other argument is run as a shell command (say another benchmark:
 #            "python3 -m benchmarks.generate --out \$W"); $W is the work directory
 #
-# The wheels in .whl/ (bitsandbytes, ml_collections, qwix, tensorboardX, gguf) are installed
-# into /tmp/site first. Each part runs under its own time limit (PART_TIMEOUT, default 240 s);
-# the three default parts take about 5 minutes on an H100. Written to $OUT (when set, at most 8
+# The wheels in .whl/ (bitsandbytes, ml_collections, qwix, tensorboardX, gguf, pytest-xdist,
+# execnet: `kernels` then runs on GPU_WORKERS=4 pytest workers sharing the GPU) are installed
+# into /tmp/site first. Each part runs under its own time limit (PART_TIMEOUT, default 240 s).
+# On an H200 (session 6) `tests` took 202 s and `kernels`, on one process, ran past 270 s (48
+# tests done): the workers are meant to bring it under its limit (not yet measured), else run
+# the parts in separate calls with a larger PART_TIMEOUT. Written to $OUT (when set, at most 8
 # files; updated after each part, so a run stopped at its limit still returns what is done):
 # summary.txt (environment, and each part's exit code, seconds and last result lines),
 # tests.log, kernels.log, bench.log, train_step.jsonl and logs.tgz (every log, the extra
@@ -49,6 +52,11 @@ save() {  # copy what is done so far to $OUT
 }
 
 PYTEST="python3 -m pytest -q -p no:cacheprovider -rfEs --durations=15"
+XDIST=""
+if python3 -c "import xdist" >/dev/null 2>&1; then
+  XDIST="-n ${GPU_WORKERS:-4}"
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+fi
 failed=0
 n=0
 run_part() {  # NAME COMMAND
@@ -70,7 +78,9 @@ for part in "$@"; do
     tests)
       run_part tests "$PYTEST -m gpu tests && $PYTEST tests/models/test_attention.py" ;;
     kernels)
-      run_part kernels "$PYTEST tests/quant/test_kernels.py tests/quant/test_gemv.py tests/models/test_in_place.py" ;;
+      # Compiling dominates these tests (~5 s each on one process): several pytest workers share
+      # the GPU (no preallocation, so each takes only what it uses) when pytest-xdist is there.
+      run_part kernels "$PYTEST $XDIST tests/quant/test_kernels.py tests/quant/test_gemv.py tests/models/test_in_place.py" ;;
     bench)
       run_part bench "python3 -m benchmarks.train_step --shape llama-8b --batch 1 --seq 2048 \
 --rank 16 --steps 6 --out $W" ;;

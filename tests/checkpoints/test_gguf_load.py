@@ -1,7 +1,8 @@
 """``qj.from_pretrained`` on the real SmolLM2-135M-Instruct Q4_1 GGUF, against transformers.
 
 transformers' GGUF loader (dequantized to float32) is the oracle; the model is loaded once a
-module (about 15 s for ours and 10-50 s for transformers on 2 shared cores).
+module (about 15 s for ours and 10-50 s for transformers on 2 shared cores). The whole module is
+in the slow tier: with some of its tests in each tier, both tiers loaded the two models.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import qlora_jax as qj
 from tests.models.tiny import rel_err
 
 torch = pytest.importorskip("torch")
+
+# Every test needs the two loaded models (about 20 s of setup): the slow tier, loaded once.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +78,6 @@ def test_weights_equal_transformers(smollm2, smollm2_torch):
                                   sd["model.embed_tokens.weight"].numpy())
 
 
-@pytest.mark.slow
 def test_nf4_load(smollm2_gguf, smollm2, smollm2_torch, rng):
     """Each tensor quantized as qj.quant.quantize quantizes transformers' dequantized weight."""
     model, params = smollm2
@@ -92,7 +95,6 @@ def test_nf4_load(smollm2_gguf, smollm2, smollm2_torch, rng):
     assert rel_err(out, ref) < 0.4
 
 
-@pytest.mark.slow
 def test_merged_lora_f16_roundtrip_through_transformers(smollm2_gguf, smollm2, tmp_path, rng):
     """Load, add a non-zero LoRA, save merged F16 GGUF; transformers reads the same model."""
     import transformers

@@ -10,7 +10,11 @@ Numerics are those of ``blockwise.dequantize_xla`` (and bitsandbytes):
 ``absmax = dyn[code] * nested_absmax + offset`` as two float32 roundings (the
 product is rounded before the add; on the GPU an explicit ``mul.rn`` keeps the
 compiler from contracting the two into one FMA), then ``value =
-codebook[code] * absmax`` in float32.
+codebook[code] * absmax`` in float32. The one-token GEMV may use the codebook rounded
+to bfloat16 (``bf16_table``, ``lookup_words(bf16=True)``) for bfloat16 inputs.
+
+The GEMV's word lookup returns 8 arrays from one inline-asm call: ``_multi_asm_p`` (a small
+primitive, since Pallas's own inline asm lowers only one result) emits the same Triton op.
 """
 
 from __future__ import annotations

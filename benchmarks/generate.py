@@ -186,9 +186,8 @@ def _profile(model: Any, params: Any, ids: Any, new: int) -> dict[str, Any]:
             jax.block_until_ready(qj.generate(model, params, ids, max_new_tokens=new,
                                               eos_token_id=-1))
         s = profile_summary.summarize(d, steps=new, top=25)
-    return dict(profile={k: s.get(k) for k in ("device_busy_ms_per_step",
-                                                "device_span_ms_per_step",
-                                                "by_category_ms_per_step", "top_kernels")})
+    # Without device events (CPU) the summary is {"error": ..., "processes": ...}: kept as is.
+    return dict(profile={k: v for k, v in s.items() if k not in ("trace", "steps")})
 
 
 def run_adapters(shape: Shape, n: int, prompt: int, new: int, r: int) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ def case(shape: tuple, tokens: int, impl: str, fn: Any, ws: list, xs: list, ref:
     wbytes = n_out * n_in * 2 if bf16 else n_out * n_in // 2 + n_out * n_in // 64
     sets = [(x, w if bf16 else q) for x, (w, q) in zip(xs, ws)]
     rec = dict(what="linear", impl=impl, shape=list(shape), tokens=tokens,
-               config=None if config is None else dataclass_dict(config))
+               config=None if config is None else dataclasses.asdict(config))
     try:
         err = kb.rel_err(jax.jit(fn)(*sets[0]), ref)
         sec = kb.time_jax(fn, sets, quick)
@@ -44,10 +44,6 @@ def case(shape: tuple, tokens: int, impl: str, fn: Any, ws: list, xs: list, ref:
     kb.emit(**rec, us=round(sec * 1e6, 2), weight_GBps=round(wbytes / sec / 1e9, 1),
             rel_err=float(f"{err:.3g}"))
     return sec
-
-
-def dataclass_dict(c: Any) -> dict:
-    return {k: v for k, v in c.__dict__.items()}
 
 
 def inputs(shape: tuple, tokens: int, quick: bool) -> tuple:
@@ -102,7 +98,7 @@ def gemv_sweep(quick: bool, out: str) -> None:
         c0 = min((c for c in best if c.bf16_lut == h), key=best.get, default=None)
         if c0 is not None:
             with open(os.path.join(out, f"best_gemv_{name}.txt"), "w") as f:
-                f.write(",".join(f"{k}={v}" for k, v in dataclass_dict(c0).items()
+                f.write(",".join(f"{k}={v}" for k, v in dataclasses.asdict(c0).items()
                                  if v is not None))
 
 

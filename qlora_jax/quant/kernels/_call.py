@@ -88,3 +88,15 @@ def layer_base(refs: list, nq: int, qrefs: dec.QRefs, q_static: tuple, n_rows: i
     layer = refs[1 + nq][0]
     qrefs.nested_base, qrefs.offset_index = layer * q_static[3], layer
     return layer * n_rows
+
+
+def split_count(split: Optional[int], waves: int, cap: int, programs: int, tiles: int,
+                interpret: bool) -> int:
+    """Programs along a kernel's reduction axis: ``split`` when given (at most ``tiles``), 1 in
+    interpret mode, else enough for ~``waves`` programs an SM, at most ``cap`` and ``tiles``."""
+    if split is not None:
+        return max(1, min(split, tiles))
+    if interpret:
+        return 1
+    want = -(-waves * num_sms() // max(programs, 1))
+    return max(1, min(want, tiles, cap))

@@ -19,6 +19,7 @@ primitive, since Pallas's own inline asm lowers only one result) emits the same 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -276,9 +277,7 @@ def lookup_words(words: jax.Array, table: np.ndarray, exact: bool, bf16: bool) -
     return out
 
 
-_MULTI_ASM = []
-
-
+@functools.cache
 def _multi_asm_p() -> Any:
     """A Triton inline-asm primitive with several float32 results (``pack=1``).
 
@@ -287,8 +286,6 @@ def _multi_asm_p() -> Any:
     primitive lowers to the same ``tt.elementwise_inline_asm`` op and returns its results.
     GPU only (interpret mode computes the lookups with shifts and selects instead).
     """
-    if _MULTI_ASM:
-        return _MULTI_ASM[0]
     from jax._src import core as jax_core
     from jax._src.lib.triton import dialect as tt_dialect
     from jax._src.pallas.triton import lowering as triton_lowering
@@ -309,5 +306,4 @@ def _multi_asm_p() -> Any:
                                                 packed_element=1, args=[x])
         return list(res) if n_out > 1 else [res]
 
-    _MULTI_ASM.append(prim)
     return prim

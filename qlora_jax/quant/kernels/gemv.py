@@ -120,12 +120,7 @@ def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exac
 
 
 def _split(config: GemvConfig, programs: int, steps: int, interpret: bool) -> int:
-    if config.split is not None:
-        return max(1, min(config.split, steps))
-    if interpret:
-        return 1
-    want = -(-config.waves * _call.num_sms() // max(programs, 1))
-    return max(1, min(want, steps, 64))
+    return _call.split_count(config.split, config.waves, 64, programs, steps, interpret)
 
 
 def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,

@@ -182,12 +182,7 @@ def aligned(q: QTensor, layered: bool = False) -> bool:
 
 def _split(config: MatmulConfig, programs: int, tiles: int, interpret: bool) -> int:
     """Programs along the reduction axis: enough to give every SM ~4 programs."""
-    if config.split is not None:
-        return max(1, min(config.split, tiles))
-    if interpret:
-        return 1
-    want = -(-4 * _call.num_sms() // max(programs, 1))
-    return max(1, min(want, tiles, 32))
+    return _call.split_count(config.split, 4, 32, programs, tiles, interpret)
 
 
 def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_static, lut,

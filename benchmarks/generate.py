@@ -160,7 +160,8 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
     weights_bytes = lora_tree.nbytes(params)
     ids = _prompts(shape, batch, prompt)
     t = _timings(model, params, ids, new)
-    prof = _profile(model, params, ids, new) if os.environ.get("QLORA_JAX_GEN_PROFILE") else {}
+    top = int(os.environ.get("QLORA_JAX_GEN_PROFILE", "0") or 0)
+    prof = _profile(model, params, ids, new, top) if top else {}
     bw = copy_bandwidth()
     limit = weights_bytes / bw  # read once a token at the copy's rate (bytes read + written /s)
     kv = 2 * shape.layers * batch * (prompt + new) * shape.kv_heads * shape.head_dim * 2
@@ -170,8 +171,8 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
                 fraction_of_limit=round(limit / t["decode"], 4), **prof, **_device_info())
 
 
-def _profile(model: Any, params: Any, ids: Any, new: int) -> dict[str, Any]:
-    """Device time a generated token by kernel category and the top kernels, from a
+def _profile(model: Any, params: Any, ids: Any, new: int, top: int) -> dict[str, Any]:
+    """Device time a generated token by kernel category and the ``top`` kernels, from a
     ``jax.profiler`` trace of one ``generate`` call (``--profile``; prefill included, spread
     over the ``new`` tokens)."""
     import tempfile
@@ -185,7 +186,7 @@ def _profile(model: Any, params: Any, ids: Any, new: int) -> dict[str, Any]:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             jax.block_until_ready(qj.generate(model, params, ids, max_new_tokens=new,
                                               eos_token_id=-1))
-        s = profile_summary.summarize(d, steps=new, top=25)
+        s = profile_summary.summarize(d, steps=new, top=top)
     # Without device events (CPU) the summary is {"error": ..., "processes": ...}: kept as is.
     return dict(profile={k: v for k, v in s.items() if k not in ("trace", "steps")})
 
@@ -294,8 +295,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "at batch --adapters, once a prompt length)")
     p.add_argument("--adapters", type=int, default=8, help="adapters (and rows) of 'adapters'")
     p.add_argument("--peer", action="append", default=[], choices=("bnb",))
-    p.add_argument("--profile", action="store_true",
-                   help="add the device time a token by kernel (a jax.profiler trace) to our rows")
+    p.add_argument("--profile", type=int, nargs="?", const=25, default=0, metavar="TOP",
+                   help="add the device time a token by kernel (a jax.profiler trace) to our "
+                        "rows: by category and the TOP kernels (default 25)")
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--system", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -324,7 +326,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                "--new", str(args.new), "--rank", str(args.rank), "--adapters", str(args.adapters)]
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         if args.profile:
-            env["QLORA_JAX_GEN_PROFILE"] = "1"
+            env["QLORA_JAX_GEN_PROFILE"] = str(args.profile)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         found = [json.loads(l[len("RESULT "):]) for l in proc.stdout.splitlines()
                  if l.startswith("RESULT ")]

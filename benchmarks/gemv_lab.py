@@ -102,6 +102,27 @@ def gemv_sweep(quick: bool, out: str) -> None:
                                  if v is not None))
 
 
+def x_modes(quick: bool) -> None:
+    """The ways a word's 8 values meet x (``GemvConfig.x_mode``), bf16 codebook: tiles on the
+    first shape, then the best two of each mode on the others."""
+    from qlora_jax.quant.kernels.gemv import X_MODES
+    grid = [GemvConfig(rows=r, blocks=b, num_warps=w, bf16_lut=True, x_mode=m)
+            for m in X_MODES for r in (64, 128) for b in (2, 4) for w in (4, 8)]
+    if quick:
+        grid = [c for c in grid if c.rows == 64 and c.blocks == 2 and c.num_warps == 4]
+    best: dict = {}
+    for shape in SHAPES:
+        ws, xs, ref = inputs(shape, 1, quick)
+        configs = grid if shape == SHAPES[0] else [
+            c for m in X_MODES for c in sorted((c for c in best if c.x_mode == m),
+                                               key=best.get)[:2]]
+        for c in configs:
+            sec = case(shape, 1, f"gemv_rows_{c.x_mode}", lambda x, q, c=c: gpu.linear(x, q, c),
+                       ws, xs, ref, quick, c)
+            if shape == SHAPES[0] and sec is not None:
+                best[c] = sec
+
+
 def small_m(quick: bool) -> None:
     from qlora_jax.quant.kernels.gpu import MatmulConfig
     for shape in SHAPES[:2]:
@@ -131,12 +152,14 @@ def ptx(quick: bool) -> None:
 def main(argv: Optional[list] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--part", action="append", choices=("gemv", "small_m", "ptx"))
+    p.add_argument("--part", action="append", choices=("gemv", "x_modes", "small_m", "ptx"))
     p.add_argument("--out", default="benchmarks/out")
     args = p.parse_args(argv)
     parts = args.part or ["gemv", "small_m"]
     if "gemv" in parts:
         gemv_sweep(args.quick, args.out)
+    if "x_modes" in parts:
+        x_modes(args.quick)
     if "small_m" in parts:
         small_m(args.quick)
     if "ptx" in parts:

@@ -39,6 +39,15 @@ CASES = [  # (shape, qtype, block_size, double_quant, dtype, config)
     ((72, 320), "nf4", 64, True, jnp.float32, None),  # the default tiles
     ((100, 384), "fp4", 64, True, jnp.float32, gemv.GemvConfig(rows=64, blocks=4, split=2,
                                                                bf16_lut=False)),
+    # the other ways to meet x (masked rows and steps, a split)
+    ((100, 384), "nf4", 64, True, jnp.bfloat16, gemv.GemvConfig(rows=64, blocks=4, split=2,
+                                                                x_mode="join")),
+    ((100, 384), "nf4", 64, True, jnp.float32, gemv.GemvConfig(rows=64, blocks=4, split=2,
+                                                               x_mode="split")),
+    ((100, 384), "nf4", 64, True, jnp.bfloat16, gemv.GemvConfig(rows=64, blocks=4, split=2,
+                                                                x_mode="permuted")),
+    ((40, 96), "fp4", 32, False, jnp.float32, gemv.GemvConfig(rows=8, blocks=1, split=3,
+                                                              x_mode="join")),
 ]
 
 
@@ -103,6 +112,9 @@ def test_gemv_rejects_bad_shapes():
     q = qj.quant.quantize(_weight(rng, (8, 96)), "nf4", 64, True)  # 96 = 1.5 blocks
     with pytest.raises(ValueError, match="not whole blocks"):
         gemv.gemv_4bit(jnp.ones((1, 96), jnp.float32), q)
+    q = qj.quant.quantize(_weight(rng, (8, 128)), "nf4", 64, True)
+    with pytest.raises(ValueError, match="unknown x_mode 'rows'"):
+        gemv.gemv_4bit(jnp.ones((1, 128), jnp.float32), q, gemv.GemvConfig(x_mode="rows"))
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -149,19 +161,23 @@ def test_gemv_default_config_and_env_override(monkeypatch):
     assert gemv.default_config(14336).rows == 128 and gemv.default_config(1024).rows == 32
     monkeypatch.setenv("QLORA_JAX_GEMV_CONFIG", "rows=64,blocks=2,bf16_lut=False")
     assert gemv.default_config(4096) == gemv.GemvConfig(rows=64, blocks=2, bf16_lut=False)
+    monkeypatch.setenv("QLORA_JAX_GEMV_CONFIG", "rows=32,x_mode=join")
+    assert gemv.default_config(4096) == gemv.GemvConfig(rows=32, x_mode="join")
     monkeypatch.setenv("QLORA_JAX_GEMV_CONFIG", "rowz=64")
     with pytest.raises(ValueError, match="unknown field 'rowz'"):
         gemv.default_config(4096)
 
 
-@pytest.mark.parametrize("bf16_lut", [False, True])
-def test_gemv_lowers_for_cuda(bf16_lut):
+@pytest.mark.parametrize("bf16_lut,x_mode", [(False, "gather"), (True, "gather"),
+                                             (True, "join"), (True, "split"),
+                                             (True, "permuted")])
+def test_gemv_lowers_for_cuda(bf16_lut, x_mode):
     """The kernel's GPU lowering (Pallas -> Triton IR, including the multi-result inline asm)
     runs on any host: exporting for CUDA lowers it without a GPU."""
     rng = np.random.default_rng(run_seed())
     q = qj.quant.quantize(_weight(rng, (128, 512)), "nf4", 64, True)
     x = jnp.ones((1, 512), jnp.bfloat16)
-    config = gemv.GemvConfig(bf16_lut=bf16_lut)
+    config = gemv.GemvConfig(bf16_lut=bf16_lut, x_mode=x_mode)
     fn = jax.jit(lambda v, w: gemv.gemv_4bit(v, w, config, interpret=False))
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     text = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(x, q).mlir_module()

@@ -37,7 +37,11 @@ class GemvConfig:
     """Tiles of the decoding GEMV: ``rows`` of W a program, ``blocks`` quantization blocks a row
     loaded before use each loop step, ``split`` programs along the reduction axis (``None``:
     enough for ~``waves`` programs an SM). ``bf16_lut``: look values up in the bf16-rounded
-    codebook (``None``: for bfloat16 inputs)."""
+    codebook (``None``: for bfloat16 inputs). ``x_mode``: how value ``j`` of word ``w`` meets
+    ``x[8w + j]``: ``"gather"`` (8 strided loads of x a block), ``"join"`` (the 8 values joined
+    into ``[rows, words, 8]`` against a contiguous ``[words, 8]`` tile of x), ``"split"`` (the
+    contiguous tile of x split into its 8 columns), ``"permuted"`` (x transposed to
+    ``[8, K / 8]`` outside the kernel: 8 contiguous loads a block)."""
 
     rows: int = 128
     blocks: int = 4
@@ -46,6 +50,10 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     bf16_lut: Optional[bool] = None
+    x_mode: str = "gather"
+
+
+X_MODES = ("gather", "join", "split", "permuted")
 
 
 def default_config(n_rows: int) -> GemvConfig:
@@ -66,13 +74,38 @@ def _parse(spec: str) -> GemvConfig:
         if k not in names:
             raise ValueError(f"QLORA_JAX_GEMV_CONFIG: unknown field {k!r}; fields: {sorted(names)}")
         kw[k] = {"True": True, "False": False, "None": None}.get(v, v)
-        if isinstance(kw[k], str):
+        if isinstance(kw[k], str) and k != "x_mode":
             kw[k] = int(v)
     return GemvConfig(**kw)
 
 
+def _x_columns(x_ref, b, wpb, per_row, mask_steps, x_mode):
+    """The x values each of a block's 8 word columns multiplies: 8 float32 ``[1, wpb]`` arrays
+    (``"join"``: one ``[1, wpb, 8]`` array). A block past the row's end (masked steps) reads
+    block 0 (its scale is zeroed)."""
+    blk = jnp.where(b < per_row, b, 0) if mask_steps else b
+    if x_mode == "gather":  # x_ref: [K]
+        cols = blk * (8 * wpb) + 8 * jnp.arange(wpb, dtype=jnp.int32)
+        return [x_ref[cols + j].astype(jnp.float32)[None, :] for j in range(8)]
+    if x_mode == "permuted":  # x_ref: [8, K / 8]
+        return [x_ref[j, pl.ds(blk * wpb, wpb)].astype(jnp.float32)[None, :] for j in range(8)]
+    tile = x_ref[pl.ds(blk * wpb, wpb), :].astype(jnp.float32)  # x_ref: [K / 8, 8]
+    if x_mode == "join":
+        return tile[None]
+    return [c.reshape(1, wpb) for c in jnp.split(tile, 8, axis=1)]
+
+
+def _join8(vals: list) -> jax.Array:
+    """8 arrays ``[R, C]`` -> ``[R, C, 8]`` (element j last), by pairwise joins along a new last
+    axis (the only join Triton has)."""
+    s1 = [jnp.stack([vals[m], vals[m + 4]], axis=-1) for m in range(4)]
+    s2 = [jnp.stack([s1[n], s1[n + 2]], axis=-1) for n in range(2)]
+    s3 = jnp.stack([s2[0], s2[1]], axis=-1)  # [R, C, i2, i1, i0] = vals[4 i2 + 2 i1 + i0]
+    return s3.reshape(s3.shape[:2] + (8,))
+
+
 def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exact, bf16,
-            mask_rows, mask_steps, layered, aliased):
+            mask_rows, mask_steps, layered, aliased, x_mode):
     nq = dec.num_qrefs(q_static[1])
     x_ref = refs[0]
     qrefs = _call.qrefs(list(refs[1:1 + nq]), q_static, "select", exact)
@@ -96,17 +129,16 @@ def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exac
                              mask=ok, other=0)
             raw = dec.load(qrefs.absmax_ref.at[pl.ds(row_base + n0, rows), pl.ds(b, 1)],
                            mask=ok, other=0)
-            # x[8w + j] for the block's words w: gathers from the (cached) row of x; a block
-            # past the row's end (masked steps) reads column 0 and its scale is zeroed.
-            base = jnp.where(b < per_row, b * block_size, 0) if mask_steps else b * block_size
-            cols = base + 8 * jnp.arange(wpb, dtype=jnp.int32)
-            xs = [x_ref[cols + j].astype(jnp.float32)[None, :] for j in range(8)]
+            xs = _x_columns(x_ref, b, wpb, per_row, mask_steps, x_mode)
             loaded.append((b, words, raw, xs))
         for b, words, raw, xs in loaded:
             vals = dec.lookup_words(words, qrefs.table, exact, bf16)
-            part = vals[0] * xs[0]
-            for j in range(1, 8):
-                part = part + vals[j] * xs[j]
+            if x_mode == "join":
+                part = jnp.sum(_join8(vals) * xs, axis=-1)
+            else:
+                part = vals[0] * xs[0]
+                for j in range(1, 8):
+                    part = part + vals[j] * xs[j]
             absmax = dec.decode_absmax(raw, row_idx * per_row + b, qrefs)
             if masked:
                 absmax = jnp.where(row_ok & (b < per_row), absmax, jnp.float32(0))
@@ -153,12 +185,17 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
         qin[0].reshape(qin[0].shape[0], qin[0].shape[1] // 4, 4), jnp.uint32)
     if layer is not None:
         qin.append(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
-    inputs, aliases = _call.with_out([x.reshape(n_cols)] + qin, out_shape, out)
+    if config.x_mode not in X_MODES:
+        raise ValueError(f"unknown x_mode {config.x_mode!r}; expected one of {X_MODES}")
+    x_in = {"gather": lambda: x.reshape(n_cols),
+            "permuted": lambda: x.reshape(n_cols // 8, 8).T}.get(
+                config.x_mode, lambda: x.reshape(n_cols // 8, 8))()
+    inputs, aliases = _call.with_out([x_in] + qin, out_shape, out)
     kernel = functools.partial(
         _kernel, n_rows=n_rows, n_cols=n_cols, block_size=bs, rows=rows, blocks=blocks,
         tps=tps, q_static=_call.q_static(q), exact=not interpret, bf16=bf16,
         mask_rows=n_rows % rows != 0, mask_steps=(n_cols // bs) != split * tps * blocks,
-        layered=layer is not None, aliased=out is not None)
+        layered=layer is not None, aliased=out is not None, x_mode=config.x_mode)
     part = pl.pallas_call(kernel, out_shape=out_shape, grid=(programs, split),
                           input_output_aliases=aliases, name="qlora_gemv_rows_4bit",
                           **_call.params(config.num_warps, config.num_stages, interpret)

@@ -78,6 +78,12 @@ def weight_2d(q: QTensor) -> list:
                      q.absmax.reshape(layers * n, k // q.block_size))
 
 
+def as_words(packed: jax.Array) -> jax.Array:
+    """Packed codes ``[R, C]`` uint8 as uint32 words ``[R, C // 4]`` (a free bitcast)."""
+    return jax.lax.bitcast_convert_type(packed.reshape(packed.shape[0], packed.shape[1] // 4, 4),
+                                        jnp.uint32)
+
+
 def layer_base(refs: list, nq: int, qrefs: dec.QRefs, q_static: tuple, n_rows: int,
                 layered: bool) -> Any:
     """The first row of this weight in the packed/absmax refs: 0, or for a layer of a stack

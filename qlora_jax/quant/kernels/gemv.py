@@ -95,15 +95,6 @@ def _x_columns(x_ref, b, wpb, per_row, mask_steps, x_mode):
     return [c.reshape(1, wpb) for c in jnp.split(tile, 8, axis=1)]
 
 
-def _join8(vals: list) -> jax.Array:
-    """8 arrays ``[R, C]`` -> ``[R, C, 8]`` (element j last), by pairwise joins along a new last
-    axis (the only join Triton has)."""
-    s1 = [jnp.stack([vals[m], vals[m + 4]], axis=-1) for m in range(4)]
-    s2 = [jnp.stack([s1[n], s1[n + 2]], axis=-1) for n in range(2)]
-    s3 = jnp.stack([s2[0], s2[1]], axis=-1)  # [R, C, i2, i1, i0] = vals[4 i2 + 2 i1 + i0]
-    return s3.reshape(s3.shape[:2] + (8,))
-
-
 def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exact, bf16,
             mask_rows, mask_steps, layered, aliased, x_mode):
     nq = dec.num_qrefs(q_static[1])
@@ -134,7 +125,7 @@ def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exac
         for b, words, raw, xs in loaded:
             vals = dec.lookup_words(words, qrefs.table, exact, bf16)
             if x_mode == "join":
-                part = jnp.sum(_join8(vals) * xs, axis=-1)
+                part = jnp.sum(dec.join8(vals) * xs, axis=-1)
             else:
                 part = vals[0] * xs[0]
                 for j in range(1, 8):
@@ -181,8 +172,7 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
     out_shape = jax.ShapeDtypeStruct((split, n_rows), jnp.float32)
     qin = _call.weight_2d(q)
     # The codes as uint32 words and x as a flat row: free bitcasts and reshapes.
-    qin[0] = jax.lax.bitcast_convert_type(
-        qin[0].reshape(qin[0].shape[0], qin[0].shape[1] // 4, 4), jnp.uint32)
+    qin[0] = _call.as_words(qin[0])
     if layer is not None:
         qin.append(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
     if config.x_mode not in X_MODES:

@@ -106,8 +106,8 @@ def x_modes(quick: bool) -> None:
     """The ways a word's 8 values meet x (``GemvConfig.x_mode``), bf16 codebook: tiles on the
     first shape, then the best two of each mode on the others."""
     from qlora_jax.quant.kernels.gemv import X_MODES
-    grid = [GemvConfig(rows=r, blocks=b, num_warps=w, bf16_lut=True, x_mode=m)
-            for m in X_MODES for r in (64, 128) for b in (2, 4) for w in (4, 8)]
+    grid = [GemvConfig(rows=r, blocks=b, bf16_lut=True, x_mode=m)
+            for m in X_MODES for r in (64, 128) for b in (2, 4)]
     if quick:
         grid = [c for c in grid if c.rows == 64 and c.blocks == 2 and c.num_warps == 4]
     best: dict = {}
@@ -133,11 +133,11 @@ def small_m(quick: bool, words: bool = False) -> None:
              MatmulConfig(bm=32, bn=128, bk=128, num_warps=8, num_stages=3),
              MatmulConfig(bm=64, bn=128, bk=64, num_warps=8, num_stages=3)]
     if words:
-        tiles = [c for c in tiles if c.bm != 32] + [
-            dataclasses.replace(c, lut=lut) for lut in ("words", "words_bf16") for c in tiles
-            + [MatmulConfig(bm=64, bn=64, bk=256, num_warps=4, num_stages=3),
-               MatmulConfig(bm=64, bn=128, bk=128, num_warps=8, num_stages=3),
-               MatmulConfig(bm=16, bn=128, bk=256, num_warps=8, num_stages=3)]]
+        tiles = [tiles[0], tiles[2]] + [
+            dataclasses.replace(c, lut=lut) for lut in ("words_bf16", "words") for c in (
+                tiles[0], tiles[2], MatmulConfig(bm=16, bn=128, bk=256, num_warps=8),
+                MatmulConfig(bm=64, bn=64, bk=256, num_warps=4),
+                MatmulConfig(bm=64, bn=128, bk=128, num_warps=8))]
     if quick:
         tiles = tiles[:1] + tiles[-1:]
     for shape in SHAPES[:2]:

@@ -62,7 +62,7 @@ def test_gemv_lab_quick_runs(tmp_path, monkeypatch):
                                          "gemv_rows_join", "gemv_rows_split",
                                          "gemv_rows_permuted"}
     fused = {r["impl"] for r in rows if r["impl"].startswith("fused")}
-    assert fused == {"fused", "fused_words_bf16"}, fused
+    assert fused == {"fused", "fused_words"}, fused
     for r in rows:
         assert "error" not in r, r
     for r in ours:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax.lora.stack import adapter_count
+from qlora_jax.lora.tree import flatten, unflatten
 
 TokenIds = Union[int, Sequence[int], None]
 
@@ -54,6 +55,7 @@ def _generate(model: Any, params: Any, ids: jax.Array, mask: jax.Array, key: jax
               adapter_index: Optional[jax.Array], *,
               max_new_tokens: int, sample: bool, use_top_p: bool) -> jax.Array:
     b, t = ids.shape
+    params = adapters_in_compute_dtype(model, params)
     extra = {} if adapter_index is None else {"adapter_index": adapter_index}
     cache = model.init_cache(b, t + max_new_tokens)
     logits, cache = model.apply({"params": params}, ids, mask, cache=cache, **extra)
@@ -83,6 +85,30 @@ def _generate(model: Any, params: Any, ids: jax.Array, mask: jax.Array, key: jax
     state = (jnp.zeros((), jnp.int32), logits[:, -1], cache, out, done, key)
     out = jax.lax.while_loop(cond, body, state)[3]
     return jnp.concatenate([ids, out], axis=1)
+
+
+def adapters_in_compute_dtype(model: Any, params: Any) -> Any:
+    """``params`` with the LoRA matrices cast once to the model's compute dtype.
+
+    ``LoraDense`` casts its adapters to the compute dtype at every call (float32 adapters in a
+    bfloat16 model); inside the decode loop that is a convert kernel per projection and layer
+    a token, which XLA cannot hoist out of the layer loop. The values are the same. DoRA
+    modules keep theirs (their weight norm reads the stored values).
+    """
+    dtype = getattr(model, "dtype", None)
+    if dtype is None:
+        return params
+    flat = flatten(params)
+    dora = {p[:-1] for p in flat if p[-1] == "lora_magnitude"}
+
+    def cast(path, v):
+        if (path[-1] in ("lora_a", "lora_b") and path[:-1] not in dora
+                and isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating)
+                and v.dtype != dtype):
+            return v.astype(dtype)
+        return v
+
+    return unflatten({p: cast(p, v) for p, v in flat.items()})
 
 
 def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,

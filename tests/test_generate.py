@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import qlora_jax as qj
+from qlora_jax.generate import adapters_in_compute_dtype
+from qlora_jax.lora.tree import flatten
 from tests.models import tiny
 from tests.models.conftest import llama_ckpt  # noqa: F401  (fixture)
 
@@ -42,6 +44,26 @@ def test_greedy_is_the_argmax_continuation_of_apply_for_qlora(llama_ckpt, rng):
     full_mask = np.concatenate([mask, np.ones((2, 6), mask.dtype)], axis=1)
     logits = jax.jit(model.apply)({"params": params}, jnp.asarray(out), jnp.asarray(full_mask))
     np.testing.assert_array_equal(out[:, 6:], np.asarray(jnp.argmax(logits[:, 5:-1], axis=-1)))
+
+
+def test_adapters_cast_once_to_the_compute_dtype(llama_ckpt, rng):
+    """generate casts float32 adapters of a bfloat16 model once (LoraDense would cast them at
+    every call): the same logits as apply on the stored params, DoRA modules untouched."""
+    path, _ = llama_ckpt("llama_gqa")
+    for use_dora in (False, True):
+        lora = qj.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init="random",
+                             use_dora=use_dora)
+        model, params = qj.from_pretrained(path, dtype=jnp.bfloat16, lora=lora,
+                                           seed=int(rng.integers(1 << 30)))
+        cast = adapters_in_compute_dtype(model, params)
+        leaves = {"/".join(p): v for p, v in flatten(cast).items()}
+        adapters = {k: v for k, v in leaves.items() if k.endswith(("lora_a", "lora_b"))}
+        assert adapters and all(v.dtype == (jnp.float32 if use_dora else jnp.bfloat16)
+                                for v in adapters.values()), use_dora
+        ids = jnp.asarray(rng.integers(3, 60, (2, 6)))
+        want = model.apply({"params": params}, ids)
+        got = model.apply({"params": cast}, ids)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 def test_eos_stops_a_row_and_pads_after_it(llama_ckpt, rng):

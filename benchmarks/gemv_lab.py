@@ -123,33 +123,22 @@ def x_modes(quick: bool) -> None:
                 best[c] = sec
 
 
-def small_m(quick: bool, words: bool = False) -> None:
-    """The tiled kernel against the two-pass path at 16-64 tokens; ``words``: its word-lookup
-    variants (``lut="words"``, ``"words_bf16"``) beside the default lookup."""
+def small_m(quick: bool) -> None:
     from qlora_jax.quant.kernels.gpu import MatmulConfig
-    tiles = [MatmulConfig(bm=16, bn=64, bk=256, num_warps=4, num_stages=3),
-             MatmulConfig(bm=32, bn=64, bk=256, num_warps=4, num_stages=3),
-             MatmulConfig(bm=64, bn=64, bk=128, num_warps=4, num_stages=3),
-             MatmulConfig(bm=32, bn=128, bk=128, num_warps=8, num_stages=3),
-             MatmulConfig(bm=64, bn=128, bk=64, num_warps=8, num_stages=3)]
-    if words:
-        tiles = [tiles[0], tiles[2]] + [
-            dataclasses.replace(c, lut=lut) for lut in ("words_bf16", "words") for c in (
-                tiles[0], tiles[2], MatmulConfig(bm=16, bn=128, bk=256, num_warps=8),
-                MatmulConfig(bm=64, bn=64, bk=256, num_warps=4),
-                MatmulConfig(bm=64, bn=128, bk=128, num_warps=8))]
-    if quick:
-        tiles = tiles[:1] + tiles[-1:]
     for shape in SHAPES[:2]:
         for tokens in (16, 32, 64):
             ws, xs, ref = inputs(shape, tokens, quick)
             case(shape, tokens, "two_pass", lambda x, q: gpu._two_pass(x, q, False, None), ws,
                  xs, ref, quick)
-            for c in tiles:
-                if c.bm > 2 * tokens or (c.bm < 64 and tokens > 16 and c.lut):
+            for c in (MatmulConfig(bm=16, bn=64, bk=256, num_warps=4, num_stages=3),
+                      MatmulConfig(bm=32, bn=64, bk=256, num_warps=4, num_stages=3),
+                      MatmulConfig(bm=64, bn=64, bk=128, num_warps=4, num_stages=3),
+                      MatmulConfig(bm=32, bn=128, bk=128, num_warps=8, num_stages=3),
+                      MatmulConfig(bm=64, bn=128, bk=64, num_warps=8, num_stages=3)):
+                if c.bm > 2 * tokens:
                     continue
-                case(shape, tokens, "fused" if not c.lut else f"fused_{c.lut}",
-                     lambda x, q, c=c: gpu.linear(x, q, c), ws, xs, ref, quick, c)
+                case(shape, tokens, "fused", lambda x, q, c=c: gpu.linear(x, q, c), ws, xs,
+                     ref, quick, c)
 
 
 def ptx(quick: bool) -> None:
@@ -163,7 +152,7 @@ def ptx(quick: bool) -> None:
 def main(argv: Optional[list] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--part", action="append", choices=("gemv", "x_modes", "small_m", "small_m_words", "ptx"))
+    p.add_argument("--part", action="append", choices=("gemv", "x_modes", "small_m", "ptx"))
     p.add_argument("--out", default="benchmarks/out")
     args = p.parse_args(argv)
     parts = args.part or ["gemv", "small_m"]
@@ -171,8 +160,8 @@ def main(argv: Optional[list] = None) -> None:
         gemv_sweep(args.quick, args.out)
     if "x_modes" in parts:
         x_modes(args.quick)
-    if "small_m" in parts or "small_m_words" in parts:
-        small_m(args.quick, words="small_m_words" in parts)
+    if "small_m" in parts:
+        small_m(args.quick)
     if "ptx" in parts:
         ptx(args.quick)
     os.makedirs(args.out, exist_ok=True)

@@ -150,46 +150,6 @@ def test_fused_matmul_kernel(tokens, dtype, transpose, double_quant):
     assert _rel(got, ref) < TOL[dtype], (_rel(got, ref), f"seed={seed}")
 
 
-@pytest.mark.parametrize("tokens,bk,block_size,dtype", [
-    (21, 64, 64, jnp.float32), (40, 128, 64, jnp.bfloat16), (9, 32, 64, jnp.float16),
-    (33, 256, 128, jnp.float32)])
-def test_tiled_kernel_word_lookup(tokens, bk, block_size, dtype):
-    """The tiled x @ W.T kernel reading codes as uint32 words: ``lut="words"`` gives the
-    default lookup's result exactly (masked rows, tokens and reduction steps included);
-    ``"words_bf16"`` (the bf16-rounded codebook) stays within bf16 rounding of float64."""
-    rng, seed = _rng()
-    n_out, n_in = 72, 640
-    q = qj.quant.quantize(_weight(rng, (n_out, n_in)), "nf4", block_size, True)
-    x = jnp.asarray(rng.standard_normal((tokens, n_in)), dtype)
-    bm = 16 if tokens <= 16 else 64
-
-    def run(lut, split=2):
-        c = gpu.MatmulConfig(bm=bm, bn=32, bk=bk, split=split, lut=lut)
-        return np.asarray(gpu.matmul_4bit(x, q, transpose=False, config=c), np.float64)
-
-    assert np.array_equal(run("words"), run("prmt")), f"seed={seed}"
-    assert np.array_equal(run("words", split=1), run("prmt", split=1)), f"seed={seed}"
-    w = np.asarray(dequantize_xla(q, jnp.float32), np.float64)
-    ref = np.asarray(x, np.float64) @ w.T
-    assert _rel(run("words_bf16"), ref) < max(TOL[dtype], 8e-3), f"seed={seed}"
-    with pytest.raises(ValueError, match="tiled x @ W.T kernel only"):
-        gpu.matmul_4bit(x, q, transpose=True, config=gpu.MatmulConfig(bm=bm, lut="words"))
-
-
-@pytest.mark.parametrize("lut", ["words", "words_bf16"])
-def test_tiled_word_lookup_lowers_for_cuda(lut):
-    """The word-lookup tiled kernel's Triton lowering (joins, the multi-result inline asm, the
-    dot) runs on any host: exported for CUDA without a GPU."""
-    rng, _ = _rng()
-    q = qj.quant.quantize(_weight(rng, (128, 512)), "nf4", 64, True)
-    x = jnp.ones((32, 512), jnp.bfloat16)
-    c = gpu.MatmulConfig(bm=64, bn=64, bk=128, lut=lut)
-    fn = jax.jit(lambda v, w: gpu.matmul_4bit(v, w, transpose=False, config=c, interpret=False))
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    text = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(x, q).mlir_module()
-    assert "qlora_matmul_4bit" in text
-
-
 # Explicit tiles: several tiles along every axis, reductions split over programs.
 POISON_CASES = [
     (1, gpu.MatmulConfig(bm=None, bn=16, bk=64, split=3)),

@@ -216,33 +216,6 @@ def join8(vals: list) -> jax.Array:
     return s3.reshape(s3.shape[:2] + (8,))
 
 
-def weight_tile_words(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_rows: int,
-                      n_cols: int, block_size: int, bf16: bool, row_base: Any = 0) -> jax.Array:
-    """``weight_tile`` from codes read as uint32 words (the packed ref is ``[N, K // 8]``
-    uint32): each word's 8 values from one lookup (``lookup_words``), joined back into column
-    order. With ``bf16`` the codebook is rounded to bfloat16 first (not bit-exact with
-    ``dequantize_xla``); otherwise the values are ``weight_tile``'s, bit for bit."""
-    rows = n0 + jnp.arange(bn, dtype=jnp.int32)[:, None]
-    row_ok = rows < n_rows
-    nw = bk // 8
-    wcols = k0 // 8 + jnp.arange(nw, dtype=jnp.int32)[None, :]
-    words = load(qrefs.packed_ref.at[pl.ds(row_base + n0, bn), pl.ds(k0 // 8, nw)],
-                 mask=row_ok & (wcols < n_cols // 8), other=0)
-    values = join8(lookup_words(words, qrefs.table, qrefs.exact, bf16)).reshape(bn, bk)
-    n_blocks_row = n_cols // block_size
-    nbt = max(bk // block_size, 1)
-    kb0 = k0 // block_size
-    kbs = kb0 + jnp.arange(nbt, dtype=jnp.int32)[None, :]
-    am_ok = row_ok & (kbs < n_blocks_row)
-    raw = load(qrefs.absmax_ref.at[pl.ds(row_base + n0, bn), pl.ds(kb0, nbt)], mask=am_ok,
-               other=0)
-    absmax = jnp.where(am_ok, decode_absmax(raw, rows * n_blocks_row + kbs, qrefs),
-                       jnp.float32(0))
-    if nbt == 1:
-        return values * absmax
-    return (values.reshape(bn, nbt, block_size) * absmax[:, :, None]).reshape(bn, bk)
-
-
 def bf16_table(table: np.ndarray) -> np.ndarray:
     """The codebook rounded to bfloat16 (nearest, ties to even), as float32."""
     bits = np.asarray(table, np.float32).view(np.uint32).astype(np.uint64)

@@ -4,8 +4,9 @@ A program owns ``rows`` rows of W and walks its share of the reduction axis one 
 block at a time. The codes are read as uint32 words (8 codes, a free bitcast of the packed
 bytes) and one inline-asm call turns a word into its 8 codebook values (byte permutes, see
 ``_decode.word_lookup_ptx``): no byte is unpacked into a wider tile and no table is read from
-memory. Value ``j`` of every word multiplies ``x[8w + j]`` (gathered from the row of x, which
-stays in cache), and the block's scale multiplies the block's partial sums. Each loop step
+memory. Value ``j`` of every word multiplies ``x[8w + j]``: gathered from the row of x (which
+stays in cache), or, on large weights, the 8 values joined back into column order against one
+contiguous tile of x. The block's scale multiplies the block's partial sums. Each loop step
 first loads ``blocks`` blocks of every row and then computes them, which keeps that many
 blocks in flight. The reduction axis is split over programs (``split``) so the GPU fills at
 decode shapes; XLA adds the float32 partial sums ``[split, N]``.
@@ -38,10 +39,8 @@ class GemvConfig:
     loaded before use each loop step, ``split`` programs along the reduction axis (``None``:
     enough for ~``waves`` programs an SM). ``bf16_lut``: look values up in the bf16-rounded
     codebook (``None``: for bfloat16 inputs). ``x_mode``: how value ``j`` of word ``w`` meets
-    ``x[8w + j]``: ``"gather"`` (8 strided loads of x a block), ``"join"`` (the 8 values joined
-    into ``[rows, words, 8]`` against a contiguous ``[words, 8]`` tile of x), ``"split"`` (the
-    contiguous tile of x split into its 8 columns), ``"permuted"`` (x transposed to
-    ``[8, K / 8]`` outside the kernel: 8 contiguous loads a block)."""
+    ``x[8w + j]``: ``"gather"`` (8 strided loads of x a block) or ``"join"`` (the 8 values
+    joined into ``[rows, words, 8]`` against one contiguous ``[words, 8]`` tile of x)."""
 
     rows: int = 128
     blocks: int = 4
@@ -53,17 +52,20 @@ class GemvConfig:
     x_mode: str = "gather"
 
 
-X_MODES = ("gather", "join", "split", "permuted")
+X_MODES = ("gather", "join")
 
 
-def default_config(n_rows: int) -> GemvConfig:
-    """Tiles measured best on an H200 (benchmarks/RESULTS.md, session 6): 128 rows a program
-    for wide weights, fewer for narrow ones (k/v projections) so the grid still fills the GPU;
-    ``QLORA_JAX_GEMV_CONFIG`` (``rows=64,blocks=2,...``) overrides them, for tuning runs."""
+def default_config(n_rows: int, n_cols: int = 0) -> GemvConfig:
+    """Tiles measured best on an H200 (benchmarks/RESULTS.md, sessions 6 and 7): 128 rows a
+    program for wide weights, fewer for narrow ones (k/v projections) so the grid still fills
+    the GPU; x met as a contiguous tile (``"join"``) on the MLP's large weights (>= 2**25
+    elements: 7% faster there, slower on the 4096 x 4096 ones). ``QLORA_JAX_GEMV_CONFIG``
+    (``rows=64,blocks=2,...``) overrides them, for tuning runs."""
     spec = os.environ.get("QLORA_JAX_GEMV_CONFIG", "").strip()
     if spec:
         return _parse(spec)
-    return GemvConfig(rows=128 if n_rows >= 4096 else 64 if n_rows >= 2048 else 32)
+    return GemvConfig(rows=128 if n_rows >= 4096 else 64 if n_rows >= 2048 else 32,
+                      x_mode="join" if n_rows * n_cols >= 1 << 25 else "gather")
 
 
 def _parse(spec: str) -> GemvConfig:
@@ -80,19 +82,14 @@ def _parse(spec: str) -> GemvConfig:
 
 
 def _x_columns(x_ref, b, wpb, per_row, mask_steps, x_mode):
-    """The x values each of a block's 8 word columns multiplies: 8 float32 ``[1, wpb]`` arrays
-    (``"join"``: one ``[1, wpb, 8]`` array). A block past the row's end (masked steps) reads
-    block 0 (its scale is zeroed)."""
+    """The x values a block's words multiply: for ``"gather"`` 8 float32 ``[1, wpb]`` arrays
+    (column j of every word), for ``"join"`` one ``[1, wpb, 8]`` array. A block past the row's
+    end (masked steps) reads block 0 (its scale is zeroed)."""
     blk = jnp.where(b < per_row, b, 0) if mask_steps else b
     if x_mode == "gather":  # x_ref: [K]
         cols = blk * (8 * wpb) + 8 * jnp.arange(wpb, dtype=jnp.int32)
         return [x_ref[cols + j].astype(jnp.float32)[None, :] for j in range(8)]
-    if x_mode == "permuted":  # x_ref: [8, K / 8]
-        return [x_ref[j, pl.ds(blk * wpb, wpb)].astype(jnp.float32)[None, :] for j in range(8)]
-    tile = x_ref[pl.ds(blk * wpb, wpb), :].astype(jnp.float32)  # x_ref: [K / 8, 8]
-    if x_mode == "join":
-        return tile[None]
-    return [c.reshape(1, wpb) for c in jnp.split(tile, 8, axis=1)]
+    return x_ref[pl.ds(blk * wpb, wpb), :].astype(jnp.float32)[None]  # x_ref: [K / 8, 8]
 
 
 def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exact, bf16,
@@ -161,7 +158,7 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
     bs = q.block_size
     if n_cols % bs or bs % 8:
         raise ValueError(f"rows of {n_cols} are not whole blocks of {bs} (a multiple of 8)")
-    config = config or default_config(n_rows)
+    config = config or default_config(n_rows, n_cols)
     bf16 = x.dtype == jnp.bfloat16 if config.bf16_lut is None else config.bf16_lut
     rows, blocks = config.rows, config.blocks
     programs = pl.cdiv(n_rows, rows)
@@ -177,9 +174,7 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
         qin.append(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
     if config.x_mode not in X_MODES:
         raise ValueError(f"unknown x_mode {config.x_mode!r}; expected one of {X_MODES}")
-    x_in = {"gather": lambda: x.reshape(n_cols),
-            "permuted": lambda: x.reshape(n_cols // 8, 8).T}.get(
-                config.x_mode, lambda: x.reshape(n_cols // 8, 8))()
+    x_in = x.reshape(n_cols) if config.x_mode == "gather" else x.reshape(n_cols // 8, 8)
     inputs, aliases = _call.with_out([x_in] + qin, out_shape, out)
     kernel = functools.partial(
         _kernel, n_rows=n_rows, n_cols=n_cols, block_size=bs, rows=rows, blocks=blocks,

@@ -49,10 +49,6 @@ except ImportError:  # pragma: no cover
 # Codebook lookup used when a config names none (see _decode.lookup; interpret mode
 # always runs "prmt" as the equivalent select tree).
 DEFAULT_LUT = {"dequant": "prmt", "matmul": "prmt"}
-# The tiled x @ W.T kernel can also read the codes as uint32 words and look a word's 8 values
-# up at once (as the row GEMV does): "words" (exact codebook: the same values as the other
-# modes) or "words_bf16" (the codebook rounded to bfloat16 first).
-WORD_LUTS = ("words", "words_bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,14 +254,8 @@ def _mm_kernel(*refs, transpose, m, n_rows, n_cols, block_size, bm, bn, bk, tps,
         cols = k0 + jnp.arange(bk, dtype=jnp.int32)[None, :]
         a = dec.load(a_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
                      mask=(rows < m) & (cols < n_cols), other=0)
-        if lut in WORD_LUTS:  # codes as uint32 words (matmul_4bit bitcasts the packed bytes)
-            w = dec.weight_tile_words(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows,
-                                      n_cols=n_cols, block_size=block_size,
-                                      bf16=lut == "words_bf16", row_base=row_base)
-        else:
-            w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
-                                block_size=block_size, row_base=row_base)
-        w = w.astype(dtype)
+        w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
+                            block_size=block_size, row_base=row_base).astype(dtype)
         return acc + jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), precision=precision,
                                          preferred_element_type=jnp.float32)
 
@@ -326,10 +316,6 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
                   q_static=_call.q_static(q), lut=config.lut or DEFAULT_LUT["matmul"],
                   exact=not interpret, aliased=out is not None, layered=layer is not None)
     qin = _call.weight_2d(q)
-    if common["lut"] in WORD_LUTS:
-        if transpose or config.bm is None:
-            raise ValueError(f"lut={common['lut']!r} is for the tiled x @ W.T kernel only")
-        qin[0] = _call.as_words(qin[0])
     if layer is not None:
         qin.append(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
     if config.bm is None:  # GEMV

@@ -154,9 +154,6 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
     from qlora_jax.lora import tree as lora_tree
     from benchmarks.train_step import random_params
 
-    from qlora_jax.lora import dense
-    one_row = os.environ.get("QLORA_JAX_GEN_LORA_ONE_ROW", "reductions")
-    dense.ONE_ROW_AS_REDUCTIONS = one_row == "reductions"
     model = _model(shape, weights, prompt + new, r)
     params = _nonzero_b(random_params(model, shape, r, seed=0), seed=1)
     jax.block_until_ready(params)
@@ -168,7 +165,7 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
     bw = copy_bandwidth()
     limit = weights_bytes / bw  # read once a token at the copy's rate (bytes read + written /s)
     kv = 2 * shape.layers * batch * (prompt + new) * shape.kv_heads * shape.head_dim * 2
-    return dict(system="qlora_jax", weights=weights, lora_one_row=one_row, **_row(t, batch),
+    return dict(system="qlora_jax", weights=weights, **_row(t, batch),
                 weights_gib=round(weights_bytes / 2**30, 3), kv_cache_gib=round(kv / 2**30, 3),
                 copy_gb_s=round(bw / 1e9, 1), limit_ms=round(1000 * limit, 3),
                 fraction_of_limit=round(limit / t["decode"], 4), **prof, **_device_info())
@@ -301,9 +298,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--profile", type=int, nargs="?", const=25, default=0, metavar="TOP",
                    help="add the device time a token by kernel (a jax.profiler trace) to our "
                         "rows: by category and the TOP kernels (default 25)")
-    p.add_argument("--lora-one-row", default="reductions", choices=("reductions", "dots"),
-                   help="how LoraDense computes the adapter at one input row (batch 1 decoding): "
-                        "qlora_jax.lora.dense.ONE_ROW_AS_REDUCTIONS")
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--system", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -330,8 +324,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         cmd = [sys.executable, "-m", "benchmarks.generate", "--system", system,
                "--shape", args.shape, "--batch", str(batch), "--prompt", str(prompt),
                "--new", str(args.new), "--rank", str(args.rank), "--adapters", str(args.adapters)]
-        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
-                   QLORA_JAX_GEN_LORA_ONE_ROW=args.lora_one_row)
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         if args.profile:
             env["QLORA_JAX_GEN_PROFILE"] = str(args.profile)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)

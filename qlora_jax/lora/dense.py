@@ -67,26 +67,6 @@ def lora_b_init(spec: LoraSpec) -> Initializer:
     return init
 
 
-#: One input row (a decoded token at batch 1): the adapter products as broadcast-and-sum
-#: reductions instead of dots (see ``one_row_delta``).
-ONE_ROW_AS_REDUCTIONS = True
-
-
-def one_row_delta(h: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
-    """``h A B * scaling`` for one row ``h`` (``[..., in]``, one row in all) as two reductions.
-
-    Same roundings as the dots (float32 sums, each product rounded to ``h.dtype``, then the
-    scale); only the order of the float32 sums differs. Written as reductions, XLA fuses each
-    with its operands' producers (the layer's slice of A and B inside the layer loop) and its
-    consumers (the scale, the add to the base output), where a tiny dot is a kernel of its own
-    with its operands copied out first: decoding at batch 1 launches fewer kernels a layer.
-    """
-    f32 = jnp.float32
-    low = jnp.sum(h.reshape(-1, 1).astype(f32) * a.astype(f32), axis=0).astype(h.dtype)
-    out = jnp.sum(low.reshape(-1, 1).astype(f32) * b.astype(f32), axis=0).astype(h.dtype)
-    return (out * jnp.asarray(scaling, h.dtype)).reshape(h.shape[:-1] + (b.shape[-1],))
-
-
 class LoraDense(nn.Module):
     """A linear layer with an optional 4-bit frozen kernel and optional LoRA adapters.
 
@@ -166,10 +146,7 @@ class LoraDense(nn.Module):
         if spec.dropout > 0.0:
             h = nn.Dropout(rate=spec.dropout)(h, deterministic=deterministic)
         h, a_c, b_c = nn.dtypes.promote_dtype(h, a, b, dtype=self.dtype)
-        if ONE_ROW_AS_REDUCTIONS and math.prod(h.shape[:-1]) == 1:
-            delta = one_row_delta(h, a_c, b_c, spec.scaling)
-        else:
-            delta = jnp.dot(jnp.dot(h, a_c), b_c) * jnp.asarray(spec.scaling, h.dtype)
+        delta = jnp.dot(jnp.dot(h, a_c), b_c) * jnp.asarray(spec.scaling, h.dtype)
         if spec.use_dora:
             y = self._dora(y, h, kernel, a, b, delta, spec.scaling, dropped)
         else:

@@ -133,30 +133,6 @@ def test_exact_param_tree():
     assert q.packed.shape == (3, 64 * 64 // 2) and q.packed.dtype == jnp.uint8
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
-def test_one_row_adapter_reductions_equal_the_dots(dtype, tol, rng):
-    """One input row (batch-1 decoding) takes the adapter products as reductions: the same
-    output as the dot path (float32: to float32 sums' order; bfloat16: within its rounding),
-    and the same as that row inside a batch of rows."""
-    d_in, d_out, r = 96, 40, 8
-    w = rng.standard_normal((d_out, d_in)).astype(np.float32) / math.sqrt(d_in)
-    a = rng.standard_normal((d_in, r)).astype(np.float32) / math.sqrt(d_in)
-    b = rng.standard_normal((r, d_out)).astype(np.float32)
-    cfg = qj.LoraConfig(r=r, alpha=16, target_modules=["lin"])
-    params = {"lin": {"kernel": jnp.asarray(w.T, dtype), "bias": jnp.zeros(d_out, dtype),
-                      "lora_a": jnp.asarray(a, dtype), "lora_b": jnp.asarray(b, dtype)}}
-    x = jnp.asarray(rng.standard_normal((1, 1, d_in)), dtype)
-    got = qj.lora.dense.one_row_delta(x, params["lin"]["lora_a"], params["lin"]["lora_b"], 2.0)
-    want = jnp.dot(jnp.dot(x, params["lin"]["lora_a"]), params["lin"]["lora_b"]) * 2
-    assert got.shape == (1, 1, d_out) and got.dtype == dtype
-    ref = np.asarray(x, np.float64)[0] @ a.astype(np.float64) @ b * 2
-    assert rel(got[0], ref) < tol and rel(want[0], ref) < tol
-    model = Wrap(d_out, plan_for(cfg))
-    one = model.apply({"params": params}, x)
-    batch = jnp.concatenate([x, jnp.asarray(rng.standard_normal((1, 1, d_in)), dtype)], axis=0)
-    assert rel(one[0], model.apply({"params": params}, batch)[0]) < tol
-
-
 @pytest.mark.parametrize("quant", [None, qj.QuantConfig()])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_zero_adapter_is_bit_identical(quant, dtype, rng):

@@ -168,7 +168,7 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
     return dict(system="qlora_jax", weights=weights, **_row(t, batch),
                 weights_gib=round(weights_bytes / 2**30, 3), kv_cache_gib=round(kv / 2**30, 3),
                 copy_gb_s=round(bw / 1e9, 1), limit_ms=round(1000 * limit, 3),
-                fraction_of_limit=round(limit / t["decode"], 4), **prof, **_device_info())
+                fraction_of_limit=float(f"{limit / t['decode']:.4g}"), **prof, **_device_info())
 
 
 def _profile(model: Any, params: Any, ids: Any, new: int, top: int) -> dict[str, Any]:

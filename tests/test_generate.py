@@ -66,6 +66,22 @@ def test_adapters_cast_once_to_the_compute_dtype(llama_ckpt, rng):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+def test_prefill_sends_only_the_last_position_through_the_head(llama_ckpt, rng):
+    """The prompt's logits [B, T, V] are never built (34 GB at 32 x 2,048 tokens and a 128k
+    vocabulary): the lowered generate has no array of that shape, only [B, 1, V] ones."""
+    from qlora_jax.generate import _generate
+
+    path, _ = llama_ckpt("llama_gqa")
+    model, params = qj.from_pretrained(path, dtype=jnp.float32)
+    b, t, v = 3, 11, model.config.vocab_size
+    ids = jnp.asarray(rng.integers(3, v, (b, t)))
+    args = (model, params, ids, jnp.ones((b, t), jnp.int32), jax.random.PRNGKey(0),
+            jnp.float32(1.0), jnp.float32(1.0), jnp.asarray([2]), jnp.asarray(0), None)
+    text = _generate.lower(*args, max_new_tokens=4, sample=False, use_top_p=False).as_text()
+    assert f"{b}x1x{v}xf32" in text
+    assert f"{b}x{t}x{v}x" not in text
+
+
 def test_eos_stops_a_row_and_pads_after_it(llama_ckpt, rng):
     path, _ = llama_ckpt("llama_gqa")
     model, params = qj.from_pretrained(path, dtype=jnp.float32)

@@ -1,4 +1,5 @@
-"""Text generation with a KV cache: one prefill, then a jit-compiled decode step in a while loop.
+"""Text generation with a KV cache: a prefill (in chunks for long prompts), then a jit-compiled
+decode step in a while loop.
 
     out = qj.generate(model, params, input_ids, max_new_tokens=32)             # greedy
     out = qj.generate(model, params, ids, 32, temperature=0.7, top_p=0.9, seed=1,
@@ -49,21 +50,74 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: jax.Array,
     return jax.random.categorical(key, logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sample", "use_top_p"))
+#: Bytes the float32 attention scores of one prefill chunk may take (``prefill_chunk_for``).
+PREFILL_SCORES_BUDGET = 2 << 30
+
+
+def prefill_chunk_for(batch: int, heads: int, prompt: int, max_new_tokens: int) -> int:
+    """Prompt tokens a prefill step takes (0: the whole prompt at once).
+
+    The cached prefill attends with XLA's attention, whose float32 scores are
+    ``[B, H, chunk, S]`` for a cache of S slots: a 32k-token prompt at one row would need
+    128 GiB in one piece. The chunk is the largest power of two (at least 64) whose scores
+    fit ``PREFILL_SCORES_BUDGET``; prompts within one chunk run whole.
+    """
+    slots = prompt + max_new_tokens
+    scores = lambda c: batch * heads * c * slots * 4  # noqa: E731
+    if scores(prompt) <= PREFILL_SCORES_BUDGET:
+        return 0
+    chunk = 64
+    while chunk * 2 < prompt and scores(chunk * 2) <= PREFILL_SCORES_BUDGET:
+        chunk *= 2
+    return chunk if chunk < prompt else 0
+
+
+def _prefill(model: Any, params: Any, ids: jax.Array, mask: jax.Array, cache: Any,
+             extra: dict, chunk: int) -> tuple[jax.Array, Any]:
+    """Fills the cache with the prompt; returns the last position's hidden state ``[B, 1, D]``.
+
+    With ``chunk``, the prompt (left-padded with masked slots to whole chunks) runs ``chunk``
+    tokens a step in a scan, each step attending to the cache written so far: the same
+    attention, in pieces. Only the last position's hidden state is kept (the prompt's logits
+    are never built).
+    """
+    if not chunk:
+        hidden, cache = model.apply({"params": params}, ids, mask, cache=cache,
+                                    return_hidden=True, **extra)
+        return hidden[:, -1:], cache
+    b, t = ids.shape
+    n = -(-t // chunk)
+    lead = n * chunk - t
+    ids = jnp.pad(ids, ((0, 0), (lead, 0)))
+    mask = jnp.pad(mask, ((0, 0), (lead, 0)))
+
+    def step(cache, xs):
+        ids_c, mask_c = xs
+        hidden, cache = model.apply({"params": params}, ids_c, mask_c, cache=cache,
+                                    return_hidden=True, **extra)
+        return cache, hidden[:, -1]
+
+    split = lambda a: a.reshape(b, n, chunk).transpose(1, 0, 2)  # noqa: E731
+    cache, last = jax.lax.scan(step, cache, (split(ids), split(mask)))
+    return last[-1][:, None], cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sample", "use_top_p",
+                                             "prefill_chunk"))
 def _generate(model: Any, params: Any, ids: jax.Array, mask: jax.Array, key: jax.Array,
               temperature: jax.Array, top_p: jax.Array, eos: jax.Array, pad: jax.Array,
               adapter_index: Optional[jax.Array], *,
-              max_new_tokens: int, sample: bool, use_top_p: bool) -> jax.Array:
+              max_new_tokens: int, sample: bool, use_top_p: bool,
+              prefill_chunk: int = 0) -> jax.Array:
     b, t = ids.shape
     params = adapters_in_compute_dtype(model, params)
     extra = {} if adapter_index is None else {"adapter_index": adapter_index}
-    cache = model.init_cache(b, t + max_new_tokens)
-    # The prompt's hidden states fill the cache; only the last position goes through the head
-    # (the whole prompt's logits, [B, T, V], would be 34 GB at 32 rows of 2,048 tokens and a
-    # 128k vocabulary).
-    hidden, cache = model.apply({"params": params}, ids, mask, cache=cache, return_hidden=True,
-                                **extra)
-    logits = model.apply({"params": params}, None, hidden=hidden[:, -1:], **extra)
+    lead = -t % prefill_chunk if prefill_chunk else 0  # masked slots in front of the prompt
+    cache = model.init_cache(b, lead + t + max_new_tokens)
+    # Only the last position goes through the head: the whole prompt's logits, [B, T, V],
+    # would be 34 GB at 32 rows of 2,048 tokens and a 128k vocabulary.
+    hidden, cache = _prefill(model, params, ids, mask, cache, extra, prefill_chunk)
+    logits = model.apply({"params": params}, None, hidden=hidden, **extra)
     out = jnp.full((b, max_new_tokens), pad, ids.dtype)
     done = jnp.zeros((b,), bool)
 
@@ -119,8 +173,8 @@ def adapters_in_compute_dtype(model: Any, params: Any) -> Any:
 def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              attention_mask: Optional[Any] = None, eos_token_id: TokenIds = None,
-             pad_token_id: Optional[int] = None, adapter_index: Optional[Any] = None
-             ) -> jax.Array:
+             pad_token_id: Optional[int] = None, adapter_index: Optional[Any] = None,
+             prefill_chunk: Optional[int] = None) -> jax.Array:
     """Decodes ``max_new_tokens`` tokens after each (left-padded) prompt.
 
     Args:
@@ -137,6 +191,9 @@ def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
       adapter_index: int ``[B]``: row b decodes with adapter ``adapter_index[b]`` of params made
         by ``qj.lora.stack_adapters`` (required for such params, refused for others). Params
         of other adapters with the same shapes reuse the compiled program.
+      prefill_chunk: prompt tokens a prefill step (0: the whole prompt at once; default: whole
+        prompts unless the attention scores of one step would pass 2 GiB, see
+        ``prefill_chunk_for``: long prompts are prefilled in pieces).
 
     Returns:
       ``[B, T + max_new_tokens]``: the prompts followed by the generated tokens.
@@ -170,10 +227,16 @@ def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
     eos_arr = jnp.asarray(eos if eos else [-1], ids.dtype)
     sample = temperature > 0
     index = _adapter_index(model, params, adapter_index, ids.shape[0])
+    if prefill_chunk is None:
+        prefill_chunk = prefill_chunk_for(ids.shape[0], getattr(cfg, "num_attention_heads", 1),
+                                          ids.shape[1], int(max_new_tokens))
+    elif prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk must be >= 0 (0: the whole prompt), got {prefill_chunk}")
     return _generate(model, params, ids, mask, jax.random.PRNGKey(seed),
                      jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos_arr,
                      jnp.asarray(pad_token_id, ids.dtype), index, max_new_tokens=int(max_new_tokens),
-                     sample=sample, use_top_p=bool(sample and top_p < 1.0))
+                     sample=sample, use_top_p=bool(sample and top_p < 1.0),
+                     prefill_chunk=int(prefill_chunk) if prefill_chunk < ids.shape[1] else 0)
 
 
 def _adapter_index(model: Any, params: Any, adapter_index: Optional[Any],

@@ -82,6 +82,35 @@ def test_prefill_sends_only_the_last_position_through_the_head(llama_ckpt, rng):
     assert f"{b}x{t}x{v}x" not in text
 
 
+@pytest.mark.parametrize("variant", ["llama3_rope", "mistral"])
+def test_chunked_prefill_equals_one_prefill(llama_ckpt, variant, rng):
+    """A prompt prefilled a few tokens a step (left-padded with masked slots to whole chunks)
+    decodes the same tokens as one prefill, with left-padded rows and a sliding window."""
+    path, _ = llama_ckpt(variant)
+    model, params = qj.from_pretrained(path, dtype=jnp.float32)
+    ids, mask = tiny.left_padded(rng, 3, 11)
+    whole = np.asarray(qj.generate(model, params, ids, 6, attention_mask=mask, eos_token_id=[],
+                                   prefill_chunk=0))
+    for chunk in (4, 5):
+        got = np.asarray(qj.generate(model, params, ids, 6, attention_mask=mask,
+                                     eos_token_id=[], prefill_chunk=chunk))
+        np.testing.assert_array_equal(got, whole)
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 0"):
+        qj.generate(model, params, ids, 2, attention_mask=mask, prefill_chunk=-1)
+
+
+def test_prefill_chunk_bounds_the_attention_scores():
+    from qlora_jax.generate import PREFILL_SCORES_BUDGET, prefill_chunk_for
+
+    assert prefill_chunk_for(1, 32, 2048, 256) == 0  # 0.6 GB of scores: one piece
+    for b, h, t, new in [(32, 32, 2048, 256), (1, 32, 32768, 256), (1, 64, 131072, 64),
+                         (8, 32, 2048, 128)]:
+        c = prefill_chunk_for(b, h, t, new)
+        assert 64 <= c < t and c & (c - 1) == 0, c
+        scores = b * h * c * (t + new) * 4
+        assert scores <= PREFILL_SCORES_BUDGET < 2 * scores or c == 64, (b, h, t, c)
+
+
 def test_eos_stops_a_row_and_pads_after_it(llama_ckpt, rng):
     path, _ = llama_ckpt("llama_gqa")
     model, params = qj.from_pretrained(path, dtype=jnp.float32)

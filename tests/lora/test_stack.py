@@ -48,6 +48,10 @@ def test_stacked_rows_decode_as_their_adapter_alone(rng):
     alone = [np.asarray(qj.generate(model, t, ids, 8, eos_token_id=[])) for t in trees]
     for row, i in enumerate(index):
         np.testing.assert_array_equal(out[row], alone[i][row])
+    # A prompt prefilled in chunks picks each row's adapter at every chunk too.
+    chunked = qj.generate(model, stacked, ids, 8, eos_token_id=[], adapter_index=index,
+                          prefill_chunk=4)
+    np.testing.assert_array_equal(np.asarray(chunked), out)
     # The adapters differ enough that the rows really depend on which one is used.
     assert any(not np.array_equal(alone[0][r], alone[1][r]) for r in range(4))
 

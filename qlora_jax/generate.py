@@ -63,7 +63,10 @@ def prefill_chunk_for(batch: int, heads: int, prompt: int, max_new_tokens: int) 
     fit ``PREFILL_SCORES_BUDGET``; prompts within one chunk run whole.
     """
     slots = prompt + max_new_tokens
-    scores = lambda c: batch * heads * c * slots * 4  # noqa: E731
+
+    def scores(c: int) -> int:
+        return batch * heads * c * slots * 4
+
     if scores(prompt) <= PREFILL_SCORES_BUDGET:
         return 0
     chunk = 64
@@ -97,8 +100,8 @@ def _prefill(model: Any, params: Any, ids: jax.Array, mask: jax.Array, cache: An
                                     return_hidden=True, **extra)
         return cache, hidden[:, -1]
 
-    split = lambda a: a.reshape(b, n, chunk).transpose(1, 0, 2)  # noqa: E731
-    cache, last = jax.lax.scan(step, cache, (split(ids), split(mask)))
+    steps = [a.reshape(b, n, chunk).transpose(1, 0, 2) for a in (ids, mask)]  # [n, B, chunk]
+    cache, last = jax.lax.scan(step, cache, tuple(steps))
     return last[-1][:, None], cache
 
 

@@ -283,6 +283,13 @@ def _child(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({**common, **res}), flush=True)
 
 
+def _system_fields(system: str) -> dict[str, Any]:
+    """The ``system`` / ``weights`` fields a row of ``--which`` / ``--peer`` name carries."""
+    if system == "bnb":
+        return dict(system="transformers+bitsandbytes", weights="nf4")
+    return dict(system="qlora_jax", weights="nf4" if system == "adapters" else system)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
@@ -327,12 +334,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         if args.profile:
             env["QLORA_JAX_GEN_PROFILE"] = str(args.profile)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env)
+        sys.stderr.write(proc.stderr)
         found = [json.loads(l[len("RESULT "):]) for l in proc.stdout.splitlines()
                  if l.startswith("RESULT ")]
         if proc.returncode != 0 or not found:
-            found = [dict(bench="generate", system=system, shape=args.shape, batch=batch,
-                          prompt=prompt, error=f"exit code {proc.returncode}")]
+            last = [l for l in proc.stderr.splitlines() if l.strip()][-1:] or [""]
+            found = [dict(bench="generate", shape=args.shape, batch=batch, prompt=prompt,
+                          **_system_fields(system),
+                          error=f"exit code {proc.returncode}: {last[0][:300]}")]
         for res in found:
             rows.append(res)
             print(json.dumps(res), flush=True)

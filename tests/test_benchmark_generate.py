@@ -17,6 +17,30 @@ def test_bad_arguments_stop_before_any_run(tmp_path):
     assert not (tmp_path / "generate.jsonl").exists()
 
 
+def test_a_failed_row_names_its_system_and_the_error(tmp_path, monkeypatch, capsys):
+    """A child that dies (say out of device memory) leaves a row with its system, weights and
+    the last line of its stderr, and the other rows still run."""
+    import subprocess
+
+    def fake_run(cmd, **kw):
+        system = cmd[cmd.index("--system") + 1]
+        if system == "nf4":
+            return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nRESOURCE_EXHAUSTED: "
+                                               "Out of memory allocating 35.24GiB\n")
+        row = dict(system="transformers+bitsandbytes", weights="nf4", decode_tokens_per_s=1.0,
+                   ms_per_token=1.0, batch=1, prompt=8, shape="tiny")
+        return subprocess.CompletedProcess(cmd, 0, "RESULT " + json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(generate.subprocess, "run", fake_run)
+    generate.main(["--shape", "tiny", "--which", "nf4", "--peer", "bnb", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "generate.jsonl").read_text().splitlines()]
+    assert rows[0]["system"] == "qlora_jax" and rows[0]["weights"] == "nf4"
+    assert rows[0]["error"] == ("exit code 1: RESOURCE_EXHAUSTED: Out of memory allocating "
+                                "35.24GiB")
+    assert rows[1]["system"] == "transformers+bitsandbytes" and "error" not in rows[1]
+    assert "Traceback" in capsys.readouterr().err  # the child's stderr is shown
+
+
 @pytest.mark.slow
 def test_batch_prompt_and_adapter_rows_run_on_the_tiny_shape(tmp_path):
     generate.main(["--shape", "tiny", "--batch", "1", "--batch", "2", "--prompt", "8",

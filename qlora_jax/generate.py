@@ -177,7 +177,7 @@ def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              attention_mask: Optional[Any] = None, eos_token_id: TokenIds = None,
              pad_token_id: Optional[int] = None, adapter_index: Optional[Any] = None,
-             prefill_chunk: Optional[int] = None) -> jax.Array:
+             prefill_chunk: Optional[int] = None, pad_to_multiple_of: int = 64) -> jax.Array:
     """Decodes ``max_new_tokens`` tokens after each (left-padded) prompt.
 
     Args:
@@ -197,6 +197,9 @@ def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
       prefill_chunk: prompt tokens a prefill step (0: the whole prompt at once; default: whole
         prompts unless the attention scores of one step would pass 2 GiB, see
         ``prefill_chunk_for``: long prompts are prefilled in pieces).
+      pad_to_multiple_of: prompts are left-padded (masked slots) to a multiple of this many
+        tokens before compiling, so prompts of nearby lengths share one compiled program (an
+        8B model compiles for seconds); 1: exact lengths. The tokens are the same.
 
     Returns:
       ``[B, T + max_new_tokens]``: the prompts followed by the generated tokens.
@@ -208,6 +211,10 @@ def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
         raise ValueError(f"{type(model).__name__} is not a causal LM; generate needs one")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prefill_chunk is not None and prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk must be >= 0 (0: the whole prompt), got {prefill_chunk}")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     ids = jnp.asarray(input_ids)
@@ -230,16 +237,19 @@ def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
     eos_arr = jnp.asarray(eos if eos else [-1], ids.dtype)
     sample = temperature > 0
     index = _adapter_index(model, params, adapter_index, ids.shape[0])
+    lead = -ids.shape[1] % pad_to_multiple_of  # masked slots in front: a shared compile
+    padded_ids = jnp.pad(ids, ((0, 0), (lead, 0)))
+    padded_mask = jnp.pad(mask, ((0, 0), (lead, 0)))
+    b, t = padded_ids.shape
     if prefill_chunk is None:
-        prefill_chunk = prefill_chunk_for(ids.shape[0], getattr(cfg, "num_attention_heads", 1),
-                                          ids.shape[1], int(max_new_tokens))
-    elif prefill_chunk < 0:
-        raise ValueError(f"prefill_chunk must be >= 0 (0: the whole prompt), got {prefill_chunk}")
-    return _generate(model, params, ids, mask, jax.random.PRNGKey(seed),
-                     jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos_arr,
-                     jnp.asarray(pad_token_id, ids.dtype), index, max_new_tokens=int(max_new_tokens),
-                     sample=sample, use_top_p=bool(sample and top_p < 1.0),
-                     prefill_chunk=int(prefill_chunk) if prefill_chunk < ids.shape[1] else 0)
+        prefill_chunk = prefill_chunk_for(b, getattr(cfg, "num_attention_heads", 1), t,
+                                          int(max_new_tokens))
+    out = _generate(model, params, padded_ids, padded_mask, jax.random.PRNGKey(seed),
+                    jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos_arr,
+                    jnp.asarray(pad_token_id, ids.dtype), index, max_new_tokens=int(max_new_tokens),
+                    sample=sample, use_top_p=bool(sample and top_p < 1.0),
+                    prefill_chunk=int(prefill_chunk) if prefill_chunk < t else 0)
+    return out[:, lead:] if lead else out
 
 
 def _adapter_index(model: Any, params: Any, adapter_index: Optional[Any],

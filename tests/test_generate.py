@@ -98,6 +98,30 @@ def test_chunked_prefill_equals_one_prefill(llama_ckpt, rng):
         qj.generate(model, params, ids, 2, attention_mask=mask, prefill_chunk=-1)
 
 
+def test_prompts_of_nearby_lengths_share_one_compiled_program(llama_ckpt, rng):
+    """Prompts are left-padded to a multiple of ``pad_to_multiple_of`` before compiling: lengths
+    5 and 7 share one program at 8 (and the tokens equal exact-length decoding)."""
+    from qlora_jax.generate import _generate
+
+    path, _ = llama_ckpt("llama_gqa")
+    model, params = qj.from_pretrained(path, dtype=jnp.float32)
+    outs = {}
+    for t in (5, 7):
+        ids, mask = tiny.left_padded(rng, 2, t)
+        before = _generate._cache_size()
+        outs[t] = np.asarray(qj.generate(model, params, ids, 4, attention_mask=mask,
+                                         eos_token_id=[], pad_to_multiple_of=8))
+        compiled = _generate._cache_size() - before
+        assert outs[t].shape == (2, t + 4)
+        np.testing.assert_array_equal(outs[t][:, :t], ids)
+        exact = qj.generate(model, params, ids, 4, attention_mask=mask, eos_token_id=[],
+                            pad_to_multiple_of=1)
+        np.testing.assert_array_equal(outs[t], np.asarray(exact))
+        assert compiled <= 1 if t == 5 else compiled == 0, (t, compiled)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be >= 1"):
+        qj.generate(model, params, ids, 2, pad_to_multiple_of=0)
+
+
 def test_prefill_chunk_bounds_the_attention_scores():
     from qlora_jax.generate import PREFILL_SCORES_BUDGET, prefill_chunk_for
 

@@ -43,13 +43,13 @@ def test_a_failed_row_names_its_system_and_the_error(tmp_path, monkeypatch, caps
 
 @pytest.mark.slow
 def test_batch_prompt_and_adapter_rows_run_on_the_tiny_shape(tmp_path):
-    generate.main(["--shape", "tiny", "--batch", "1", "--batch", "2", "--prompt", "8",
+    generate.main(["--shape", "tiny", "--batch", "2", "--prompt", "8",
                    "--new", "3", "--rank", "2", "--which", "nf4,adapters", "--adapters", "2",
                    "--out", str(tmp_path)])
     rows = [json.loads(line) for line in (tmp_path / "generate.jsonl").read_text().splitlines()]
     assert all("error" not in r for r in rows), rows
     plain = {(r["batch"], r["prompt"]) for r in rows if "adapters" not in r}
-    assert plain == {(1, 8), (2, 8)}
+    assert plain == {(2, 8)}  # (batch 1 runs in the adapter rows' single_b1)
     for r in rows:
         assert r["decode_tokens_per_s"] > 0 and r["total_s"] > 0 and r["prefill_s"] > 0
         # A decode time under the timer noise of a busy CPU is flagged, never hidden.

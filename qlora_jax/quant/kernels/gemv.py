@@ -159,6 +159,8 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
     if n_cols % bs or bs % 8:
         raise ValueError(f"rows of {n_cols} are not whole blocks of {bs} (a multiple of 8)")
     config = config or default_config(n_rows, n_cols)
+    if config.x_mode not in X_MODES:
+        raise ValueError(f"unknown x_mode {config.x_mode!r}; expected one of {X_MODES}")
     bf16 = x.dtype == jnp.bfloat16 if config.bf16_lut is None else config.bf16_lut
     rows, blocks = config.rows, config.blocks
     programs = pl.cdiv(n_rows, rows)
@@ -168,12 +170,11 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
     split = pl.cdiv(steps, tps)
     out_shape = jax.ShapeDtypeStruct((split, n_rows), jnp.float32)
     qin = _call.weight_2d(q)
-    # The codes as uint32 words and x as a flat row: free bitcasts and reshapes.
+    # The codes as uint32 words, x as a flat row (gather) or [K / 8, 8] (join): free bitcasts
+    # and reshapes.
     qin[0] = _call.as_words(qin[0])
     if layer is not None:
         qin.append(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
-    if config.x_mode not in X_MODES:
-        raise ValueError(f"unknown x_mode {config.x_mode!r}; expected one of {X_MODES}")
     x_in = x.reshape(n_cols) if config.x_mode == "gather" else x.reshape(n_cols // 8, 8)
     inputs, aliases = _call.with_out([x_in] + qin, out_shape, out)
     kernel = functools.partial(

@@ -14,6 +14,7 @@ first EOS; later slots of that row hold ``pad_token_id``.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -79,20 +80,17 @@ def _prefill(model: Any, params: Any, ids: jax.Array, mask: jax.Array, cache: An
              extra: dict, chunk: int) -> tuple[jax.Array, Any]:
     """Fills the cache with the prompt; returns the last position's hidden state ``[B, 1, D]``.
 
-    With ``chunk``, the prompt (left-padded with masked slots to whole chunks) runs ``chunk``
-    tokens a step in a scan, each step attending to the cache written so far: the same
-    attention, in pieces. Only the last position's hidden state is kept (the prompt's logits
-    are never built).
+    With ``chunk`` (which divides the prompt length: ``generate`` left-pads it with masked
+    slots to whole chunks), the prompt runs ``chunk`` tokens a step in a scan, each step
+    attending to the cache written so far: the same attention, in pieces. Only the last
+    position's hidden state is kept (the prompt's logits are never built).
     """
     if not chunk:
         hidden, cache = model.apply({"params": params}, ids, mask, cache=cache,
                                     return_hidden=True, **extra)
         return hidden[:, -1:], cache
     b, t = ids.shape
-    n = -(-t // chunk)
-    lead = n * chunk - t
-    ids = jnp.pad(ids, ((0, 0), (lead, 0)))
-    mask = jnp.pad(mask, ((0, 0), (lead, 0)))
+    n = t // chunk
 
     def step(cache, xs):
         ids_c, mask_c = xs
@@ -115,8 +113,7 @@ def _generate(model: Any, params: Any, ids: jax.Array, mask: jax.Array, key: jax
     b, t = ids.shape
     params = adapters_in_compute_dtype(model, params)
     extra = {} if adapter_index is None else {"adapter_index": adapter_index}
-    lead = -t % prefill_chunk if prefill_chunk else 0  # masked slots in front of the prompt
-    cache = model.init_cache(b, lead + t + max_new_tokens)
+    cache = model.init_cache(b, t + max_new_tokens)
     # Only the last position goes through the head: the whole prompt's logits, [B, T, V],
     # would be 34 GB at 32 rows of 2,048 tokens and a 128k vocabulary.
     hidden, cache = _prefill(model, params, ids, mask, cache, extra, prefill_chunk)
@@ -237,18 +234,20 @@ def generate(model: Any, params: Any, input_ids: Any, max_new_tokens: int,
     eos_arr = jnp.asarray(eos if eos else [-1], ids.dtype)
     sample = temperature > 0
     index = _adapter_index(model, params, adapter_index, ids.shape[0])
-    lead = -ids.shape[1] % pad_to_multiple_of  # masked slots in front: a shared compile
-    padded_ids = jnp.pad(ids, ((0, 0), (lead, 0)))
-    padded_mask = jnp.pad(mask, ((0, 0), (lead, 0)))
-    b, t = padded_ids.shape
+    # One left pad of masked slots: to a multiple of pad_to_multiple_of (a shared compile) and
+    # of the prefill chunk (whole chunks).
+    b, t0 = ids.shape
+    t = t0 - t0 % -pad_to_multiple_of
     if prefill_chunk is None:
         prefill_chunk = prefill_chunk_for(b, getattr(cfg, "num_attention_heads", 1), t,
                                           int(max_new_tokens))
-    out = _generate(model, params, padded_ids, padded_mask, jax.random.PRNGKey(seed),
+    chunk = int(prefill_chunk) if prefill_chunk < t else 0
+    lead = -t0 % (math.lcm(pad_to_multiple_of, chunk) if chunk else pad_to_multiple_of)
+    out = _generate(model, params, jnp.pad(ids, ((0, 0), (lead, 0))),
+                    jnp.pad(mask, ((0, 0), (lead, 0))), jax.random.PRNGKey(seed),
                     jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), eos_arr,
                     jnp.asarray(pad_token_id, ids.dtype), index, max_new_tokens=int(max_new_tokens),
-                    sample=sample, use_top_p=bool(sample and top_p < 1.0),
-                    prefill_chunk=int(prefill_chunk) if prefill_chunk < t else 0)
+                    sample=sample, use_top_p=bool(sample and top_p < 1.0), prefill_chunk=chunk)
     return out[:, lead:] if lead else out
 
 

@@ -76,6 +76,11 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     lut: Optional[str] = None
+    # x @ W.T on tensor cores (``bm`` set): ``swap`` computes (W x.T).T, the decoded weight
+    # tile as the dot's first operand; ``scale_after`` dots the unscaled codebook values one
+    # quantization block at a time and scales each block's [rows, tokens] result.
+    swap: bool = False
+    scale_after: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +230,9 @@ def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_st
 
 
 def _mm_kernel(*refs, transpose, m, n_rows, n_cols, block_size, bm, bn, bk, tps, q_static, lut,
-               exact, split, aliased, layered=False):
-    """Tiled matmul; ``transpose=False``: x[M,K] @ W.T, ``True``: dy[M,N] @ W."""
+               exact, split, aliased, layered=False, swap=False, scale_after=False):
+    """Tiled matmul; ``transpose=False``: x[M,K] @ W.T, ``True``: dy[M,N] @ W (see
+    ``MatmulConfig`` for ``swap`` and ``scale_after``, which only the first reads)."""
     nq = dec.num_qrefs(q_static[1])
     a_ref = refs[0]
     qrefs = _call.qrefs(list(refs[1:1 + nq]), q_static, lut, exact)
@@ -250,18 +256,36 @@ def _mm_kernel(*refs, transpose, m, n_rows, n_cols, block_size, bm, bn, bk, tps,
             return acc + jax.lax.dot_general(a, w, (((1,), (0,)), ((), ())),
                                              precision=precision,
                                              preferred_element_type=jnp.float32)
-        n0, k0 = j * bn, r * bk  # acc[bm, bn] += x[bm, bk] @ W[bn, bk].T
-        cols = k0 + jnp.arange(bk, dtype=jnp.int32)[None, :]
-        a = dec.load(a_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
-                     mask=(rows < m) & (cols < n_cols), other=0)
-        w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
-                            block_size=block_size, row_base=row_base).astype(dtype)
-        return acc + jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), precision=precision,
-                                         preferred_element_type=jnp.float32)
+        n0 = j * bn  # acc[bm, bn] += x[bm, bk] @ W[bn, bk].T (acc[bn, bm] when swapped)
+        # ``scale_after``: one dot a quantization block on the unscaled codebook values, then
+        # the block's scales on the dot's [bn, bm] result (else the scaled tile, one dot).
+        sub = min(bk, block_size) if scale_after else bk
+        for b in range(bk // sub):
+            k0 = r * bk + b * sub
+            cols = k0 + jnp.arange(sub, dtype=jnp.int32)[None, :]
+            a = dec.load(a_ref.at[pl.ds(m0, bm), pl.ds(k0, sub)],
+                         mask=(rows < m) & (cols < n_cols), other=0)
+            tile = dict(bn=bn, bk=sub, n_rows=n_rows, n_cols=n_cols, block_size=block_size,
+                        row_base=row_base)
+            if scale_after:
+                w, scale = dec.weight_tile_parts(qrefs, n0, k0, **tile)
+                w = w.astype(dtype)
+            else:
+                w = dec.weight_tile(qrefs, n0, k0, **tile).astype(dtype)
+            lhs, rhs = (w, a) if swap else (a, w)
+            part = jax.lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())),
+                                       precision=precision, preferred_element_type=jnp.float32)
+            if scale_after:
+                part = part * (scale if swap else scale.T)
+            acc = acc + part
+        return acc
 
     width = bk if transpose else bn
     limit = n_cols if transpose else n_rows
-    acc = jax.lax.fori_loop(0, tps, step, jnp.zeros((bm, width), jnp.float32))
+    acc_shape = (width, bm) if swap else (bm, width)
+    acc = jax.lax.fori_loop(0, tps, step, jnp.zeros(acc_shape, jnp.float32))
+    if swap:
+        acc = acc.T
     c = j * width + jnp.arange(width, dtype=jnp.int32)[None, :]
     mask = (rows < m) & (c < limit)
     if split == 1:
@@ -351,8 +375,10 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
     else:
         out_shape = jax.ShapeDtypeStruct((split, m, width), jnp.float32)
     inputs, aliases = _call.with_out([a] + qin, out_shape, out)
+    if (config.swap or config.scale_after) and transpose:
+        raise ValueError("swap and scale_after apply to x @ W.T (transpose=False) only")
     kernel = functools.partial(_mm_kernel, m=m, bm=bm, bn=bn, bk=bk, tps=tps, split=split,
-                               **common)
+                               swap=config.swap, scale_after=config.scale_after, **common)
     res = pl.pallas_call(kernel, out_shape=out_shape, grid=grid_mn + (split,),
                          input_output_aliases=aliases, name="qlora_matmul_4bit",
                          **_call.params(config.num_warps, config.num_stages, interpret))(*inputs)

@@ -122,6 +122,8 @@ def test_gemv_adds_a_low_rank_branch(config):
     got = gemv.gemv_4bit(x, stacked, config, layer=jnp.int32(2), low_rank=(low, bs))
     alone = gemv.gemv_4bit(x, qs[2], config, low_rank=(low, bs[2]))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(alone))
+    sliced = gemv.gemv_4bit(x, stacked, config, layer=jnp.int32(2), low_rank=(low, bs[2]))
+    np.testing.assert_array_equal(np.asarray(sliced), np.asarray(alone))  # b [R, N], layered W
     with pytest.raises(ValueError, match="low_rank"):
         gemv.gemv_4bit(x, q, config, low_rank=(low[:6], b[:6]))  # R = 6: not a power of two
     # ... and the kernel with the branch lowers for CUDA (Triton) on any host.

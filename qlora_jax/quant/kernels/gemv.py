@@ -93,7 +93,7 @@ def _x_columns(x_ref, b, wpb, per_row, mask_steps, x_mode):
 
 
 def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exact, bf16,
-            mask_rows, mask_steps, layered, aliased, x_mode, rank=0):
+            mask_rows, mask_steps, layered, aliased, x_mode, rank=0, b_layered=False):
     nq = dec.num_qrefs(q_static[1])
     x_ref = refs[0]
     lr = 1 + nq + (1 if layered else 0)  # the low-rank refs (rank > 0) follow the weight's
@@ -139,7 +139,7 @@ def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exac
     result = jnp.sum(acc, axis=1)
     if rank:  # + low @ B[:, rows] on the first split only (XLA adds the splits)
         low_ref, b_ref = refs[lr], refs[lr + 1]
-        b_base = refs[1 + nq][0] * rank if layered else 0
+        b_base = refs[1 + nq][0] * rank if b_layered else 0
         b_tile = dec.load(b_ref.at[pl.ds(b_base, rank), pl.ds(n0, rows)],
                           mask=(n_idx < n_rows)[None, :] if mask_rows else None, other=0)
         extra = jnp.sum(b_tile.astype(jnp.float32) * low_ref[...][:, None], axis=0)
@@ -160,9 +160,8 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
     layer ``layer`` of a stack along one axis, read in place): ``[1, N]`` in ``x.dtype``.
 
     ``low_rank`` = ``(low, b)`` adds ``low @ b`` in the kernel (a LoRA branch whose ``x A``
-    times the scale is ``low``, float32 ``[R]``, R a power of two): ``b`` is ``[R, N]``, or with
-    ``layer`` a stack ``[L, R, N]`` whose layer is read in place like the codes.
-    (Work in progress: not yet called by LoraDense, not measured on a GPU.)
+    times the scale is ``low``, ``[R]``, R a power of two; float32 sums): ``b`` is ``[R, N]``,
+    or with ``layer`` also a stack ``[L, R, N]`` whose layer is read in place like the codes.
 
     ``out`` (tests): an aliased ``[split, N]`` float32 buffer the kernel must overwrite.
     """
@@ -195,9 +194,10 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
         low, b = low_rank
         rank = int(low.shape[-1])
         if rank & (rank - 1) or low.shape != (rank,) or b.shape[-2:] != (rank, n_rows) or (
-                (b.ndim == 3) != (layer is not None)):
-            raise ValueError(f"low_rank: low [R] (R a power of two) and b [R, N] (with layer: "
-                             f"[L, R, N]) for N = {n_rows}; got {low.shape} and {b.shape}")
+                b.ndim not in (2, 3)) or (b.ndim == 3 and layer is None):
+            raise ValueError(f"low_rank: low [R] (R a power of two) and b [R, N] (with layer, "
+                             f"also a stack [L, R, N]) for N = {n_rows}; got {low.shape} and "
+                             f"{b.shape}")
         qin += [low.astype(jnp.float32), b.reshape(-1, n_rows)]
     x_in = x.reshape(n_cols) if config.x_mode == "gather" else x.reshape(n_cols // 8, 8)
     inputs, aliases = _call.with_out([x_in] + qin, out_shape, out)
@@ -205,7 +205,8 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
         _kernel, n_rows=n_rows, n_cols=n_cols, block_size=bs, rows=rows, blocks=blocks,
         tps=tps, q_static=_call.q_static(q), exact=not interpret, bf16=bf16,
         mask_rows=n_rows % rows != 0, mask_steps=(n_cols // bs) != split * tps * blocks,
-        layered=layer is not None, aliased=out is not None, x_mode=config.x_mode, rank=rank)
+        layered=layer is not None, aliased=out is not None, x_mode=config.x_mode, rank=rank,
+        b_layered=low_rank is not None and low_rank[1].ndim == 3)
     part = pl.pallas_call(kernel, out_shape=out_shape, grid=(programs, split),
                           input_output_aliases=aliases, name="qlora_gemv_rows_4bit",
                           **_call.params(config.num_warps, config.num_stages, interpret)

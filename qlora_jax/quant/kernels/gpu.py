@@ -305,9 +305,10 @@ def default_config(m: int, n: int, k: int, transpose: bool, interpret: bool) -> 
                             num_stages=3)
     if interpret:
         return MatmulConfig(bm=16 if m <= 16 else 64, bn=32, bk=64, split=1)
-    if m <= 16:  # H100 sweep at 16 tokens on 4096 x 14336 (RESULTS.md)
+    if m <= 16:  # H100 sweep at 16 tokens on 4096 x 14336; swap + scale_after: H200, 8 tokens
+        # (RESULTS.md session 8: 14336 x 4096 90.0 -> 83.1 us, 4096 x 14336 72.2 -> 71.8)
         return MatmulConfig(bm=16, bn=64, bk=128 if transpose else 256, num_warps=4,
-                            num_stages=3)
+                            num_stages=3, swap=not transpose, scale_after=not transpose)
     if m <= 64:
         return MatmulConfig(bm=64, bn=64, bk=128, num_warps=4, num_stages=3)
     return MatmulConfig(bm=128, bn=128, bk=64, split=1, num_warps=8, num_stages=3)

@@ -25,7 +25,6 @@ from qlora_jax.quant.kernels import gpu
 from qlora_jax.quant.kernels.gemv import GemvConfig
 
 SHAPES = [(4096, 14336), (14336, 4096), (4096, 4096), (1024, 4096)]
-SMALL_M_TOKENS = (8, 32)  # decoding 8 rows (16-row tiles) and 32 rows
 
 
 def case(shape: tuple, tokens: int, impl: str, fn: Any, ws: list, xs: list, ref: jax.Array,
@@ -125,24 +124,19 @@ def x_modes(quick: bool) -> None:
 
 
 def small_m(quick: bool) -> None:
-    """2-64 tokens: the two-pass path, the tiled kernel's default tiles, and its variants
-    (``swap``: the weight tile as the dot's first operand; ``scale_after``: the scales on each
-    block's dot result) on the MLP shapes."""
     from qlora_jax.quant.kernels.gpu import MatmulConfig
     for shape in SHAPES[:2]:
-        for tokens in SMALL_M_TOKENS:
+        for tokens in (16, 32, 64):
             ws, xs, ref = inputs(shape, tokens, quick)
             case(shape, tokens, "two_pass", lambda x, q: gpu._two_pass(x, q, False, None), ws,
                  xs, ref, quick)
-            base = gpu.default_config(tokens, *shape, False, False)
-            bm = 16 if tokens <= 16 else (32 if tokens <= 32 else 64)  # the x operand's rows
-            configs = [base] + [dataclasses.replace(base, swap=sw, scale_after=sa)
-                                for sw, sa in ((True, False), (False, True), (True, True))]
-            configs += [MatmulConfig(bm=bm, bn=bn, bk=bk, num_warps=nw, num_stages=3,
-                                     swap=True, scale_after=sa)
-                        for bn, bk, nw in ((128, 128, 4), (128, 256, 8), (64, 256, 4))
-                        for sa in (False, True)]
-            for c in configs:
+            for c in (MatmulConfig(bm=16, bn=64, bk=256, num_warps=4, num_stages=3),
+                      MatmulConfig(bm=32, bn=64, bk=256, num_warps=4, num_stages=3),
+                      MatmulConfig(bm=64, bn=64, bk=128, num_warps=4, num_stages=3),
+                      MatmulConfig(bm=32, bn=128, bk=128, num_warps=8, num_stages=3),
+                      MatmulConfig(bm=64, bn=128, bk=64, num_warps=8, num_stages=3)):
+                if c.bm > 2 * tokens:
+                    continue
                 case(shape, tokens, "fused", lambda x, q, c=c: gpu.linear(x, q, c), ws, xs,
                      ref, quick, c)
 

@@ -119,6 +119,12 @@ def _timings(model: Any, params: Any, ids: Any, new: int,
     return dict(first=first, total=total, prefill=prefill, decode=decode)
 
 
+def _sig(x: float) -> float:
+    """A ratio to 4 significant digits (rounding to decimals turned a tiny-shape CPU row's
+    ratio into 0.0)."""
+    return float(f"{x:.4g}")
+
+
 def _row(t: dict[str, float], batch: int) -> dict[str, Any]:
     row = dict(first_call_s=round(t["first"], 2), total_s=round(t["total"], 4),
                prefill_s=round(t["prefill"], 4),
@@ -135,8 +141,10 @@ def _device_info() -> dict[str, Any]:
     import jax
 
     dev = jax.devices()[0]
-    return dict(peak_gib=round((dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 3),
+    info = dict(peak_gib=round((dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 3),
                 device=dev.device_kind, jax=jax.__version__)
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("QLORA_JAX_")}
+    return {**info, "env": env} if env else info  # tuning switches set for this row
 
 
 def _prompts(shape: Shape, batch: int, prompt: int) -> Any:
@@ -168,7 +176,7 @@ def run_ours(shape: Shape, weights: str, batch: int, prompt: int, new: int, r: i
     return dict(system="qlora_jax", weights=weights, **_row(t, batch),
                 weights_gib=round(weights_bytes / 2**30, 3), kv_cache_gib=round(kv / 2**30, 3),
                 copy_gb_s=round(bw / 1e9, 1), limit_ms=round(1000 * limit, 3),
-                fraction_of_limit=float(f"{limit / t['decode']:.4g}"), **prof, **_device_info())
+                fraction_of_limit=_sig(limit / t["decode"]), **prof, **_device_info())
 
 
 def _profile(model: Any, params: Any, ids: Any, new: int, top: int) -> dict[str, Any]:
@@ -229,13 +237,13 @@ def run_adapters(shape: Shape, n: int, prompt: int, new: int, r: int) -> list[di
     rows.append(dict(adapters="one_shared", batch=n, **_row(shared, n), **info))
     same = _timings(model, stacked, ids, new, adapter_index=jnp.zeros((n,), jnp.int32))
     rows.append(dict(adapters="stacked_same", batch=n, **_row(same, n),
-                     vs_one_shared=round(shared["decode"] / same["decode"], 3), **info))
+                     vs_one_shared=_sig(shared["decode"] / same["decode"]), **info))
     mixed = _timings(model, stacked, ids, new, adapter_index=jnp.arange(n, dtype=jnp.int32))
     rows.append(dict(adapters="stacked_mixed", batch=n, **_row(mixed, n),
-                     vs_single_runs=round(n * t1["decode"] / mixed["decode"], 3),
-                     end_to_end_vs_single_runs=round(sum(runs) / mixed["total"], 3),
-                     vs_one_shared=round(shared["decode"] / mixed["decode"], 3),
-                     vs_stacked_same=round(same["decode"] / mixed["decode"], 3), **info))
+                     vs_single_runs=_sig(n * t1["decode"] / mixed["decode"]),
+                     end_to_end_vs_single_runs=_sig(sum(runs) / mixed["total"]),
+                     vs_one_shared=_sig(shared["decode"] / mixed["decode"]),
+                     vs_stacked_same=_sig(same["decode"] / mixed["decode"]), **info))
     dev = _device_info()
     return [{**row, **dev} for row in rows]
 

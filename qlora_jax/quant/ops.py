@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Optional
 
 import jax
@@ -21,6 +22,9 @@ from qlora_jax.quant.partition import gather_for_compute, splits_4bit_codes
 from qlora_jax.quant.qtensor import QTensor
 
 IMPLS = ("auto", "xla", "pallas")
+# "0" turns the low-rank branch inside the GEMV off (the separate dots run instead): for
+# measuring one against the other (benchmarks/RESULTS.md, session 8).
+FUSE_LOW_RANK_ENV = "QLORA_JAX_FUSE_LOW_RANK"
 
 
 def resolve_impl(impl: str) -> str:
@@ -93,7 +97,7 @@ def linear(x: jax.Array, q: QTensor, impl: str = "auto",
     if fuses_low_rank(x2, q, low2.shape[-1], impl):
         y = _linear_low_rank(x2, q, low2, b, impl)
     else:
-        y = _linear(x2, q, impl) + jnp.dot(low2, b.astype(low2.dtype)).astype(x.dtype)
+        y = _linear(x2, q, impl) + _dot(low2, b.astype(low2.dtype)).astype(x.dtype)
     return y.reshape(lead + (q.shape[0],))
 
 
@@ -101,7 +105,7 @@ def fuses_low_rank(x2: jax.Array, q: Any, rank: int, impl: str = "auto") -> bool
     """True when ``linear(..., low_rank=)`` adds a rank-``rank`` branch inside the kernel for
     the rows ``x2`` ``[M, in]`` (see ``kernels.fuses_low_rank``): the Pallas GEMV at one row,
     on a weight it reads where it lies (no mesh splits its codes)."""
-    if resolve_impl(impl) != "pallas":
+    if resolve_impl(impl) != "pallas" or os.environ.get(FUSE_LOW_RANK_ENV, "1") == "0":
         return False
     if isinstance(q, LayerView):
         if not _in_place(x2, q, "pallas"):
@@ -182,6 +186,13 @@ def zero_cotangent(tree: Any) -> Any:
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
+def _dot(a: jax.Array, b: jax.Array, **kw) -> jax.Array:
+    """``a @ b``; float32 operands at full float32 precision (as the 4-bit kernels compute
+    float32 inputs), not the GPU's TF32 default."""
+    full = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST if full else None, **kw)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _linear_low_rank(x2: jax.Array, q: Any, low2: jax.Array, b: jax.Array, impl: str
                      ) -> jax.Array:
@@ -194,8 +205,8 @@ def _linear_low_rank_fwd(x2, q, low2, b, impl):
 
 def _linear_low_rank_bwd(impl, res, dy):
     q, low2, b = res
-    dlow = jnp.dot(dy, b.T.astype(dy.dtype), preferred_element_type=jnp.float32)
-    db = jnp.dot(low2.T.astype(jnp.float32), dy.astype(jnp.float32))
+    dlow = _dot(dy, b.T.astype(dy.dtype), preferred_element_type=jnp.float32)
+    db = _dot(low2.T.astype(jnp.float32), dy.astype(jnp.float32))
     return (_matmul(dy, q, impl), zero_cotangent(q), dlow.astype(low2.dtype),
             db.astype(b.dtype))
 

@@ -76,6 +76,17 @@ def test_linear_low_rank_values_gradients_and_dots(view):
         qops.linear(x, q, impl="pallas", low_rank=(low, b[:, :5]))
 
 
+def test_the_fusion_can_be_switched_off_for_measurements(monkeypatch):
+    rng = np.random.default_rng(run_seed())
+    q = _weights(rng)[0][0]
+    x = jnp.ones((1, N_IN), jnp.float32)
+    assert qops.fuses_low_rank(x, q, R, "pallas")
+    assert not qops.fuses_low_rank(x, q, 6, "pallas")  # rank not a power of two
+    assert not qops.fuses_low_rank(x, q, R, "xla")
+    monkeypatch.setenv(qops.FUSE_LOW_RANK_ENV, "0")
+    assert not qops.fuses_low_rank(x, q, R, "pallas")
+
+
 def _dense(impl, dropout=0.0):
     spec = LoraSpec(r=R, alpha=16.0, scaling=2.0, dropout=dropout, init="random")
     return LoraDense(N_OUT, lora=spec, quant=QuantConfig(), impl=impl)

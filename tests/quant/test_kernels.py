@@ -150,35 +150,6 @@ def test_fused_matmul_kernel(tokens, dtype, transpose, double_quant):
     assert _rel(got, ref) < TOL[dtype], (_rel(got, ref), f"seed={seed}")
 
 
-@pytest.mark.parametrize("swap,scale_after", [(True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("tokens,dtype,bk,split", [
-    (7, jnp.bfloat16, 128, 1), (21, jnp.float32, 32, 2), (16, jnp.float16, 64, 3)])
-def test_fused_matmul_swap_and_scale_after(tokens, dtype, bk, split, swap, scale_after):
-    """x @ W.T with the weight tile as the dot's first operand and/or the scales applied to
-    each block's dot: the same product (within the output dtype's rounding), every output
-    written (NaN-poisoned buffer), rows and columns that do not fill a tile."""
-    rng, seed = _rng()
-    n_out, n_in = 40, 320
-    q = qj.quant.quantize(_weight(rng, (n_out, n_in)), "nf4", 64, True)
-    a = jnp.asarray(rng.standard_normal((tokens, n_in)), dtype)
-    config = gpu.MatmulConfig(bm=16, bn=16, bk=bk, split=split, swap=swap,
-                              scale_after=scale_after)
-    tiles = -(-n_in // bk)
-    split = -(-tiles // -(-tiles // gpu._split(config, 3 * -(-tokens // 16), tiles, True)))
-    shape = (tokens, n_out) if split == 1 else (split, tokens, n_out)
-    out_dtype = dtype if split == 1 else jnp.float32
-    raw = captured_kernel_output(lambda: gpu.matmul_4bit(
-        a, q, transpose=False, config=config, out=jnp.full(shape, jnp.nan, out_dtype)))
-    assert not np.isnan(np.asarray(raw, np.float32)).any(), f"unwritten outputs, seed={seed}"
-    got = gpu.matmul_4bit(a, q, transpose=False, config=config)
-    w = np.asarray(dequantize_xla(q, jnp.float32), np.float64)
-    ref = np.asarray(a, np.float64) @ w.T
-    assert got.dtype == dtype
-    assert _rel(got, ref) < TOL[dtype], (_rel(got, ref), f"seed={seed}")
-    with pytest.raises(ValueError, match="transpose=False"):
-        gpu.matmul_4bit(jnp.ones((tokens, n_out), dtype), q, transpose=True, config=config)
-
-
 # Explicit tiles: several tiles along every axis, reductions split over programs.
 POISON_CASES = [
     (1, gpu.MatmulConfig(bm=None, bn=16, bk=64, split=3)),

@@ -184,21 +184,6 @@ def weight_tile(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_rows: int
     ``row_base`` (a layer of a stack read in place: the refs hold ``[L * N, ...]``) moves the
     loads to rows ``row_base + n0``; bounds and absmax indices stay those of the layer.
     """
-    values, absmax = weight_tile_parts(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows,
-                                       n_cols=n_cols, block_size=block_size, masked=masked,
-                                       row_base=row_base)
-    nbt = absmax.shape[1]
-    if nbt == 1:
-        return values * absmax
-    return (values.reshape(bn, nbt, block_size) * absmax[:, :, None]).reshape(bn, bk)
-
-
-def weight_tile_parts(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_rows: int,
-                      n_cols: int, block_size: int, masked: bool = True, row_base: Any = 0
-                      ) -> tuple:
-    """``weight_tile`` before the scales: the codebook values ``[bn, bk]`` (float32) and the
-    float32 absmax of each row's blocks ``[bn, max(bk // block_size, 1)]``; the absmax of lanes
-    outside the weight is exactly 0 (their values are those of code 0)."""
     rows = n0 + jnp.arange(bn, dtype=jnp.int32)[:, None]
     row_ok = rows < n_rows
     half = bk // 2
@@ -217,7 +202,9 @@ def weight_tile_parts(qrefs: QRefs, n0: Any, k0: Any, *, bn: int, bk: int, n_row
     absmax = decode_absmax(raw, rows * n_blocks_row + kbs, qrefs)
     if masked:
         absmax = jnp.where(am_ok, absmax, jnp.float32(0))
-    return values, absmax
+    if nbt == 1:
+        return values * absmax
+    return (values.reshape(bn, nbt, block_size) * absmax[:, :, None]).reshape(bn, bk)
 
 
 def join8(vals: list) -> jax.Array:

@@ -137,13 +137,15 @@ def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exac
     acc = jax.lax.fori_loop(0, tps, step, jnp.zeros((rows, wpb), jnp.float32))
     n_idx = n0 + jnp.arange(rows, dtype=jnp.int32)
     result = jnp.sum(acc, axis=1)
-    if rank:  # + low @ B[:, rows] on the first split only (XLA adds the splits)
+    if rank:  # + low @ B[:, rows] on the first split only (XLA adds the splits): the other
+        # splits' loads of B are masked off (no memory traffic) and add zeros
         low_ref, b_ref = refs[lr], refs[lr + 1]
         b_base = refs[1 + nq][0] * rank if b_layered else 0
+        first = jnp.full((rows,), s == 0)
         b_tile = dec.load(b_ref.at[pl.ds(b_base, rank), pl.ds(n0, rows)],
-                          mask=(n_idx < n_rows)[None, :] if mask_rows else None, other=0)
-        extra = jnp.sum(b_tile.astype(jnp.float32) * low_ref[...][:, None], axis=0)
-        result = result + jnp.where(s == 0, extra, jnp.float32(0))
+                          mask=(first & (n_idx < n_rows) if mask_rows else first)[None, :],
+                          other=0)
+        result = result + jnp.sum(b_tile.astype(jnp.float32) * low_ref[...][:, None], axis=0)
     dec.store(out_ref.at[s, pl.ds(n0, rows)], result,
               mask=(n_idx < n_rows) if mask_rows else None)
 

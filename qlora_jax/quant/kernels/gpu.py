@@ -76,11 +76,6 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     lut: Optional[str] = None
-    # x @ W.T on tensor cores (``bm`` set): ``swap`` computes (W x.T).T, the decoded weight
-    # tile as the dot's first operand; ``scale_after`` dots the unscaled codebook values one
-    # quantization block at a time and scales each block's [rows, tokens] result.
-    swap: bool = False
-    scale_after: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,9 +225,8 @@ def _gemv_kernel(*refs, transpose, n_rows, n_cols, block_size, bn, bk, tps, q_st
 
 
 def _mm_kernel(*refs, transpose, m, n_rows, n_cols, block_size, bm, bn, bk, tps, q_static, lut,
-               exact, split, aliased, layered=False, swap=False, scale_after=False):
-    """Tiled matmul; ``transpose=False``: x[M,K] @ W.T, ``True``: dy[M,N] @ W (see
-    ``MatmulConfig`` for ``swap`` and ``scale_after``, which only the first reads)."""
+               exact, split, aliased, layered=False):
+    """Tiled matmul; ``transpose=False``: x[M,K] @ W.T, ``True``: dy[M,N] @ W."""
     nq = dec.num_qrefs(q_static[1])
     a_ref = refs[0]
     qrefs = _call.qrefs(list(refs[1:1 + nq]), q_static, lut, exact)
@@ -256,36 +250,18 @@ def _mm_kernel(*refs, transpose, m, n_rows, n_cols, block_size, bm, bn, bk, tps,
             return acc + jax.lax.dot_general(a, w, (((1,), (0,)), ((), ())),
                                              precision=precision,
                                              preferred_element_type=jnp.float32)
-        n0 = j * bn  # acc[bm, bn] += x[bm, bk] @ W[bn, bk].T (acc[bn, bm] when swapped)
-        # ``scale_after``: one dot a quantization block on the unscaled codebook values, then
-        # the block's scales on the dot's [bn, bm] result (else the scaled tile, one dot).
-        sub = min(bk, block_size) if scale_after else bk
-        for b in range(bk // sub):
-            k0 = r * bk + b * sub
-            cols = k0 + jnp.arange(sub, dtype=jnp.int32)[None, :]
-            a = dec.load(a_ref.at[pl.ds(m0, bm), pl.ds(k0, sub)],
-                         mask=(rows < m) & (cols < n_cols), other=0)
-            tile = dict(bn=bn, bk=sub, n_rows=n_rows, n_cols=n_cols, block_size=block_size,
-                        row_base=row_base)
-            if scale_after:
-                w, scale = dec.weight_tile_parts(qrefs, n0, k0, **tile)
-                w = w.astype(dtype)
-            else:
-                w = dec.weight_tile(qrefs, n0, k0, **tile).astype(dtype)
-            lhs, rhs = (w, a) if swap else (a, w)
-            part = jax.lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())),
-                                       precision=precision, preferred_element_type=jnp.float32)
-            if scale_after:
-                part = part * (scale if swap else scale.T)
-            acc = acc + part
-        return acc
+        n0, k0 = j * bn, r * bk  # acc[bm, bn] += x[bm, bk] @ W[bn, bk].T
+        cols = k0 + jnp.arange(bk, dtype=jnp.int32)[None, :]
+        a = dec.load(a_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)],
+                     mask=(rows < m) & (cols < n_cols), other=0)
+        w = dec.weight_tile(qrefs, n0, k0, bn=bn, bk=bk, n_rows=n_rows, n_cols=n_cols,
+                            block_size=block_size, row_base=row_base).astype(dtype)
+        return acc + jax.lax.dot_general(a, w, (((1,), (1,)), ((), ())), precision=precision,
+                                         preferred_element_type=jnp.float32)
 
     width = bk if transpose else bn
     limit = n_cols if transpose else n_rows
-    acc_shape = (width, bm) if swap else (bm, width)
-    acc = jax.lax.fori_loop(0, tps, step, jnp.zeros(acc_shape, jnp.float32))
-    if swap:
-        acc = acc.T
+    acc = jax.lax.fori_loop(0, tps, step, jnp.zeros((bm, width), jnp.float32))
     c = j * width + jnp.arange(width, dtype=jnp.int32)[None, :]
     mask = (rows < m) & (c < limit)
     if split == 1:
@@ -305,10 +281,9 @@ def default_config(m: int, n: int, k: int, transpose: bool, interpret: bool) -> 
                             num_stages=3)
     if interpret:
         return MatmulConfig(bm=16 if m <= 16 else 64, bn=32, bk=64, split=1)
-    if m <= 16:  # H100 sweep at 16 tokens on 4096 x 14336; swap + scale_after: H200, 8 tokens
-        # (RESULTS.md session 8: 14336 x 4096 90.0 -> 83.1 us, 4096 x 14336 72.2 -> 71.8)
+    if m <= 16:  # H100 sweep at 16 tokens on 4096 x 14336 (RESULTS.md)
         return MatmulConfig(bm=16, bn=64, bk=128 if transpose else 256, num_warps=4,
-                            num_stages=3, swap=not transpose, scale_after=not transpose)
+                            num_stages=3)
     if m <= 64:
         return MatmulConfig(bm=64, bn=64, bk=128, num_warps=4, num_stages=3)
     return MatmulConfig(bm=128, bn=128, bk=64, split=1, num_warps=8, num_stages=3)
@@ -376,10 +351,8 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
     else:
         out_shape = jax.ShapeDtypeStruct((split, m, width), jnp.float32)
     inputs, aliases = _call.with_out([a] + qin, out_shape, out)
-    if (config.swap or config.scale_after) and transpose:
-        raise ValueError("swap and scale_after apply to x @ W.T (transpose=False) only")
     kernel = functools.partial(_mm_kernel, m=m, bm=bm, bn=bn, bk=bk, tps=tps, split=split,
-                               swap=config.swap, scale_after=config.scale_after, **common)
+                               **common)
     res = pl.pallas_call(kernel, out_shape=out_shape, grid=grid_mn + (split,),
                          input_output_aliases=aliases, name="qlora_matmul_4bit",
                          **_call.params(config.num_warps, config.num_stages, interpret))(*inputs)

@@ -113,13 +113,10 @@ class LoraDense(nn.Module):
         else:
             kernel = self.param("kernel", declare_axes(self._init_kernel, self.kernel_axes),
                                 (in_features, self.features))
-        quantized = isinstance(kernel, (QTensor, LayerView))  # a view: a layer of a stack
-        if quantized:
+        if isinstance(kernel, (QTensor, LayerView)):  # a view: one layer of a stack, in place
             if kernel.shape != (self.features, in_features):
                 raise ValueError(f"{'.'.join(self.scope.path)}: 4-bit kernel is {kernel.shape}, "
                                  f"expected [out, in] = {(self.features, in_features)}")
-            if self._fuses_adapter(x, kernel, deterministic):
-                return self._fused(x, kernel)
             compute = self.dtype or x.dtype
             y = qops.linear(x.astype(compute), kernel, impl=self.impl)
         else:
@@ -139,7 +136,11 @@ class LoraDense(nn.Module):
                                  "(qj.lora.stack_adapters) are LoRA only, not DoRA")
             y = y + self._stacked_delta(x, spec, adapter_index).astype(y.dtype)
             return y + bias.astype(y.dtype) if bias is not None else y
-        a, b = self._adapter(in_features, spec)
+        a_axes, b_axes = adapter_axes(self.kernel_axes) if self.kernel_axes else ((), ())
+        a = self.param("lora_a", declare_axes(lora_a_init(spec), a_axes), (in_features, spec.r),
+                       self.lora_dtype)
+        b = self.param("lora_b", declare_axes(lora_b_init(spec), b_axes), (spec.r, self.features),
+                       self.lora_dtype)
         h = x
         dropped = spec.dropout > 0.0 and not deterministic
         if spec.dropout > 0.0:
@@ -151,38 +152,6 @@ class LoraDense(nn.Module):
         else:
             y = y + delta.astype(y.dtype)
         return y + bias.astype(y.dtype) if bias is not None else y
-
-    def _adapter(self, in_features: int, spec: LoraSpec) -> tuple[jax.Array, jax.Array]:
-        """``lora_a`` ``[in, R]`` and ``lora_b`` ``[R, out]`` (created at init)."""
-        a_axes, b_axes = adapter_axes(self.kernel_axes) if self.kernel_axes else ((), ())
-        a = self.param("lora_a", declare_axes(lora_a_init(spec), a_axes), (in_features, spec.r),
-                       self.lora_dtype)
-        b = self.param("lora_b", declare_axes(lora_b_init(spec), b_axes), (spec.r, self.features),
-                       self.lora_dtype)
-        return a, b
-
-    def _fuses_adapter(self, x: jax.Array, kernel: Any, deterministic: bool) -> bool:
-        """True when the adapter's B product joins the 4-bit kernel (``quant.ops.linear``'s
-        ``low_rank``): one token row (decoding) on the Pallas GEMV, a plain LoRA adapter (not
-        DoRA, not stacked), no dropout this call, no bias. Saves a dot and an add a layer."""
-        spec = self.lora
-        if (spec is None or spec.use_dora or self.use_bias or self.is_initializing()
-                or (spec.dropout > 0.0 and not deterministic)):
-            return False
-        if not self.has_variable("params", "lora_a") or jnp.ndim(
-                meta.unbox(self.get_variable("params", "lora_a"))) != 2:
-            return False
-        rows = math.prod(x.shape[:-1])
-        return rows == 1 and qops.fuses_low_rank(x.reshape(1, -1), kernel, spec.r, self.impl)
-
-    def _fused(self, x: jax.Array, kernel: Any) -> jax.Array:
-        """``x W + scaling * (x A) B`` with ``(x A) B`` added inside the GEMV (see above)."""
-        spec = self.lora
-        a, b = self._adapter(x.shape[-1], spec)
-        h, a_c, b_c = nn.dtypes.promote_dtype(x, a, b, dtype=self.dtype)  # as the unfused path
-        low = jnp.dot(h, a_c) * jnp.asarray(spec.scaling, h.dtype)
-        x_c = x.astype(self.dtype or x.dtype)
-        return qops.linear(x_c, kernel, impl=self.impl, low_rank=(low, b_c))
 
     def _dora(self, y: jax.Array, h: jax.Array, kernel: Any, a: jax.Array, b: jax.Array,
               delta: jax.Array, scaling: float, dropped: bool) -> jax.Array:

@@ -8,8 +8,7 @@
 from __future__ import annotations
 
 import functools
-import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +21,6 @@ from qlora_jax.quant.partition import gather_for_compute, splits_4bit_codes
 from qlora_jax.quant.qtensor import QTensor
 
 IMPLS = ("auto", "xla", "pallas")
-# "0" turns the low-rank branch inside the GEMV off (the separate dots run instead): for
-# measuring one against the other (benchmarks/RESULTS.md, session 8).
-FUSE_LOW_RANK_ENV = "QLORA_JAX_FUSE_LOW_RANK"
 
 
 def resolve_impl(impl: str) -> str:
@@ -52,8 +48,7 @@ def dequantize(q: QTensor, dtype: Any = None, impl: str = "auto") -> jax.Array:
     return dequantize_xla(q, dtype)
 
 
-def linear(x: jax.Array, q: QTensor, impl: str = "auto",
-           low_rank: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+def linear(x: jax.Array, q: QTensor, impl: str = "auto") -> jax.Array:
     """``x @ dequantize(q).T`` for a ``[out, in]`` QTensor (PyTorch Linear layout).
 
     Args:
@@ -70,11 +65,6 @@ def linear(x: jax.Array, q: QTensor, impl: str = "auto",
     ``q`` may also be a ``LayerView`` (one layer of a stacked QTensor): with the Pallas
     kernels and more than ``FUSED_MAX_TOKENS`` rows it is dequantized in place, otherwise
     its layer is sliced out first.
-
-    ``low_rank=(low, b)`` (``low`` ``[..., R]``, ``b`` ``[R, out]``: a LoRA branch, ``x A``
-    times its scale) adds ``low @ b``: inside the decoding GEMV's float32 sums where
-    ``fuses_low_rank`` says so (one row, Pallas; one rounding to ``x.dtype`` and no kernel of
-    its own), else as an XLA dot added to the result. Differentiable in ``x``, ``low``, ``b``.
     """
     if not isinstance(q, (QTensor, LayerView)):
         raise TypeError(f"linear expects a QTensor weight, got {type(q).__name__}")
@@ -85,34 +75,8 @@ def linear(x: jax.Array, q: QTensor, impl: str = "auto",
                          f"[out, in] = {list(q.shape)}")
     impl = resolve_impl(impl)
     lead = x.shape[:-1]
-    x2 = x.reshape((-1, x.shape[-1]))
-    if low_rank is None:
-        return _linear(x2, q, impl).reshape(lead + (q.shape[0],))
-    low, b = low_rank
-    if low.shape[:-1] != lead or b.shape != (low.shape[-1], q.shape[0]):
-        raise ValueError(f"linear: low_rank wants low [..., R] with x's leading shape "
-                         f"{list(lead)} and b [R, {q.shape[0]}]; got {list(low.shape)} and "
-                         f"{list(b.shape)}")
-    low2 = low.reshape((-1, low.shape[-1]))
-    if fuses_low_rank(x2, q, low2.shape[-1], impl):
-        y = _linear_low_rank(x2, q, low2, b, impl)
-    else:
-        y = _linear(x2, q, impl) + _dot(low2, b.astype(low2.dtype)).astype(x.dtype)
+    y = _linear(x.reshape((-1, x.shape[-1])), q, impl)
     return y.reshape(lead + (q.shape[0],))
-
-
-def fuses_low_rank(x2: jax.Array, q: Any, rank: int, impl: str = "auto") -> bool:
-    """True when ``linear(..., low_rank=)`` adds a rank-``rank`` branch inside the kernel for
-    the rows ``x2`` ``[M, in]`` (see ``kernels.fuses_low_rank``): the Pallas GEMV at one row,
-    on a weight it reads where it lies (no mesh splits its codes)."""
-    if resolve_impl(impl) != "pallas" or os.environ.get(FUSE_LOW_RANK_ENV, "1") == "0":
-        return False
-    if isinstance(q, LayerView):
-        if not _in_place(x2, q, "pallas"):
-            return False
-    elif splits_4bit_codes(q):
-        return False
-    return kernels.fuses_low_rank(x2, q, rank)
 
 
 
@@ -184,31 +148,3 @@ def zero_cotangent(tree: Any) -> Any:
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
-
-
-def _dot(a: jax.Array, b: jax.Array, **kw) -> jax.Array:
-    """``a @ b``; float32 operands at full float32 precision (as the 4-bit kernels compute
-    float32 inputs), not the GPU's TF32 default."""
-    full = a.dtype == jnp.float32 and b.dtype == jnp.float32
-    return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST if full else None, **kw)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _linear_low_rank(x2: jax.Array, q: Any, low2: jax.Array, b: jax.Array, impl: str
-                     ) -> jax.Array:
-    return kernels.linear_low_rank(x2, q, low2[0], b)
-
-
-def _linear_low_rank_fwd(x2, q, low2, b, impl):
-    return _linear_low_rank(x2, q, low2, b, impl), (q, low2, b)
-
-
-def _linear_low_rank_bwd(impl, res, dy):
-    q, low2, b = res
-    dlow = _dot(dy, b.T.astype(dy.dtype), preferred_element_type=jnp.float32)
-    db = _dot(low2.T.astype(jnp.float32), dy.astype(jnp.float32))
-    return (_matmul(dy, q, impl), zero_cotangent(q), dlow.astype(low2.dtype),
-            db.astype(b.dtype))
-
-
-_linear_low_rank.defvjp(_linear_low_rank_fwd, _linear_low_rank_bwd)

@@ -102,39 +102,6 @@ def test_gemv_reads_a_layer_of_a_stack_in_place():
                                       err_msg=f"layer {i}, seed={seed}")
 
 
-@pytest.mark.parametrize("config", [gemv.GemvConfig(rows=16, blocks=2, split=2),
-                                    gemv.GemvConfig(rows=64, blocks=4, split=1, x_mode="join")])
-def test_gemv_adds_a_low_rank_branch(config):
-    """``low_rank=(low, b)`` adds ``low @ b`` in the kernel, once over the split partial sums,
-    masked rows included; with ``layer`` the layer's b is read from its stack in place."""
-    rng, seed = np.random.default_rng(run_seed()), run_seed()
-    n, k, r = 72, 384, 8
-    q = qj.quant.quantize(_weight(rng, (n, k)), "nf4", 64, True)
-    x = jnp.asarray(rng.standard_normal((1, k)), jnp.float32)
-    low = jnp.asarray(rng.standard_normal(r), jnp.float32)
-    b = jnp.asarray(rng.standard_normal((r, n)) * 0.1, jnp.float32)
-    y = gemv.gemv_4bit(x, q, config, low_rank=(low, b))
-    want = _ref(x, q) + np.asarray(low, np.float64) @ np.asarray(b, np.float64)
-    assert _rel(y, want) < TOL[jnp.float32], f"seed={seed}"
-    qs = [qj.quant.quantize(_weight(rng, (n, k)), "nf4", 64, True) for _ in range(3)]
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *qs)
-    bs = jnp.asarray(rng.standard_normal((3, r, n)) * 0.1, jnp.float32)
-    got = gemv.gemv_4bit(x, stacked, config, layer=jnp.int32(2), low_rank=(low, bs))
-    alone = gemv.gemv_4bit(x, qs[2], config, low_rank=(low, bs[2]))
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(alone))
-    sliced = gemv.gemv_4bit(x, stacked, config, layer=jnp.int32(2), low_rank=(low, bs[2]))
-    np.testing.assert_array_equal(np.asarray(sliced), np.asarray(alone))  # b [R, N], layered W
-    with pytest.raises(ValueError, match="low_rank"):
-        gemv.gemv_4bit(x, q, config, low_rank=(low[:6], b[:6]))  # R = 6: not a power of two
-    # ... and the kernel with the branch lowers for CUDA (Triton) on any host.
-    fn = jax.jit(lambda v, w, lo, bb: gemv.gemv_4bit(v, w, config, interpret=False,
-                                                     low_rank=(lo, bb)))
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(
-        x.astype(jnp.bfloat16), q, low, b.astype(jnp.bfloat16))
-    assert "qlora_gemv_rows_4bit" in exported.mlir_module()
-
-
 def test_gemv_rejects_bad_shapes():
     rng = np.random.default_rng(run_seed())
     q = qj.quant.quantize(_weight(rng, (8, 128)), "nf4", 64, True)

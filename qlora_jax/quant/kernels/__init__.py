@@ -17,13 +17,12 @@ from typing import Any
 
 import jax
 
-from qlora_jax.quant.kernels import gemv, gpu
+from qlora_jax.quant.kernels import gpu
 from qlora_jax.quant.layer_view import LayerView
 from qlora_jax.quant.qtensor import QTensor
 
-__all__ = ["dequantize", "dequantize_layer", "dot_dequantized", "fuses_low_rank", "linear",
-           "linear_grad_input", "linear_grad_input_layer", "linear_layer", "linear_low_rank",
-           "reads_layer_in_place"]
+__all__ = ["dequantize", "dequantize_layer", "dot_dequantized", "linear", "linear_grad_input",
+           "linear_grad_input_layer", "linear_layer", "reads_layer_in_place"]
 
 
 def _tpu():
@@ -47,26 +46,6 @@ def linear(x2d: jax.Array, q: QTensor) -> jax.Array:
     if _on_tpu():
         return _tpu().linear(x2d, q)
     return gpu.linear(x2d, q)
-
-
-def fuses_low_rank(x2d: jax.Array, q: Any, rank: int) -> bool:
-    """True when ``linear_low_rank`` can add a rank-``rank`` branch inside the kernel: the GPU
-    row GEMV (one row; interpret mode on CPU), a block-aligned weight (a ``LayerView`` of a
-    stack within int32 offsets too), ``rank`` a power of two."""
-    if _on_tpu() or x2d.shape[0] != 1 or rank < 1 or rank & (rank - 1):
-        return False
-    if isinstance(q, LayerView):
-        return gpu.aligned(q.stacked, layered=True) and q.fits_int32()
-    return gpu.aligned(q)
-
-
-def linear_low_rank(x2d: jax.Array, q: Any, low: jax.Array, b: jax.Array) -> jax.Array:
-    """``x2d @ W.T + low @ b`` for one row (``fuses_low_rank``): ``low`` ``[R]``, ``b``
-    ``[R, out]``; the branch is added in the GEMV's float32 sums. ``q``: a QTensor or a
-    ``LayerView`` (read in place)."""
-    if isinstance(q, LayerView):
-        return gemv.gemv_4bit(x2d, q.stacked, layer=q.index, low_rank=(low, b))
-    return gemv.gemv_4bit(x2d, q, low_rank=(low, b))
 
 
 def linear_grad_input(dy2d: jax.Array, q: QTensor) -> jax.Array:

@@ -93,10 +93,9 @@ def _x_columns(x_ref, b, wpb, per_row, mask_steps, x_mode):
 
 
 def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exact, bf16,
-            mask_rows, mask_steps, layered, aliased, x_mode, rank=0, b_layered=False):
+            mask_rows, mask_steps, layered, aliased, x_mode):
     nq = dec.num_qrefs(q_static[1])
     x_ref = refs[0]
-    lr = 1 + nq + (1 if layered else 0)  # the low-rank refs (rank > 0) follow the weight's
     qrefs = _call.qrefs(list(refs[1:1 + nq]), q_static, "select", exact)
     row_base = _call.layer_base(list(refs), nq, qrefs, q_static, n_rows, layered)
     out_ref = refs[-1]
@@ -136,17 +135,7 @@ def _kernel(*refs, n_rows, n_cols, block_size, rows, blocks, tps, q_static, exac
 
     acc = jax.lax.fori_loop(0, tps, step, jnp.zeros((rows, wpb), jnp.float32))
     n_idx = n0 + jnp.arange(rows, dtype=jnp.int32)
-    result = jnp.sum(acc, axis=1)
-    if rank:  # + low @ B[:, rows] on the first split only (XLA adds the splits): the other
-        # splits' loads of B are masked off (no memory traffic) and add zeros
-        low_ref, b_ref = refs[lr], refs[lr + 1]
-        b_base = refs[1 + nq][0] * rank if b_layered else 0
-        first = jnp.full((rows,), s == 0)
-        b_tile = dec.load(b_ref.at[pl.ds(b_base, rank), pl.ds(n0, rows)],
-                          mask=(first & (n_idx < n_rows) if mask_rows else first)[None, :],
-                          other=0)
-        result = result + jnp.sum(b_tile.astype(jnp.float32) * low_ref[...][:, None], axis=0)
-    dec.store(out_ref.at[s, pl.ds(n0, rows)], result,
+    dec.store(out_ref.at[s, pl.ds(n0, rows)], jnp.sum(acc, axis=1),
               mask=(n_idx < n_rows) if mask_rows else None)
 
 
@@ -156,14 +145,9 @@ def _split(config: GemvConfig, programs: int, steps: int, interpret: bool) -> in
 
 def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
               out: Optional[jax.Array] = None, interpret: Optional[bool] = None,
-              layer: Optional[jax.Array] = None,
-              low_rank: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
+              layer: Optional[jax.Array] = None) -> jax.Array:
     """``x @ W.T`` for ``x`` ``[1, K]`` and a block-aligned ``[N, K]`` QTensor (with ``layer``,
     layer ``layer`` of a stack along one axis, read in place): ``[1, N]`` in ``x.dtype``.
-
-    ``low_rank`` = ``(low, b)`` adds ``low @ b`` in the kernel (a LoRA branch whose ``x A``
-    times the scale is ``low``, ``[R]``, R a power of two; float32 sums): ``b`` is ``[R, N]``,
-    or with ``layer`` also a stack ``[L, R, N]`` whose layer is read in place like the codes.
 
     ``out`` (tests): an aliased ``[split, N]`` float32 buffer the kernel must overwrite.
     """
@@ -191,24 +175,13 @@ def gemv_4bit(x: jax.Array, q: QTensor, config: Optional[GemvConfig] = None,
     qin[0] = _call.as_words(qin[0])
     if layer is not None:
         qin.append(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)))
-    rank = 0
-    if low_rank is not None:
-        low, b = low_rank
-        rank = int(low.shape[-1])
-        if rank & (rank - 1) or low.shape != (rank,) or b.shape[-2:] != (rank, n_rows) or (
-                b.ndim not in (2, 3)) or (b.ndim == 3 and layer is None):
-            raise ValueError(f"low_rank: low [R] (R a power of two) and b [R, N] (with layer, "
-                             f"also a stack [L, R, N]) for N = {n_rows}; got {low.shape} and "
-                             f"{b.shape}")
-        qin += [low.astype(jnp.float32), b.reshape(-1, n_rows)]
     x_in = x.reshape(n_cols) if config.x_mode == "gather" else x.reshape(n_cols // 8, 8)
     inputs, aliases = _call.with_out([x_in] + qin, out_shape, out)
     kernel = functools.partial(
         _kernel, n_rows=n_rows, n_cols=n_cols, block_size=bs, rows=rows, blocks=blocks,
         tps=tps, q_static=_call.q_static(q), exact=not interpret, bf16=bf16,
         mask_rows=n_rows % rows != 0, mask_steps=(n_cols // bs) != split * tps * blocks,
-        layered=layer is not None, aliased=out is not None, x_mode=config.x_mode, rank=rank,
-        b_layered=low_rank is not None and low_rank[1].ndim == 3)
+        layered=layer is not None, aliased=out is not None, x_mode=config.x_mode)
     part = pl.pallas_call(kernel, out_shape=out_shape, grid=(programs, split),
                           input_output_aliases=aliases, name="qlora_gemv_rows_4bit",
                           **_call.params(config.num_warps, config.num_stages, interpret)

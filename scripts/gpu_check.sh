@@ -19,7 +19,8 @@
 # files; updated after each part, so a run stopped at its limit still returns what is done):
 # summary.txt (environment, and each part's exit code, seconds and last result lines),
 # tests.log, kernels.log, bench.log, train_step.jsonl and logs.tgz (every log, the extra
-# commands' too). Exit code: the number of parts that failed.
+# commands' too). Exit code: the number of parts that failed. The summary's first line gives the
+# commit and a hash of the sources (`source_hash` below: compare it with a checkout's).
 set -u
 cd "$(dirname "$0")/.."
 W=${W:-/tmp/gpu_check}
@@ -33,9 +34,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+source_hash() {  # sha1 of every .py file under qlora_jax/, tests/, benchmarks/ (sorted paths)
+  find qlora_jax tests benchmarks -name '*.py' | LC_ALL=C sort | xargs cat | sha1sum | cut -c1-12
+}
 SUMMARY=$W/summary.txt
 {
-  echo "gpu_check $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null) parts: ${*:-tests kernels bench}"
+  # The device's copy of the tree may carry stale git metadata (session 8: every run read the
+  # same commit): the hash of the sources themselves names the code that ran (the same command
+  # on a checkout gives the same hash).
+  echo "gpu_check $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null) sources $(source_hash) parts: ${*:-tests kernels bench}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
   python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tail -1
   python3 -c "import pytest; print('pytest', pytest.__version__)" 2>&1 | tail -1

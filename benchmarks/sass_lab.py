@@ -80,15 +80,22 @@ def ttir_text(bytecode: bytes) -> str:
         return ir.Module.parse(bytecode).operation.get_asm(enable_debug_info=False)
 
 
-def compile_sass(ttir: str, warps: int, stages: int, arch: int, workdir: str) -> dict:
-    """Compiles TTIR with the installed Triton package; returns the SASS text and the resource
-    line, and leaves ``kernel.{ttir,ttgir,ptx,sass}`` in ``workdir``."""
+def _require_triton() -> None:
     try:
-        import triton
-        from triton.backends.compiler import GPUTarget
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError as e:
         raise SystemExit("sass_lab needs the Triton Python package (pip install triton); "
                          f"it is not a dependency of qlora_jax ({e})")
+
+
+def compile_sass(ttir: str, warps: int, stages: int, arch: int, workdir: str) -> dict:
+    """Compiles TTIR with the installed Triton package; returns the SASS text and the resource
+    line, and leaves ``kernel.{ttir,ttgir,ptx,sass}`` in ``workdir``."""
+    _require_triton()
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     src = os.path.join(workdir, "kernel.ttir")
     with open(src, "w") as f:
@@ -202,9 +209,13 @@ def main(argv: Optional[list] = None) -> None:
     args = p.parse_args(argv)
     overrides = {k: int(v) if v.lstrip("-").isdigit() else v
                  for k, v in (item.split("=", 1) for item in args.config.split(",") if item)}
-    shape = tuple(int(v) for v in args.shape.split(","))
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+    except ValueError:
+        shape = ()
     if len(shape) != 2 or shape[1] % 64:
         p.error(f"--shape wants N,K with K a multiple of 64, got {args.shape!r}")
+    _require_triton()  # before any lowering
     rows = [run(k, shape, args.tokens, args.arch, args.out, overrides)
             for k in (args.kernel or ["gemv", "tiled", "dequant"])]
     for r in rows:

@@ -47,3 +47,13 @@ def test_whole_compile_where_triton_is_installed(tmp_path, capsys):
     assert row["sass_instructions"] > 100 and row["instructions_per_element"] > 1
     assert row["num_stages"] == 2 and row["config"] == {"num_stages": 2}
     assert (tmp_path / "gemv_1024x4096" / "kernel.sass").stat().st_size > 0
+
+
+def test_bad_input_and_a_missing_triton_stop_before_any_lowering(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        sass_lab.main(["--shape", "256,500"])
+    assert "K a multiple of 64" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "triton", None)  # import triton fails
+    monkeypatch.setattr(sass_lab, "triton_ir", lambda *a: pytest.fail("lowered before the check"))
+    with pytest.raises(SystemExit, match="needs the Triton Python package"):
+        sass_lab.main(["--kernel", "gemv", "--shape", "256,512"])

@@ -9,8 +9,9 @@ its IR is taken out of the ``__gpu$xla.gpu.triton`` custom call, and the Triton 
 architecture with the call's ``num_warps`` / ``num_stages``; the bundled ``cuobjdump`` lists the
 SASS. One JSON line a kernel: registers a thread and shared memory a program, SASS
 instructions, the main loop's length when there is one, the weight elements a thread handles a
-loop step (or in the whole program) and the instructions an element, and the most frequent
-opcodes. ``--out`` keeps the TTIR, TTGIR, PTX and SASS for reading.
+loop step (or in the whole program), the instructions an element and the time to issue them for
+the whole weight at an H200's full rate, and the most frequent opcodes. ``--out`` keeps the
+TTIR, TTGIR, PTX and SASS for reading.
 
 This is an approximation of what runs on the GPU: the Triton and ptxas of a pip wheel are not
 those bundled with jaxlib (session 8: 84 registers here for the GEMV that the H200's profiler
@@ -36,6 +37,8 @@ import jax.numpy as jnp
 import qlora_jax as qj
 from qlora_jax.quant.kernels import gemv, gpu
 
+# Warp instructions an H100/H200 (SXM) can issue a second: 132 SMs x 4 schedulers x ~1.98 GHz.
+ISSUE_PER_S = 132 * 4 * 1.98e9
 SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*)")
 ADDRESS = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/")
 
@@ -194,6 +197,10 @@ def run(kernel: str, shape: tuple, tokens: int, arch: int, out: Optional[str],
                 loop_instructions=prof["loop_instructions"],
                 elements_per_thread=per_thread,
                 instructions_per_element=round(body / per_thread, 2),
+                # the time to issue them for the whole weight at full rate (a lower bound: the
+                # H200 measured the tiled kernel at ~40-45% of it, RESULTS.md session 8)
+                issue_limited_us=round(shape[0] * shape[1] * body / per_thread / 32
+                                       / ISSUE_PER_S * 1e6, 1),
                 top_opcodes=prof["top"], triton=compiled["triton"], jax=jax.__version__)
 
 

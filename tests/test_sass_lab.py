@@ -46,6 +46,7 @@ def test_whole_compile_where_triton_is_installed(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["sass_instructions"] > 100 and row["instructions_per_element"] > 1
     assert row["num_stages"] == 2 and row["config"] == {"num_stages": 2}
+    assert 0 < row["issue_limited_us"] < 100
     assert (tmp_path / "gemv_1024x4096" / "kernel.sass").stat().st_size > 0
 
 

@@ -141,6 +141,22 @@ def small_m(quick: bool) -> None:
                      ref, quick, c)
 
 
+def small_m_lut(quick: bool) -> None:
+    """8 and 32 tokens (decoding batches): the tiled kernel's default tiles against the same
+    tiles with 2 pipeline stages (4 programs an SM instead of 3), with the bf16 codebook
+    (``lut="prmt_bf16"``: ~15% fewer instructions a weight in ``benchmarks.sass_lab``), and with
+    both."""
+    for shape in SHAPES[:2]:
+        for tokens in (8, 32):
+            ws, xs, ref = inputs(shape, tokens, quick)
+            base = gpu.default_config(tokens, *shape, False, False)
+            for c in (base, dataclasses.replace(base, num_stages=2),
+                      dataclasses.replace(base, lut="prmt_bf16"),
+                      dataclasses.replace(base, lut="prmt_bf16", num_stages=2)):
+                case(shape, tokens, "fused", lambda x, q, c=c: gpu.linear(x, q, c), ws, xs,
+                     ref, quick, c)
+
+
 def ptx(quick: bool) -> None:
     """Compiles and runs each GEMV variant once on the first shape (run it under
     ``XLA_FLAGS=--xla_dump_to=DIR`` to keep the kernels' PTX)."""
@@ -152,7 +168,8 @@ def ptx(quick: bool) -> None:
 def main(argv: Optional[list] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--part", action="append", choices=("gemv", "x_modes", "small_m", "ptx"))
+    p.add_argument("--part", action="append",
+                   choices=("gemv", "x_modes", "small_m", "small_m_lut", "ptx"))
     p.add_argument("--out", default="benchmarks/out")
     args = p.parse_args(argv)
     parts = args.part or ["gemv", "small_m"]
@@ -162,6 +179,8 @@ def main(argv: Optional[list] = None) -> None:
         x_modes(args.quick)
     if "small_m" in parts:
         small_m(args.quick)
+    if "small_m_lut" in parts:
+        small_m_lut(args.quick)
     if "ptx" in parts:
         ptx(args.quick)
     os.makedirs(args.out, exist_ok=True)

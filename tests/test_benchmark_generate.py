@@ -92,3 +92,21 @@ def test_gemv_lab_quick_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_JAX_GEMV_CONFIG", spec)
     from qlora_jax.quant.kernels import gemv
     assert gemv.default_config(64).bf16_lut is False
+
+
+@pytest.mark.slow
+def test_gemv_lab_small_m_lut_runs(tmp_path, monkeypatch):
+    """gemv_lab's small_m_lut part on a tiny shape (interpret mode): the four variants of the
+    tiled kernel at 8 and 32 tokens run and agree with the float32 reference."""
+    from benchmarks import gemv_lab, kernels
+
+    monkeypatch.setattr(gemv_lab, "SHAPES", [(64, 128)])
+    monkeypatch.setattr(kernels, "RESULTS", [])
+    gemv_lab.main(["--quick", "--part", "small_m_lut", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / "gemv_lab.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4  # 8 and 32 tokens
+    assert {(r["config"]["lut"], r["config"]["num_stages"]) for r in rows} == {
+        (None, 3), (None, 2), ("prmt_bf16", 3), ("prmt_bf16", 2)}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["us"] > 0 and r["rel_err"] < 1e-2, r

@@ -8,6 +8,8 @@ matmuls on the dequantized weight.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -150,6 +152,64 @@ def test_fused_matmul_kernel(tokens, dtype, transpose, double_quant):
     assert _rel(got, ref) < TOL[dtype], (_rel(got, ref), f"seed={seed}")
 
 
+def test_fused_matmul_with_the_bf16_codebook():
+    """``lut="prmt_bf16"`` (opt-in): x @ W.T on the codebook rounded to bfloat16, for bfloat16
+    inputs; every output written; other dtypes and the dequantization refuse it; the kernel
+    lowers for CUDA (Triton) on any host."""
+    from qlora_jax.quant.kernels._decode import bf16_table
+    rng, seed = _rng()
+    n_out, n_in, tokens = 40, 320, 21
+    q = qj.quant.quantize(_weight(rng, (n_out, n_in)), "nf4", 64, True)
+    a = jnp.asarray(rng.standard_normal((tokens, n_in)), jnp.bfloat16)
+    config = gpu.MatmulConfig(bm=16, bn=16, bk=64, split=2, lut="prmt_bf16")
+    got = gpu.matmul_4bit(a, q, transpose=False, config=config)
+    # the reference: the bf16-rounded codebook times the scales, rounded to bf16 like the tile
+    exact = np.asarray(dequantize_xla(q, jnp.float32), np.float64)
+    codes = np.stack([np.asarray(q.packed).reshape(n_out, -1) >> 4,
+                      np.asarray(q.packed).reshape(n_out, -1) & 15], -1).reshape(n_out, n_in)
+    table = qj.quant.codebooks.codebook("nf4")
+    rounded = bf16_table(table)
+    scale = exact / np.where(table[codes] == 0, 1, table[codes])  # the decoded absmax
+    w = np.asarray(jnp.asarray(rounded[codes] * scale, jnp.float32).astype(jnp.bfloat16),
+                   np.float64)
+    a64 = np.asarray(a, np.float64)
+    assert _rel(got, a64 @ w.T) < 4e-3, f"seed={seed}"  # bf16 output rounding
+    assert _rel(got, a64 @ exact.T) < TOL[jnp.bfloat16], f"seed={seed}"
+    plain = gpu.matmul_4bit(a, q, transpose=False, config=dataclasses.replace(config, lut=None))
+    assert not np.array_equal(np.asarray(got, np.float32), np.asarray(plain, np.float32))
+    shape = (2, tokens, n_out)
+    raw = captured_kernel_output(lambda: gpu.matmul_4bit(
+        a, q, transpose=False, config=config, out=jnp.full(shape, jnp.nan, jnp.float32)))
+    assert not np.isnan(np.asarray(raw)).any(), f"unwritten outputs, seed={seed}"
+    with pytest.raises(ValueError, match="bfloat16 inputs only"):
+        gpu.matmul_4bit(a.astype(jnp.float32), q, transpose=False, config=config)
+    with pytest.raises(ValueError, match="dequantization is exact"):
+        gpu.dequantize_flat(q, jnp.bfloat16, gpu.DequantConfig(lut="prmt_bf16"))
+    fn = jax.jit(lambda v, ww: gpu.matmul_4bit(v, ww, transpose=False, config=config,
+                                               interpret=False))
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(a, q)
+    assert "qlora_matmul_4bit" in exported.mlir_module()
+
+
+def test_small_m_tiles_env_override(monkeypatch):
+    """QLORA_JAX_MATMUL_CONFIG replaces fields of the 2-64-token x @ W.T tiles (tuning runs);
+    the backward's dy @ W, one token and interpret mode keep theirs."""
+    monkeypatch.delenv("QLORA_JAX_MATMUL_CONFIG", raising=False)
+    base = gpu.default_config(8, 4096, 14336, False, False)
+    assert base.bm == 16 and base.lut is None and base.num_stages == 3
+    monkeypatch.setenv("QLORA_JAX_MATMUL_CONFIG", "lut=prmt_bf16,num_stages=2")
+    assert gpu.default_config(8, 4096, 14336, False, False) == dataclasses.replace(
+        base, lut="prmt_bf16", num_stages=2)
+    assert gpu.default_config(32, 4096, 14336, False, False).num_stages == 2
+    assert gpu.default_config(8, 4096, 14336, True, False).lut is None
+    assert gpu.default_config(1, 4096, 14336, False, False).lut is None
+    assert gpu.default_config(8, 4096, 14336, False, True).lut is None
+    monkeypatch.setenv("QLORA_JAX_MATMUL_CONFIG", "bq=16")
+    with pytest.raises(ValueError, match="unknown field 'bq'"):
+        gpu.default_config(8, 4096, 14336, False, False)
+
+
 # Explicit tiles: several tiles along every axis, reductions split over programs.
 POISON_CASES = [
     (1, gpu.MatmulConfig(bm=None, bn=16, bk=64, split=3)),
@@ -271,14 +331,17 @@ def _emulate_ptx(program: str, x: int, inp: str = "$4", n_out: int = 4) -> list:
     return [regs[f"${i}"] for i in range(n_out)]
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("qtype", ["nf4", "fp4", "int4"])
-def test_prmt_lookup_program_matches_codebook(qtype):
-    """The GPU byte-permute lookup (PTX, only compiled on a GPU) emulated on random codes."""
+def test_prmt_lookup_program_matches_codebook(qtype, bf16):
+    """The GPU byte-permute lookup (PTX, only compiled on a GPU) emulated on random codes; with
+    ``bf16`` the two-plane program of ``lut="prmt_bf16"`` on the bf16-rounded codebook."""
     from qlora_jax.quant import codebooks
-    from qlora_jax.quant.kernels._decode import _prmt_asm
+    from qlora_jax.quant.kernels._decode import _prmt_asm, bf16_table
     rng, seed = _rng()
     table = codebooks.codebook(qtype)
-    program = _prmt_asm(table)
+    table = bf16_table(table) if bf16 else table
+    program = _prmt_asm(table, bf16=bf16)
     words = table.view(np.uint32)
     for codes in rng.integers(0, 16, (500, 4)):
         x = int(codes[0] | codes[1] << 8 | codes[2] << 16 | codes[3] << 24)

@@ -1,9 +1,12 @@
 """The plumbing the Triton-style kernels share: interpret or compiled, compiler parameters, the
-device's SM count, a 4-bit weight's kernel inputs and refs, an aliased output buffer, and the
-first row of one layer of a stacked weight read in place."""
+device's SM count, a 4-bit weight's kernel inputs and refs, an aliased output buffer, the
+first row of one layer of a stacked weight read in place, and tile overrides from the
+environment (tuning runs)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any, Optional
 
 import jax
@@ -106,3 +109,22 @@ def split_count(split: Optional[int], waves: int, cap: int, programs: int, tiles
         return 1
     want = -(-waves * num_sms() // max(programs, 1))
     return max(1, min(want, tiles, cap))
+
+
+def env_overrides(config: Any, env: str) -> Any:
+    """``config`` (a dataclass of tiles) with the fields named in the environment variable
+    ``env`` (``rows=64,blocks=2,lut=prmt_bf16,...``: ints, True/False/None, or strings)
+    replaced; unchanged when it is unset. For tuning runs (benchmarks record the variable)."""
+    spec = os.environ.get(env, "").strip()
+    if not spec:
+        return config
+    names = {f.name for f in dataclasses.fields(config)}
+    kw: dict = {}
+    for item in spec.split(","):
+        k, _, v = item.partition("=")
+        if k not in names:
+            raise ValueError(f"{env}: unknown field {k!r}; fields: {sorted(names)}")
+        kw[k] = {"True": True, "False": False, "None": None}.get(v, v)
+        if isinstance(kw[k], str) and v.lstrip("-").isdigit():
+            kw[k] = int(v)
+    return dataclasses.replace(config, **kw)

@@ -32,7 +32,7 @@ try:  # JAX >= 0.4.3x: the Triton-specific load/store with masks.
 except ImportError:  # pragma: no cover - every JAX this project supports has it
     plgpu = None
 
-LUT_MODES = ("gather", "select", "prmt")
+LUT_MODES = ("gather", "select", "prmt", "prmt_bf16")
 
 
 def load(ref: Any, mask: Optional[jax.Array] = None, other: Any = None) -> jax.Array:
@@ -82,10 +82,10 @@ def unpack_codes(packed: jax.Array, dtype: Any = jnp.int32) -> jax.Array:
 
 def code_dtype(mode: str, exact: bool) -> Any:
     """The integer type ``lookup`` wants its codes in."""
-    return jnp.uint8 if (mode == "prmt" and exact) else jnp.int32
+    return jnp.uint8 if (mode in ("prmt", "prmt_bf16") and exact) else jnp.int32
 
 
-def _prmt_asm(table: np.ndarray) -> str:
+def _prmt_asm(table: np.ndarray, bf16: bool = False) -> str:
     """PTX: four codes (bytes of one register ``$4``) -> their four float32 table values.
 
     Byte p of every table value forms a 16-byte plane; ``prmt`` picks a byte for
@@ -94,7 +94,7 @@ def _prmt_asm(table: np.ndarray) -> str:
     eight more ``prmt`` transpose the four planes back into four floats. About
     6.5 instructions a value instead of 23 for the select tree.
     """
-    return "\n".join(_lookup4_ptx(table, "$4", ["$0", "$1", "$2", "$3"], bf16=False))
+    return "\n".join(_lookup4_ptx(table, "$4", ["$0", "$1", "$2", "$3"], bf16=bf16))
 
 
 def lookup(codes: jax.Array, table_ref: Any, table: np.ndarray, mode: str,
@@ -104,19 +104,24 @@ def lookup(codes: jax.Array, table_ref: Any, table: np.ndarray, mode: str,
     ``"gather"`` reads the 16-entry table (an input ref, cached on chip) at each
     code; ``"select"`` walks a 4-level tree of selects between constants.
     ``"prmt"`` (GPU) looks up four codes at once with byte permutes (see
-    ``_prmt_asm``). ``"diagnostic_no_lut"`` returns the codes themselves (wrong values): it only
-    exists to measure what the lookup costs (benchmarks/kernels.py --profile).
+    ``_prmt_asm``). ``"prmt_bf16"`` does the same in the codebook rounded to bfloat16 (two byte
+    planes instead of four; values differ from the exact ones by up to 2**-9 relative, as the
+    GEMV's ``bf16_lut``). ``"diagnostic_no_lut"`` returns the codes themselves (wrong values): it
+    only exists to measure what the lookup costs (benchmarks/kernels.py --profile).
     """
     if mode == "gather":
         return table_ref[codes]
     if mode == "diagnostic_no_lut":
         return codes.astype(jnp.float32)
-    if mode == "prmt" and exact:  # GPU: byte permutes (interpret mode: the select tree)
+    if mode == "prmt_bf16":
+        table = bf16_table(table)
+    if mode in ("prmt", "prmt_bf16") and exact:  # GPU: byte permutes (interpret: select tree)
         (out,) = plgpu.elementwise_inline_asm(
-            _prmt_asm(table), args=[codes.astype(jnp.uint8)], constraints="=r,=r,=r,=r,r",
-            pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.float32)])
+            _prmt_asm(table, bf16=mode == "prmt_bf16"), args=[codes.astype(jnp.uint8)],
+            constraints="=r,=r,=r,=r,r", pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.float32)])
         return out
-    if mode == "prmt":
+    if mode in ("prmt", "prmt_bf16"):
         mode = "select"
     if mode != "select":
         raise ValueError(f"unknown LUT mode {mode!r}; expected one of {LUT_MODES}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Optional
 
 import jax
@@ -61,24 +60,10 @@ def default_config(n_rows: int, n_cols: int = 0) -> GemvConfig:
     the GPU; x met as a contiguous tile (``"join"``) on the MLP's large weights (>= 2**25
     elements: 7% faster there, slower on the 4096 x 4096 ones). ``QLORA_JAX_GEMV_CONFIG``
     (``rows=64,blocks=2,...``) overrides them, for tuning runs."""
-    spec = os.environ.get("QLORA_JAX_GEMV_CONFIG", "").strip()
-    if spec:
-        return _parse(spec)
-    return GemvConfig(rows=128 if n_rows >= 4096 else 64 if n_rows >= 2048 else 32,
-                      x_mode="join" if n_rows * n_cols >= 1 << 25 else "gather")
-
-
-def _parse(spec: str) -> GemvConfig:
-    names = {f.name for f in dataclasses.fields(GemvConfig)}
-    kw: dict = {}
-    for item in spec.split(","):
-        k, _, v = item.partition("=")
-        if k not in names:
-            raise ValueError(f"QLORA_JAX_GEMV_CONFIG: unknown field {k!r}; fields: {sorted(names)}")
-        kw[k] = {"True": True, "False": False, "None": None}.get(v, v)
-        if isinstance(kw[k], str) and k != "x_mode":
-            kw[k] = int(v)
-    return GemvConfig(**kw)
+    return _call.env_overrides(
+        GemvConfig(rows=128 if n_rows >= 4096 else 64 if n_rows >= 2048 else 32,
+                   x_mode="join" if n_rows * n_cols >= 1 << 25 else "gather"),
+        "QLORA_JAX_GEMV_CONFIG")
 
 
 def _x_columns(x_ref, b, wpb, per_row, mask_steps, x_mode):

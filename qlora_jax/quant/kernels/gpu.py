@@ -66,7 +66,10 @@ class MatmulConfig:
     """Tiles of the linear kernels. ``bm=None`` means the GEMV kernel (M = 1).
 
     ``split`` cuts the reduction axis over programs (partial sums in float32,
-    added by XLA afterwards); ``None`` picks it from the device's SM count.
+    added by XLA afterwards); ``None`` picks it from the device's SM count. ``lut``: the
+    codebook lookup (``_decode.lookup``; ``None``: ``DEFAULT_LUT``). ``"prmt_bf16"`` (bfloat16
+    inputs, opt-in, not yet measured on a GPU: RESULTS.md session 8) looks values up in the
+    codebook rounded to bfloat16, ~15% fewer instructions a weight in the 2-64-token kernel.
     """
 
     bm: Optional[int] = None
@@ -118,6 +121,8 @@ def dequantize_flat(q: QTensor, dtype: Any, config: DequantConfig = DequantConfi
                     layer: Optional[jax.Array] = None) -> jax.Array:
     """Dequantizes an unstacked QTensor to a flat ``[n]`` array of ``dtype``; with ``layer``
     (int32 scalar), layer ``layer`` of a QTensor stacked along one axis, read in place."""
+    if config.lut == "prmt_bf16":
+        raise ValueError("lut='prmt_bf16' is for the matmul kernels: dequantization is exact")
     interpret = _call.interpret() if interpret is None else interpret
     n, bs = q.num_elements, q.block_size
     tb = max(config.elements // bs, 1)
@@ -281,12 +286,19 @@ def default_config(m: int, n: int, k: int, transpose: bool, interpret: bool) -> 
                             num_stages=3)
     if interpret:
         return MatmulConfig(bm=16 if m <= 16 else 64, bn=32, bk=64, split=1)
+    if m <= FUSED_MAX_TOKENS:
+        config = _small_m_config(m, transpose)
+        # x @ W.T only (decoding batches; not the backward's dy @ W): tuning runs may replace
+        # tiles, say QLORA_JAX_MATMUL_CONFIG=lut=prmt_bf16,num_stages=2
+        return config if transpose else _call.env_overrides(config, "QLORA_JAX_MATMUL_CONFIG")
+    return MatmulConfig(bm=128, bn=128, bk=64, split=1, num_warps=8, num_stages=3)
+
+
+def _small_m_config(m: int, transpose: bool) -> MatmulConfig:
     if m <= 16:  # H100 sweep at 16 tokens on 4096 x 14336 (RESULTS.md)
         return MatmulConfig(bm=16, bn=64, bk=128 if transpose else 256, num_warps=4,
                             num_stages=3)
-    if m <= 64:
-        return MatmulConfig(bm=64, bn=64, bk=128, num_warps=4, num_stages=3)
-    return MatmulConfig(bm=128, bn=128, bk=64, split=1, num_warps=8, num_stages=3)
+    return MatmulConfig(bm=64, bn=64, bk=128, num_warps=4, num_stages=3)
 
 
 def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
@@ -308,6 +320,9 @@ def matmul_4bit(a: jax.Array, q: QTensor, *, transpose: bool,
     width = n_cols if transpose else n_rows  # output columns
     red = n_rows if transpose else n_cols  # reduction length
     config = config or default_config(m, n_rows, n_cols, transpose, interpret)
+    if config.lut == "prmt_bf16" and a.dtype != jnp.bfloat16:
+        raise ValueError(f"lut='prmt_bf16' rounds the codebook to bfloat16: for bfloat16 "
+                         f"inputs only, got {a.dtype}")
     bs = q.block_size
     bk = config.bk
     if bk % bs and bs % bk:

@@ -2,6 +2,7 @@
 
     python -m benchmarks.sass_lab [--kernel gemv|tiled|dequant] [--shape N,K] [--tokens M]
                                   [--config k=v,...] [--arch 90] [--out DIR]
+    python -m benchmarks.sass_lab --digest     # the default kernels' lowerings, to compare trees
 
 Each kernel is lowered by Pallas for CUDA (``jax.export``: the Triton IR our GPU run compiles),
 its IR is taken out of the ``__gpu$xla.gpu.triton`` custom call, and the Triton Python package
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -47,8 +49,8 @@ def triton_ir(fn: Any, *args: Any) -> tuple[bytes, int, int]:
     """The Triton IR (MLIR bytecode) of the only Triton kernel in ``fn``'s CUDA lowering, with its
     ``num_warps`` and ``num_stages``."""
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(
-        *args).mlir_module()
+    text = jax.export.export(jax.jit(lambda *a: fn(*a)), platforms=["cuda"],
+                             disabled_checks=checks)(*args).mlir_module()
     if text.count('ir = "') != 1:
         raise ValueError(f"expected one Triton kernel in the lowering, found {text.count('ir = ')}")
     start = text.index('ir = "') + len('ir = "')
@@ -204,6 +206,46 @@ def run(kernel: str, shape: tuple, tokens: int, arch: int, out: Optional[str],
                 top_opcodes=prof["top"], triton=compiled["triton"], jax=jax.__version__)
 
 
+DIGEST_SHAPES = ((14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096))
+
+
+def lowering_digest(fn: Any, *args: Any) -> str:
+    """A digest of ``fn``'s CUDA lowering: the launch (grid, warps, stages, shapes) and the Triton
+    IR as text, without source locations. Equal digests: the GPU compiles the same program."""
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    from jax._src.lib.mlir import ir
+    from jax.interpreters import mlir
+
+    fresh = jax.jit(lambda *a: fn(*a))  # traced again: tiles read from the environment now
+    text = jax.export.export(fresh, platforms=["cuda"], disabled_checks=checks)(
+        *args).mlir_module()
+    with mlir.make_ir_context():  # printed again without locations (they name source files)
+        text = ir.Module.parse(text).operation.get_asm(enable_debug_info=False)
+    outer = re.sub(r'ir = "(\\.|[^"\\])*"', "ir = IR", text)
+    return hashlib.sha1((outer + ttir_text(triton_ir(fn, *args)[0])).encode()).hexdigest()[:12]
+
+
+def digests() -> dict:
+    """Digests of the default kernels at decoding and training shapes (no Triton package
+    needed): x @ W.T at 1, 8 and 32 tokens, dy @ W at 8, and the dequantization, on the
+    llama-8b weight shapes. Two trees with equal digests run the same GPU code, so a change
+    that keeps them needs no new GPU run to prove it (session 8 did this for its refactors)."""
+    out = {}
+    for n, k in DIGEST_SHAPES:
+        q = jax.eval_shape(lambda w: qj.quant.quantize(w, "nf4", 64, True),
+                           jax.ShapeDtypeStruct((n, k), jnp.float32))
+        for m in (1, 8, 32):
+            out[f"linear {n}x{k} m={m}"] = lowering_digest(
+                lambda v, w: gpu.linear(v, w, interpret=False),
+                jax.ShapeDtypeStruct((m, k), jnp.bfloat16), q)
+        out[f"linear_grad_input {n}x{k} m=8"] = lowering_digest(
+            lambda v, w: gpu.linear_grad_input(v, w, interpret=False),
+            jax.ShapeDtypeStruct((8, n), jnp.bfloat16), q)
+        out[f"dequantize {n}x{k}"] = lowering_digest(
+            lambda w: gpu.dequantize_flat(w, jnp.bfloat16, interpret=False), q)
+    return out
+
+
 def main(argv: Optional[list] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kernel", action="append", choices=("gemv", "tiled", "dequant"))
@@ -213,7 +255,13 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--config", default="", help="fields of the kernels' configs to replace, as "
                    "k=v,... (e.g. num_stages=2)")
     p.add_argument("--out", default=None, help="keep the IR and SASS here")
+    p.add_argument("--digest", action="store_true",
+                   help="print digests of the default kernels' CUDA lowerings instead (no "
+                   "Triton package needed): compare two trees")
     args = p.parse_args(argv)
+    if args.digest:
+        print(json.dumps(digests(), indent=1))
+        return
     overrides = {k: int(v) if v.lstrip("-").isdigit() else v
                  for k, v in (item.split("=", 1) for item in args.config.split(",") if item)}
     try:

@@ -58,3 +58,25 @@ def test_bad_input_and_a_missing_triton_stop_before_any_lowering(monkeypatch, ca
     monkeypatch.setattr(sass_lab, "triton_ir", lambda *a: pytest.fail("lowered before the check"))
     with pytest.raises(SystemExit, match="needs the Triton Python package"):
         sass_lab.main(["--kernel", "gemv", "--shape", "256,512"])
+
+
+def test_lowering_digest_names_the_gpu_program(monkeypatch):
+    """Equal for the same program (source locations left out), different when a tile changes."""
+    import jax
+    import jax.numpy as jnp
+
+    import qlora_jax as qj
+    from qlora_jax.quant.kernels import gpu
+
+    monkeypatch.delenv("QLORA_JAX_MATMUL_CONFIG", raising=False)
+    q = jax.eval_shape(lambda w: qj.quant.quantize(w, "nf4", 64, True),
+                       jax.ShapeDtypeStruct((256, 512), jnp.float32))
+    x = jax.ShapeDtypeStruct((8, 512), jnp.bfloat16)
+
+    def fn(v, w):
+        return gpu.linear(v, w, interpret=False)
+
+    first = sass_lab.lowering_digest(fn, x, q)
+    assert sass_lab.lowering_digest(fn, x, q) == first
+    monkeypatch.setenv("QLORA_JAX_MATMUL_CONFIG", "num_stages=2")
+    assert sass_lab.lowering_digest(fn, x, q) != first

@@ -143,7 +143,8 @@ def _device_info() -> dict[str, Any]:
     dev = jax.devices()[0]
     info = dict(peak_gib=round((dev.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 3),
                 device=dev.device_kind, jax=jax.__version__)
-    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("QLORA_JAX_")}
+    env = {k: v for k, v in sorted(os.environ.items())  # not this script's own plumbing
+           if k.startswith("QLORA_JAX_") and k != "QLORA_JAX_GEN_PROFILE"}
     return {**info, "env": env} if env else info  # tuning switches set for this row
 
 

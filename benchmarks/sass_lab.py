@@ -45,12 +45,17 @@ SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9
 ADDRESS = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/")
 
 
-def triton_ir(fn: Any, *args: Any) -> tuple[bytes, int, int]:
-    """The Triton IR (MLIR bytecode) of the only Triton kernel in ``fn``'s CUDA lowering, with its
-    ``num_warps`` and ``num_stages``."""
+def cuda_lowering(fn: Any, *args: Any) -> str:
+    """``fn``'s StableHLO for CUDA, traced afresh (tiles read from the environment now)."""
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    text = jax.export.export(jax.jit(lambda *a: fn(*a)), platforms=["cuda"],
+    return jax.export.export(jax.jit(lambda *a: fn(*a)), platforms=["cuda"],
                              disabled_checks=checks)(*args).mlir_module()
+
+
+def triton_ir(fn: Any, *args: Any, text: Optional[str] = None) -> tuple[bytes, int, int]:
+    """The Triton IR (MLIR bytecode) of the only Triton kernel in ``fn``'s CUDA lowering (or in
+    its lowering ``text``, already made), with its ``num_warps`` and ``num_stages``."""
+    text = cuda_lowering(fn, *args) if text is None else text
     if text.count('ir = "') != 1:
         raise ValueError(f"expected one Triton kernel in the lowering, found {text.count('ir = ')}")
     start = text.index('ir = "') + len('ir = "')
@@ -124,22 +129,22 @@ def compile_sass(ttir: str, warps: int, stages: int, arch: int, workdir: str) ->
 
 def profile(sass: str) -> dict:
     """Opcode counts of the whole kernel and of its main loop (the longest backward branch)."""
-    ops, addrs = [], []
+    ops, addrs, branch_to = [], [], {}
     for line in sass.splitlines():
         m, a = SASS_LINE.match(line), ADDRESS.match(line)
         if m and a:
-            ops.append(m.group(2))
-            addrs.append(int(a.group(1), 16))
-    loop = None
-    for i, op in enumerate(ops):  # "BRA 0x..." back to an earlier address
-        if op == "BRA":
-            line = [ln for ln in sass.splitlines() if ADDRESS.match(ln)
-                    and int(ADDRESS.match(ln).group(1), 16) == addrs[i]][0]
+            addr = int(a.group(1), 16)
             target = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", line)
-            if target and int(target.group(1), 16) < addrs[i]:
-                lo = addrs.index(int(target.group(1), 16))
-                if loop is None or i - lo > loop[1] - loop[0]:
-                    loop = (lo, i)
+            if m.group(2) == "BRA" and target:
+                branch_to[len(ops)] = int(target.group(1), 16)
+            ops.append(m.group(2))
+            addrs.append(addr)
+    loop = None
+    for i, to in branch_to.items():  # a branch back to an earlier address
+        if to < addrs[i] and to in addrs:
+            lo = addrs.index(to)
+            if loop is None or i - lo > loop[1] - loop[0]:
+                loop = (lo, i)
     body = ops[loop[0]:loop[1] + 1] if loop else ops
     return dict(instructions=len(ops), loop_instructions=len(body) if loop else None,
                 top=collections.Counter(body).most_common(12))
@@ -212,17 +217,15 @@ DIGEST_SHAPES = ((14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096))
 def lowering_digest(fn: Any, *args: Any) -> str:
     """A digest of ``fn``'s CUDA lowering: the launch (grid, warps, stages, shapes) and the Triton
     IR as text, without source locations. Equal digests: the GPU compiles the same program."""
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     from jax._src.lib.mlir import ir
     from jax.interpreters import mlir
 
-    fresh = jax.jit(lambda *a: fn(*a))  # traced again: tiles read from the environment now
-    text = jax.export.export(fresh, platforms=["cuda"], disabled_checks=checks)(
-        *args).mlir_module()
+    text = cuda_lowering(fn, *args)
+    kernel = ttir_text(triton_ir(fn, text=text)[0])
     with mlir.make_ir_context():  # printed again without locations (they name source files)
         text = ir.Module.parse(text).operation.get_asm(enable_debug_info=False)
     outer = re.sub(r'ir = "(\\.|[^"\\])*"', "ir = IR", text)
-    return hashlib.sha1((outer + ttir_text(triton_ir(fn, *args)[0])).encode()).hexdigest()[:12]
+    return hashlib.sha1((outer + kernel).encode()).hexdigest()[:12]
 
 
 def digests() -> dict:

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - every JAX this project supports has it
     plgpu = None
 
 LUT_MODES = ("gather", "select", "prmt", "prmt_bf16")
+PRMT_MODES = ("prmt", "prmt_bf16")  # byte permutes on a GPU, the select tree in interpret mode
 
 
 def load(ref: Any, mask: Optional[jax.Array] = None, other: Any = None) -> jax.Array:
@@ -82,7 +83,7 @@ def unpack_codes(packed: jax.Array, dtype: Any = jnp.int32) -> jax.Array:
 
 def code_dtype(mode: str, exact: bool) -> Any:
     """The integer type ``lookup`` wants its codes in."""
-    return jnp.uint8 if (mode in ("prmt", "prmt_bf16") and exact) else jnp.int32
+    return jnp.uint8 if (mode in PRMT_MODES and exact) else jnp.int32
 
 
 def _prmt_asm(table: np.ndarray, bf16: bool = False) -> str:
@@ -115,13 +116,13 @@ def lookup(codes: jax.Array, table_ref: Any, table: np.ndarray, mode: str,
         return codes.astype(jnp.float32)
     if mode == "prmt_bf16":
         table = bf16_table(table)
-    if mode in ("prmt", "prmt_bf16") and exact:  # GPU: byte permutes (interpret: select tree)
+    if mode in PRMT_MODES and exact:  # GPU: byte permutes (interpret: select tree)
         (out,) = plgpu.elementwise_inline_asm(
             _prmt_asm(table, bf16=mode == "prmt_bf16"), args=[codes.astype(jnp.uint8)],
             constraints="=r,=r,=r,=r,r", pack=4,
             result_shape_dtypes=[jax.ShapeDtypeStruct(codes.shape, jnp.float32)])
         return out
-    if mode in ("prmt", "prmt_bf16"):
+    if mode in PRMT_MODES:
         mode = "select"
     if mode != "select":
         raise ValueError(f"unknown LUT mode {mode!r}; expected one of {LUT_MODES}")
